@@ -1,0 +1,1 @@
+"""memfit command-line front (the `memfit` console script)."""

@@ -1,0 +1,119 @@
+"""`memfit` console script.
+
+The parser is declared here; each subcommand's work lives in `memfit/commands/<name>.py` as
+`run(args) -> int` and is imported only when that subcommand runs, so `memfit pretrain` never loads
+the web stack and `memfit serve` never loads the benchmark code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help="store directory (default $MEMFIT_STORE or the user data dir)")
+    p.add_argument("--url", default=None, help="act through a running server instead of on the store")
+    p.add_argument("--api-key", default=None, help="API key for --url (default $MEMFIT_API_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memfit", description="Online knowledge updates for memory-layer LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="build a tokenizer and a memory-layer model from the offline corpus")
+    p.add_argument("--preset", choices=["tiny", "default"], default="default")
+    p.add_argument("--out", default=None, help="output directory (default: user data dir/models/PRESET)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the model exists")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("background", help="compute background slot statistics (the IDF side)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--to-redis", default=None, metavar="URL", help="also store them in Redis")
+    p.add_argument("--unit", choices=["batch", "sequence"], default=None, help="document unit for df")
+
+    p = sub.add_parser("serve", help="run the API (embedded mode unless MEMFIT_REDIS_URL is set)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--store", default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--insecure", action="store_true", help="allow binding beyond localhost without API keys")
+
+    p = sub.add_parser("worker", help="run a Celery worker (distributed mode)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--store", default=None)
+    p.add_argument("--concurrency", type=int, default=1)
+
+    p = sub.add_parser("ingest", help="send documents to a server and follow the job")
+    p.add_argument("files", nargs="+", help="JSONL of document objects, plain text files, or - for stdin")
+    p.add_argument("--url", default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--store", default=None, help="without --url: queue the job on this store directly")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--top-t", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+
+    p = sub.add_parser("jobs", help="list recent jobs")
+    _add_store(p)
+    p = sub.add_parser("versions", help="list versions")
+    _add_store(p)
+    p = sub.add_parser("rollback", help="activate a retained version")
+    p.add_argument("version", type=int)
+    p.add_argument("--why", default="rollback from the command line")
+    _add_store(p)
+    p = sub.add_parser("revert", help="revert a version or a document")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--document", default=None)
+    g.add_argument("--version", type=int, default=None)
+    _add_store(p)
+    p = sub.add_parser("diff", help="slots and documents between two versions")
+    p.add_argument("a", type=int)
+    p.add_argument("b", type=int)
+    _add_store(p)
+    p = sub.add_parser("verify", help="check every version's checksums and the active chain")
+    _add_store(p)
+    p = sub.add_parser("replay", help="re-apply the active chain's documents onto a new base model")
+    p.add_argument("--onto", required=True, help="new base model directory")
+    p.add_argument("--out", default=None, help="new store directory (default: STORE-replayed)")
+    _add_store(p)
+
+    p = sub.add_parser("bench", help="benchmarks: print a table, write JSON (+ PNG)")
+    p.add_argument("which", choices=["continual", "update", "serve", "swap"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--resume", action="store_true")
+    return parser
+
+
+COMMAND_MODULES = {
+    "pretrain": "memfit.commands.pretrain",
+    "background": "memfit.commands.background",
+    "serve": "memfit.commands.serve",
+    "worker": "memfit.commands.worker",
+    "ingest": "memfit.commands.ingest",
+    "jobs": "memfit.commands.store_ops",
+    "versions": "memfit.commands.store_ops",
+    "rollback": "memfit.commands.store_ops",
+    "revert": "memfit.commands.store_ops",
+    "diff": "memfit.commands.store_ops",
+    "verify": "memfit.commands.store_ops",
+    "replay": "memfit.commands.store_ops",
+    "bench": "memfit.commands.bench",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(COMMAND_MODULES[args.command])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
