@@ -1,0 +1,1 @@
+"""memfit service: the FastAPI front end, the live engine and the embedded update runner."""

@@ -1,0 +1,69 @@
+"""All memfit settings: one pydantic-settings class, environment prefix MEMFIT_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from memlm.paths import default_model_dir, default_store_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMFIT_", extra="ignore")
+
+    # where things live
+    model: Path = Field(default_factory=default_model_dir, description="base model directory (seeds an empty store)")
+    store: Path = Field(default_factory=default_store_dir, description="store directory")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=1, le=65535, description="bind port")
+
+    # distributed mode
+    redis_url: str | None = Field(None, description="set -> distributed mode (Celery on Redis)")
+    celery_queue: str = Field("memfit-updates", description="Celery queue of update tasks")
+    task_time_limit_s: int = Field(1800, description="hard time limit of one update task")
+    visibility_timeout_s: int = Field(3600, description="Redis visibility timeout; above the longest update")
+    max_batch_jobs: int = Field(32, ge=1, description="queued jobs merged into one update when they pile up")
+
+    # request limits (each a clear 413/422 naming the limit)
+    max_documents_per_request: int = Field(256, ge=1)
+    max_document_chars: int = Field(20_000, ge=1)
+    max_facts_per_document: int = Field(64, ge=0)
+    max_request_bytes: int = Field(4_000_000, ge=1)
+    max_prompt_chars: int = Field(8_000, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_queue_depth: int = Field(1000, ge=1, description="queued jobs above this -> 429 with Retry-After")
+    min_version_wait_s: float = Field(10.0, ge=0, description="bounded wait of min_version before 503")
+
+    # update defaults (overridable per request under "settings")
+    update_top_t: int | None = Field(None, description="None -> memlm.updater default")
+    update_steps: int | None = None
+    update_lr: float | None = None
+
+    # evaluation gate
+    gate_enabled: bool = True
+    gate_max_forgetting: float = Field(0.05, description="reject when forgetting vs parent exceeds this")
+    gate_max_forgetting_base: float = Field(0.15, description="reject when forgetting vs base exceeds this")
+    gate_max_ppl_increase: float = Field(0.05, description="reject when held-out perplexity rises more (relative)")
+    gate_probe_facts: int = Field(64, ge=0)
+    gate_heldout_tokens: int = Field(2048, ge=0)
+
+    # serving
+    follow_interval_s: float = Field(0.25, gt=0, description="how often the active pointer is polled")
+    generation_workers: int = Field(2, ge=1, description="threads running model work")
+    max_batch_size: int = Field(16, ge=1, description="requests decoded together")
+
+    # security
+    api_keys: str | None = Field(None, description='JSON object {"key": "read|write|admin"}')
+    api_keys_file: Path | None = Field(None, description="lines 'sha256-hex role'")
+    public_metrics: bool = Field(True, description="/metrics without a key")
+    public_health: bool = Field(True, description="/healthz and /readyz without a key")
+    rate_limit_per_minute: int = Field(600, ge=0, description="per key and replica; 0 disables")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""memfit workers: the update pipeline (plain functions) and the Celery transport of the distributed mode."""
