@@ -13,13 +13,17 @@ import sys
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=None, help="store directory (default $MEMFIT_STORE or the user data dir)")
+    p.add_argument(
+        "--store", default=None, help="store directory (default $MEMFIT_STORE or the user data dir)"
+    )
     p.add_argument("--url", default=None, help="act through a running server instead of on the store")
     p.add_argument("--api-key", default=None, help="API key for --url (default $MEMFIT_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memfit", description="Online knowledge updates for memory-layer LLMs")
+    parser = argparse.ArgumentParser(
+        prog="memfit", description="Online knowledge updates for memory-layer LLMs"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="build a tokenizer and a memory-layer model from the offline corpus")

@@ -31,7 +31,9 @@ class LayerDelta:
                 f"{t} indices but {self.new_rows.shape[0]} new rows and {self.old_rows.shape[0]} old rows"
             )
         if self.new_rows.shape != self.old_rows.shape:
-            raise ValueError(f"new rows {tuple(self.new_rows.shape)} != old rows {tuple(self.old_rows.shape)}")
+            raise ValueError(
+                f"new rows {tuple(self.new_rows.shape)} != old rows {tuple(self.old_rows.shape)}"
+            )
 
 
 @dataclass
@@ -92,7 +94,9 @@ class SlotDelta:
         save_file(self.to_tensors(), str(path), metadata={"report": json.dumps(self.report, default=str)})
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], report: dict[str, Any] | None = None) -> SlotDelta:
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], report: dict[str, Any] | None = None
+    ) -> SlotDelta:
         layers: dict[int, LayerDelta] = {}
         names = {k.split(".")[0] for k in tensors}
         for name in sorted(names):

@@ -90,7 +90,9 @@ def greedy_complete(
         done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         step_ids = ids
         for _ in range(max_new_tokens):
-            logits = model(step_ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+            logits = model(
+                step_ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra
+            )
             nxt = logits.logits[:, -1].argmax(-1)  # (B,)
             generated = torch.cat([generated, nxt.unsqueeze(1)], dim=1)
             finished = nxt == eos if eos is not None else torch.zeros_like(done)
@@ -123,7 +125,12 @@ def fact_accuracy(model, tokenizer, facts: Sequence[dict], key: str = "question"
 
 @torch.no_grad()
 def perplexity(
-    model, tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 16, max_tokens: int | None = None
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
 ) -> float:
     """Token-level perplexity of `texts` (each truncated to `max_length` tokens); padding excluded."""
     model.eval()

@@ -51,7 +51,9 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=position_ids.device) / self.head_dim
+        exponent = (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float, device=position_ids.device) / self.head_dim
+        )
         inv_freq = 1.0 / (self.theta**exponent)  # (hs/2,)
         freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)

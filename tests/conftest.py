@@ -29,8 +29,14 @@ def free_port() -> int:
 
 def _recipe_hash() -> str:
     h = hashlib.sha256()
-    for rel in ["memlm/pretrain.py", "memlm/tokenizer.py", "memlm/background.py", "memlm/modeling.py",
-                "memlm/memory.py", "memlm/config.py"]:
+    for rel in [
+        "memlm/pretrain.py",
+        "memlm/tokenizer.py",
+        "memlm/background.py",
+        "memlm/modeling.py",
+        "memlm/memory.py",
+        "memlm/config.py",
+    ]:
         p = ROOT / rel
         if p.exists():
             h.update(p.read_bytes())
@@ -90,9 +96,21 @@ def _spawn_redis(port: int, workdir: Path) -> subprocess.Popen:
     if exe is None:
         pytest.fail("redis-server is not installed: `make test` installs the Debian package redis-server")
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 10
     while time.time() < deadline:

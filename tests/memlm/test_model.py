@@ -12,8 +12,15 @@ from memlm.memory import ProductKeyMemory, overlay_rows
 
 def tiny_config(**kw) -> MemoryLMConfig:
     base = dict(
-        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        memory_size=256, memory_heads=2, memory_topk=4, memory_key_dim=16,
+        vocab_size=101,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        memory_size=256,
+        memory_heads=2,
+        memory_topk=4,
+        memory_key_dim=16,
     )
     base.update(kw)
     return MemoryLMConfig(**base)
