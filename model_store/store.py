@@ -979,9 +979,13 @@ class Store:
                 "ok" if self._load_snapshot(v) is not None else "damaged (ignored, will be rewritten)"
             )
         tmp = [p.name for p in self.versions_dir.iterdir() if p.name.startswith(".")]
+        warnings: list[str] = []
         acts = self.activations()
         if acts and active is not None and acts[-1].get("to") != active:
-            problems.append(f"ACTIVE is {active} but the last activation logged is to {acts[-1].get('to')}")
+            # a writer died between moving ACTIVE and logging it: the store is fine, the log is short
+            warnings.append(f"ACTIVE is {active} but the last activation logged is to {acts[-1].get('to')}")
+        if tmp:
+            warnings.append(f"leftover temp dirs from an interrupted writer (removed by the next one): {tmp}")
         jobs = self.jobs
         jobs.refresh()
         return {
@@ -994,4 +998,5 @@ class Store:
             "leftover_temp": tmp,
             "log_bad_lines": jobs.bad_lines,
             "problems": problems,
+            "warnings": warnings,
         }

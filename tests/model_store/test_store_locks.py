@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from model_store import FileWriterLock, LockTimeout, RedisWriterLock
+
+
+def _exclusive(lock_a, lock_b):
+    order = []
+
+    def hold():
+        with lock_a:
+            order.append("a-in")
+            time.sleep(0.2)
+            order.append("a-out")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    time.sleep(0.05)
+    with lock_b:
+        order.append("b-in")
+    t.join()
+    return order
+
+
+def test_file_lock_exclusive_and_reentrant(tmp_path):
+    a, b = FileWriterLock(tmp_path / "w.lock"), FileWriterLock(tmp_path / "w.lock")
+    assert _exclusive(a, b) == ["a-in", "a-out", "b-in"]
+    with a, a:  # re-entrant in one thread; other holders time out meanwhile
+        err: list[Exception] = []
+        t = threading.Thread(target=_try, args=(b, err))
+        t.start()
+        t.join()
+        assert err and isinstance(err[0], LockTimeout)
+    b.acquire(timeout=1)
+    b.release()
+
+
+def _try(lock, err):
+    try:
+        lock.acquire(timeout=0.1)
+    except LockTimeout as e:
+        err.append(e)
+
+
+@pytest.mark.integration
+def test_redis_lock(redis_server):
+    a = RedisWriterLock(redis_server.url, "t:lock", ttl_s=5)
+    b = RedisWriterLock(redis_server.url, "t:lock", ttl_s=5)
+    assert _exclusive(a, b) == ["a-in", "a-out", "b-in"]
+    with a:
+        with a:
+            assert a.held()
+        assert a.extend()
+        with pytest.raises(LockTimeout):
+            b.acquire(timeout=0.1)
+    assert not a.held()
+    # an expired holder cannot release the new holder's lock
+    c = RedisWriterLock(redis_server.url, "t:lock2", ttl_s=0.1)
+    d = RedisWriterLock(redis_server.url, "t:lock2", ttl_s=5)
+    c.acquire()
+    time.sleep(0.2)
+    d.acquire(timeout=1)
+    c.release()
+    assert d.held()
+    d.release()
