@@ -1,0 +1,27 @@
+"""`memfit bench continual|update|serve|swap`: dispatch to the benchmark modules, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "continual": "memlm.bench_continual",
+    "update": "workers.bench_update",
+    "serve": "service.bench_serve",
+    "swap": "model_store.bench_swap",
+}
+
+
+def run(args) -> int:
+    name = BENCHMARKS[args.which]
+    try:
+        mod = importlib.import_module(name)
+    except ImportError as e:
+        if e.name and name.startswith(e.name):
+            print(
+                f"error: benchmark {args.which!r} is not available: {name} is missing ({e})", file=sys.stderr
+            )
+            return 2
+        raise
+    return int(mod.run(args) or 0)
