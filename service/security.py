@@ -136,6 +136,11 @@ class KeyStore:
             keys_json=settings.api_keys,
             keys_file=Path(settings.api_keys_file) if settings.api_keys_file else None,
         )
+        if store.keys_file is not None:
+            try:  # the mtime before reading: an edit made while we read is picked up by maybe_reload
+                store._file_mtime = os.stat(store.keys_file).st_mtime
+            except OSError:
+                pass  # _load reports the unreadable file
         store.digests = store._load()
         return store
 
@@ -199,9 +204,6 @@ class KeyStore:
             try:
                 mtime = os.stat(self.keys_file).st_mtime
             except OSError:
-                return
-            if self._file_mtime is None:
-                self._file_mtime = mtime
                 return
             if mtime == self._file_mtime:
                 return
