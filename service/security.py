@@ -313,6 +313,8 @@ def require_role(role: str) -> Callable[[Request], Coroutine[Any, Any, Principal
         return authenticate(request, role)
 
     dependency.__name__ = f"require_{role}"
+    dependency.memfit_role = role  # type: ignore[attr-defined]  # read by tests and the OpenAPI docs
+    dependency.memfit_public_flag = None  # type: ignore[attr-defined]
     return dependency
 
 
@@ -337,6 +339,8 @@ def require_role_unless(
         return authenticate(request, role)
 
     dependency.__name__ = f"require_{role}_unless_{flag_name}"
+    dependency.memfit_role = role  # type: ignore[attr-defined]
+    dependency.memfit_public_flag = flag_name  # type: ignore[attr-defined]
     return dependency
 
 
@@ -383,3 +387,15 @@ def check_bind(settings: Settings, host: str | None, insecure: bool) -> tuple[st
         f"WARNING: --insecure: listening on {host} without API keys; anyone who can reach this port has "
         "admin rights (ingest, activate, revert)"
     )
+
+
+def route_role(route: Any) -> tuple[str, str | None] | None:
+    """(role, public flag) that a FastAPI route requires through these dependencies, or None."""
+    stack = list(getattr(getattr(route, "dependant", None), "dependencies", []))
+    while stack:
+        dep = stack.pop()
+        role = getattr(dep.call, "memfit_role", None)
+        if role is not None:
+            return role, dep.call.memfit_public_flag
+        stack.extend(dep.dependencies)
+    return None
