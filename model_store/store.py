@@ -7,7 +7,7 @@ Layout (see CONTRACTS.md "Store"):
     STORE/versions/0000000007/       delta.safetensors + manifest.json (checksums of both)
     STORE/snapshots/0000000050.*     cumulative rows (every slot changed since base, at that version)
     STORE/ACTIVE                     the active version id, replaced atomically
-    STORE/LAST_VERSION               highest id ever allocated (ids are never reused, even after gc)
+    STORE/LAST_VERSION               highest id allocated before the last gc (ids are never reused)
     STORE/log/                       documents.jsonl, jobs.jsonl, activations.jsonl, gc.jsonl
 
 Publishing writes the version into `versions/.tmp-*`, fsyncs, renames it into place (readers never
@@ -670,7 +670,6 @@ class Store:
             os.rename(tmp, self.version_dir(vid))
             fsync_dir(self.versions_dir)
             crash_point("publish:renamed")
-            atomic_write_bytes(self.root / "LAST_VERSION", f"{vid}\n".encode())
             with self._cache_lock:
                 self._deltas[vid] = delta
                 self._slots[vid] = {layer: ld.indices for layer, ld in delta.layers.items()}
@@ -906,6 +905,8 @@ class Store:
                 except StoreError:
                     keep.add(v)
             deleted = []
+            # ids are never reused: remember the highest before deleting anything
+            atomic_write_bytes(self.root / "LAST_VERSION", f"{self._last_id()}\n".encode())
             for v in self.version_ids()[1:]:
                 if v in keep:
                     continue

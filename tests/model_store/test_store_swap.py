@@ -77,3 +77,15 @@ def test_readers_never_see_a_mixed_version(h, store):
     assert swaps > 10 and len(seen) > 10
     assert all(ok for _, ok in seen), [v for v, ok in seen if not ok][:5]
     assert len({v for v, _ in seen}) > 1
+
+
+def test_copy_rows_chunked_equals_index_copy():
+    from model_store.swap import copy_rows
+
+    a = torch.randn(2000, 64)
+    b = a.clone()
+    idx = torch.randperm(2000)[:900].sort().values
+    rows = torch.randn(900, 64)
+    copy_rows(a, idx, rows)  # 57,600 elements: chunked
+    b.index_copy_(0, idx, rows)
+    assert torch.equal(a, b)
