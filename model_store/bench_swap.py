@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from .swap import LiveTables, copy_rows
 SYNTH_ROWS, SYNTH_DIM = 65_536, 256
 
 
-def _median(xs: list[float]) -> float:
+def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
@@ -146,7 +147,9 @@ def run(args) -> int:
         reader = threading.Thread(target=_reader, args=(live, stop, waits), daemon=True)
         reader.start()
         time.sleep(0.05)
-        pauses, switches, rows_written = [], [], []
+        pauses: list[float] = []
+        switches: list[float] = []
+        rows_written: list[float] = []
         for i in range(repeats):
             r = live.switch_to(b if i % 2 == 0 else a)
             pauses.append(r.pause_seconds)
@@ -155,16 +158,16 @@ def run(args) -> int:
             time.sleep(0.002)
         stop.set()
         reader.join()
-        d = store.load_delta(b)
+        dl = store.load_delta(b)
         tables = live.tables
         memcpy, memcpy_torch = [], []
         for _ in range(repeats):
             tc = time.perf_counter()
-            for layer, ld in d.layers.items():
+            for layer, ld in dl.layers.items():
                 copy_rows(tables[layer], ld.indices, ld.new_rows)  # serial, as the swap does
             memcpy.append(time.perf_counter() - tc)
             tc = time.perf_counter()
-            for layer, ld in d.layers.items():
+            for layer, ld in dl.layers.items():
                 tables[layer].index_copy_(0, ld.indices, ld.new_rows)  # one call, torch's threading
             memcpy_torch.append(time.perf_counter() - tc)
         full = []
@@ -259,8 +262,8 @@ def run(args) -> int:
         print()
         print(f"{'measure'.ljust(width)}  value")
         print(f"{'-' * width}  {'-' * 30}")
-        for k, v in rows:
-            print(f"{k.ljust(width)}  {v}")
+        for k, val in rows:
+            print(f"{k.ljust(width)}  {val}")
         out_dir.mkdir(parents=True, exist_ok=True)
         name = "swap-quick.json" if quick else "swap.json"
         (out_dir / name).write_text(json.dumps(res, indent=2) + "\n")

@@ -16,6 +16,7 @@ returned by `queued()` so that the runner starts it again (its work is idempoten
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 import uuid
@@ -114,9 +115,10 @@ class JobLog:
             if job.idempotency_key:
                 self._by_key[job.idempotency_key] = job.job_id
         elif ev == "update":
-            job = self._jobs.get(str(rec.get("job_id")))
-            if job is None:
+            found = self._jobs.get(str(rec.get("job_id")))
+            if found is None:
                 return
+            job = found
             for k, v in (rec.get("fields") or {}).items():
                 if k in UPDATABLE:
                     setattr(job, k, v)
@@ -154,7 +156,7 @@ class JobLog:
             if job_id in self._jobs:
                 raise StoreError(f"job {job_id} already exists")
             now = time.time()
-            doc_records = []
+            doc_records: builtins.list[dict[str, Any]] = []
             for d in documents:
                 if "text" not in d:
                     raise ValueError(f"document {d.get('id', len(doc_records))} has no text")
@@ -221,7 +223,7 @@ class JobLog:
             self.refresh()
             return self._jobs.get(job_id)
 
-    def list(self, limit: int | None = 50, status: str | None = None) -> list[Job]:
+    def list(self, limit: int | None = 50, status: str | None = None) -> builtins.list[Job]:
         """Most recent first."""
         with self._lock:
             self.refresh()
@@ -236,7 +238,7 @@ class JobLog:
             jid = self._by_key.get(key)
             return self._jobs.get(jid) if jid else None
 
-    def queued(self, include_running: bool = True) -> list[Job]:
+    def queued(self, include_running: bool = True) -> builtins.list[Job]:
         """Jobs still to run, oldest first; `running` ones were interrupted by a restart."""
         states = ("queued", "running") if include_running else ("queued",)
         with self._lock:
@@ -250,7 +252,7 @@ class JobLog:
             recs = self._docs.get(str(doc_id))
             return recs[-1] if recs else None
 
-    def documents(self, ids: list[str], job_id: str | None = None) -> list[dict[str, Any]]:
+    def documents(self, ids: builtins.list[str], job_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """Records for `ids` in that order (the one from `job_id` when a document id was reused)."""
         with self._lock:
             self.refresh()
@@ -265,7 +267,7 @@ class JobLog:
                 out.append(recs[-1])
             return out
 
-    def jobs_of_document(self, doc_id: str) -> list[str]:
+    def jobs_of_document(self, doc_id: str) -> builtins.list[str]:
         with self._lock:
             self.refresh()
             return [r["job_id"] for r in self._docs.get(str(doc_id), [])]
