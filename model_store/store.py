@@ -120,6 +120,17 @@ class Store:
         self._base: dict[int, torch.Tensor] | None = None
         self._jobs: JobLog | None = None
 
+    @classmethod
+    def open(cls, root: str | Path, redis_url: str | None = None, **kw: Any) -> Store:
+        """Open a store; with `redis_url` (distributed mode, a store shared by several machines) the
+        writer lock is a RedisWriterLock named after the store's base id, else a file lock."""
+        store = cls(root, **kw)
+        if redis_url and "lock" not in kw:
+            from .locks import RedisWriterLock
+
+            store.lock = RedisWriterLock(redis_url, name=f"memfit:store:{store.base_id[:16]}:writer")
+        return store
+
     # -- creation ----------------------------------------------------------------------------------
     @classmethod
     def init(

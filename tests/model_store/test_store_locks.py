@@ -67,3 +67,27 @@ def test_redis_lock(redis_server):
     c.release()
     assert d.held()
     d.release()
+
+
+@pytest.mark.integration
+def test_store_with_redis_lock_serialises_publishers(h, store, redis_server):
+    from model_store import ActiveMovedError, Store
+
+    writers = [Store.open(store.root, redis_url=redis_server.url) for _ in range(2)]
+    assert isinstance(writers[0].lock, RedisWriterLock)
+    base = store.materialize(0)
+    results: list[object] = []
+
+    def publish(s, seed):
+        try:
+            results.append(s.publish(h.make_delta(base, h.random_slots(seed), seed), parent=0))
+        except ActiveMovedError as e:
+            results.append(e)
+
+    ts = [threading.Thread(target=publish, args=(w, i)) for i, w in enumerate(writers)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(map(type, results), key=str) == sorted([int, ActiveMovedError], key=str)
+    assert store.active() == 1 and store.version_ids() == [0, 1]
