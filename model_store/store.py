@@ -784,16 +784,24 @@ class Store:
             )
 
     def effective_chain(self, version: int | None = None) -> list[int]:
-        """The chain without revert versions and the versions they revert: what taught the model."""
+        """The update versions of the chain whose effect is still in the tables, in order: revert
+        versions are left out with what they undid (a revert of a revert re-teaches the original)."""
         chain = self.chain(self.active() if version is None else version)
-        reverted = set()
+        taught = {w: True for w in chain if w != 0 and self.manifest(w).get("kind") != "revert"}
+
+        def undo(t: int, value: bool) -> None:
+            m = self.manifest(t)
+            if m.get("kind") == "revert":
+                if m.get("reverts") is not None:
+                    undo(int(m["reverts"]), not value)
+            elif t in taught:
+                taught[t] = value
+
         for w in chain:
             m = self.manifest(w)
-            if m.get("kind") == "revert":
-                reverted.add(w)
-                if m.get("reverts") is not None:
-                    reverted.add(int(m["reverts"]))
-        return [w for w in chain if w != 0 and w not in reverted]
+            if m.get("kind") == "revert" and m.get("reverts") is not None:
+                undo(int(m["reverts"]), False)
+        return [w for w in chain if taught.get(w)]
 
     def versions_with_document(self, doc_id: str) -> list[int]:
         out = []

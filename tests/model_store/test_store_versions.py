@@ -232,3 +232,14 @@ def test_gc_keeps_active_chain(h, store):
     v = h.publish_update(store, h.random_slots(11), seed=11)
     assert v == 8  # ids never reused
     assert store.verify()["ok"]
+
+
+def test_revert_of_a_revert_reteaches(h, store):
+    store.jobs.create_job("j1", [{"id": "a", "text": "A"}], {})
+    v1 = h.publish_update(store, {1: [1, 2]}, seed=1, docs=["a"], job_id="j1")
+    t1 = store.materialize(v1)
+    r1 = store.revert(v1)
+    assert store.effective_chain() == [] and store.active_chain_documents() == []
+    r2 = store.revert(r1)
+    assert store.effective_chain() == [v1] and [d["id"] for d in store.active_chain_documents()] == ["a"]
+    assert h.tables_equal(store.materialize(r2), t1)
