@@ -1,0 +1,196 @@
+"""The FastAPI application: `create_app(settings)`.
+
+The lifespan opens (or seeds) the store, loads the live engine, starts the update runner (embedded
+mode) or the distributed dispatcher (MEMFIT_REDIS_URL set; `workers.distributed`, imported lazily),
+and a task that follows the store's ACTIVE pointer every `settings.follow_interval_s`, so a rollback
+made with the CLI on the store reaches this server within a second. Handlers live on `app.state`
+(`settings`, `store`, `engine`, `dispatcher`, `metrics`) and reach routes through the `Annotated`
+dependencies of service/deps.py.
+
+The dispatcher interface (embedded: workers.runner.UpdateRunner): `notify(job_id)`, `cancel(job_id)
+-> Job`, `retry(job_id) -> Job`, `stop()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from model_store import Store
+from service.engine import Engine
+from service.errors import install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import generate, health, ingest, jobs, openai, versions
+from service.settings import Settings
+
+log = logging.getLogger("memfit.service")
+
+API_DESCRIPTION = """\
+Online knowledge updates for a memory-layer language model.
+
+`POST /ingest` queues documents; an update job teaches them to the model by sparse memory
+finetuning and publishes an immutable version; `POST /generate` (or the OpenAI-compatible
+`/v1/completions`) answers from the active version. Versions can be pinned, awaited
+(`min_version`), rolled back and forward. Errors are `{"error": {"code", "message", "field"}}`.
+"""
+
+
+class StoreSetupError(RuntimeError):
+    """The store cannot be opened or seeded (message says why and what to do)."""
+
+
+def open_store(settings: Settings) -> Store:
+    """Open the store, seeding an empty one from `settings.model`.
+
+    A store whose base differs from an explicitly given model (--model / MEMFIT_MODEL) is an error.
+    """
+    from model_store import BaseMismatchError
+
+    root, model = Path(settings.store).expanduser(), Path(settings.model).expanduser()
+    explicit = "model" in settings.model_fields_set
+    try:
+        if (root / "store.json").exists():
+            if explicit:
+                return Store.init(root, model)  # checks that the base is this model
+            return Store(root)
+        if not (model / "model.safetensors").exists():
+            raise StoreSetupError(
+                f"no store at {root} and no model at {model}: build one with `memfit pretrain` or pass --model DIR"
+            )
+        log.info("seeding store %s from %s", root, model)
+        return Store.init(root, model)
+    except BaseMismatchError as e:
+        raise StoreSetupError(f"{e}; use another --store, or the model this store was built from") from None
+    except FileNotFoundError as e:
+        raise StoreSetupError(str(e)) from None
+
+
+def _job_counts(store: Store) -> dict[str, int]:
+    return dict(Counter(j.status for j in store.jobs.list(limit=None)))
+
+
+def _make_dispatcher(app: FastAPI, store: Store, engine: Engine, settings: Settings, metrics: Metrics) -> Any:
+    if settings.redis_url:
+        try:
+            import importlib
+
+            distributed = importlib.import_module("workers.distributed")
+        except ImportError as e:
+            raise StoreSetupError(
+                f"MEMFIT_REDIS_URL is set but the distributed mode is not available ({e}); unset it to run embedded"
+            ) from None
+        return distributed.create_dispatcher(store=store, engine=engine, settings=settings, metrics=metrics)
+
+    from workers.runner import UpdateRunner
+
+    def on_published(result, job) -> None:
+        engine.switch_to(store.active())
+        if job.created_at:
+            metrics.ingest_to_live.observe(max(0.0, time.time() - job.created_at))
+
+    def on_finished(result, job) -> None:
+        metrics.jobs_finished.labels(result.status).inc()
+        for phase in ("queued", "training", "evaluation", "publish", "total"):
+            value = (result.timings or {}).get(phase)
+            if isinstance(value, int | float):
+                metrics.job_duration.labels(phase).observe(float(value))
+
+    runner = UpdateRunner(store, settings, on_published=on_published, on_finished=on_finished)
+    runner.start()
+    return runner
+
+
+class LogOnlyDispatcher:
+    """No runner in this process: jobs wait in the log for one (cancel/retry act on the log)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def notify(self, job_id: str | None = None) -> None:
+        pass
+
+    def cancel(self, job_id: str):
+        return self.store.jobs.cancel(job_id)
+
+    def retry(self, job_id: str):
+        return self.store.jobs.retry(job_id)
+
+
+async def _follow(app: FastAPI, engine: Engine, interval: float) -> None:
+    """Poll the store's ACTIVE pointer; swap when it moved (off the event loop, on its own thread)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfit-follow")
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await loop.run_in_executor(pool, engine.follow_active)
+            except Exception:
+                log.exception("following the active version failed")
+    finally:
+        pool.shutdown(wait=False)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    store = await asyncio.to_thread(open_store, settings)
+    app.state.store = store
+    engine = await asyncio.to_thread(Engine.from_store, store, settings, metrics)
+    app.state.engine = engine
+    metrics.set_job_source(lambda: _job_counts(store))
+    if app.state.start_runner:
+        dispatcher = await asyncio.to_thread(_make_dispatcher, app, store, engine, settings, metrics)
+    else:
+        dispatcher = LogOnlyDispatcher(store)
+    app.state.dispatcher = dispatcher
+    follower = asyncio.create_task(_follow(app, engine, settings.follow_interval_s))
+    log.info("memfit ready: store %s, active version %d", store.root, engine.version)
+    try:
+        yield
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        if dispatcher is not None and hasattr(dispatcher, "stop"):
+            await asyncio.to_thread(dispatcher.stop)
+        engine.close()
+
+
+def create_app(settings: Settings | None = None, *, start_runner: bool = True) -> FastAPI:
+    """The API app for `settings` (default: from the environment). `start_runner=False` serves
+    without running update jobs (they stay queued in the log), for tests and read-only replicas."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="memfit",
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.start_runner = start_runner
+    app.state.store = None
+    app.state.engine = None
+    app.state.dispatcher = None
+    install_error_handlers(app, settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
+    app.include_router(ingest.router)
+    app.include_router(jobs.router)
+    app.include_router(versions.router)
+    app.include_router(versions.documents_router)
+    app.include_router(health.router)
+    return app

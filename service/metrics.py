@@ -1,0 +1,174 @@
+"""Prometheus metrics of one app instance (a per-app CollectorRegistry, so tests can build several apps).
+
+Naming (DESIGN.md item 8): `memfit_` prefix, base units (`_seconds`), `_total` on counters, explicit
+buckets, and no high-cardinality labels: the `endpoint` label is the route template
+(`/jobs/{job_id}`), never the raw path, and nothing is labelled by prompt, job, document or key.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+JOB_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+SWAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+disable_created_metrics()  # no *_created series: they double the scrape for no dashboard use
+
+JOB_STATES = ("queued", "running", "succeeded", "rejected", "failed", "cancelled")
+
+
+class _JobStateCollector(Collector):
+    """`memfit_jobs{state}` read from the job log at scrape time (the log is the record of truth)."""
+
+    def __init__(self) -> None:
+        self.source: Any = None  # a callable returning {state: count}
+
+    def collect(self):
+        g = GaugeMetricFamily("memfit_jobs", "Jobs in the store's job log by state", labels=["state"])
+        counts: dict[str, int] = {}
+        if self.source is not None:
+            try:
+                counts = dict(self.source())
+            except Exception:  # a scrape must never fail because the store is busy
+                counts = {}
+        for state in JOB_STATES:
+            g.add_metric([state], float(counts.get(state, 0)))
+        yield g
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "memfit_http_requests_total",
+            "HTTP requests by route template, method and status code",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "memfit_http_request_duration_seconds",
+            "Time from request start to the end of the response body (streams included)",
+            ["endpoint", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("memfit_http_requests_in_flight", "HTTP requests being served", registry=r)
+        self.ttft = Histogram(
+            "memfit_time_to_first_token_seconds",
+            "Generation: admission to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "memfit_e2e_request_latency_seconds",
+            "Generation: admission to the last generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.per_token = Histogram(
+            "memfit_time_per_output_token_seconds",
+            "Generation: seconds per decoded token after the first",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("memfit_prompt_tokens_total", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("memfit_generation_tokens_total", "Tokens generated", registry=r)
+        self.generation_length = Histogram(
+            "memfit_request_generation_tokens",
+            "Tokens generated per request",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.generation_errors = Counter(
+            "memfit_generation_failures_total", "Generation requests that ended in an error", registry=r
+        )
+        self.active_version = Gauge("memfit_active_version", "Version served to new requests", registry=r)
+        self.swaps = Counter("memfit_swaps_total", "Hot swaps of the live value tables", registry=r)
+        self.swap_duration = Histogram(
+            "memfit_swap_duration_seconds",
+            "Time to switch the live value tables to another version",
+            buckets=SWAP_BUCKETS,
+            registry=r,
+        )
+        self.swap_rows = Counter("memfit_swap_rows_total", "Value rows written by hot swaps", registry=r)
+        self.ingested_documents = Counter(
+            "memfit_ingested_documents_total", "Documents accepted by /ingest", registry=r
+        )
+        self.job_duration = Histogram(
+            "memfit_job_duration_seconds",
+            "Update jobs: seconds per phase (queued, training, evaluation, publish, total)",
+            ["phase"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.jobs_finished = Counter(
+            "memfit_jobs_finished_total", "Update jobs that ended, by final state", ["state"], registry=r
+        )
+        self.ingest_to_live = Histogram(
+            "memfit_ingest_to_live_seconds",
+            "From the job's creation to the new version being served by this replica",
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self._jobs = _JobStateCollector()
+        r.register(self._jobs)
+        self.start_time = Gauge("memfit_process_start_time_seconds", "Unix time the app started", registry=r)
+        self.start_time.set(time.time())
+
+    def set_job_source(self, source: Any) -> None:
+        self._jobs.source = source
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware counting requests by route template, method and status, with latency.
+
+    Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass untouched; the duration runs to the
+    last body chunk.
+    """
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        m = self.metrics
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        m.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            m.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "GET")
+            m.requests.labels(endpoint, method, str(status)).inc()
+            m.request_duration.labels(endpoint, method).observe(time.perf_counter() - t0)

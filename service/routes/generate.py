@@ -1,0 +1,228 @@
+"""POST /generate: completion from the live model (JSON, or server-sent events with "stream": true)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.deps import EngineDep, SettingsDep
+from service.engine import Delta, Engine, Prepared, SamplingParams, retry_after_seconds
+from service.errors import ApiError
+from service.schemas import GenerateRequest, GenerateResponse
+from service.security import Principal, require_role
+from service.settings import Settings
+
+router = APIRouter(tags=["generate"])
+ReadDep = Annotated[Principal, Depends(require_role("read"))]
+_END = object()
+
+
+def check_limits(
+    settings: Settings,
+    prompt: str,
+    max_new_tokens: int,
+    stop: list[str],
+    names: tuple[str, str, str] = ("prompt", "max_new_tokens", "stop"),
+) -> None:
+    """The Settings bounds of a generation request, each a 4xx naming the field and the limit."""
+    if len(prompt) > settings.max_prompt_chars:
+        raise ApiError(
+            413,
+            "prompt_too_long",
+            f"prompt has {len(prompt)} characters; max_prompt_chars = {settings.max_prompt_chars}",
+            names[0],
+        )
+    if max_new_tokens > settings.max_new_tokens_limit:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"{max_new_tokens} new tokens requested; max_new_tokens_limit = {settings.max_new_tokens_limit}",
+            names[1],
+        )
+    if len(stop) > settings.max_stop_sequences:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"{len(stop)} stop sequences; max_stop_sequences = {settings.max_stop_sequences}",
+            names[2],
+        )
+
+
+async def wait_for_version(engine: Engine, settings: Settings, v: int, field: str = "min_version") -> None:
+    """Return once `v` is in this replica's active chain; 409 at once when it was rejected or is off
+    the active chain; 503 with Retry-After after settings.min_version_wait_s."""
+    deadline = time.monotonic() + settings.min_version_wait_s
+    delay = 0.02
+    while True:
+        state = await asyncio.to_thread(engine.min_version_state, v)
+        if state == "ready":
+            return
+        if state == "rejected":
+            raise ApiError(409, "version_rejected", f"version {v} was rejected by the evaluation gate", field)
+        if state == "off_chain":
+            raise ApiError(
+                409,
+                "version_not_in_active_chain",
+                f"version {v} is not in the active chain (active version {engine.version}; rolled back?)",
+                field,
+            )
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ApiError(
+                503,
+                "version_not_ready",
+                f"version {v} is not served by this replica after {settings.min_version_wait_s} s "
+                f"(active version {engine.version})",
+                field,
+                {"Retry-After": retry_after_seconds(1.0)},
+            )
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 1.5, 0.2)
+
+
+async def admit(
+    engine: Engine,
+    settings: Settings,
+    prompt: str,
+    params: SamplingParams,
+    version: int | None,
+    min_version: int | None,
+    version_field: str = "version",
+) -> Prepared:
+    """Resolve `version` / `min_version` and tokenise: the request is then bound to one version."""
+    if version is not None and min_version is not None:
+        raise ApiError(422, "invalid_request", "give either version or min_version, not both", version_field)
+    if version is not None:
+        await asyncio.to_thread(_check_pinnable, engine, version, version_field)
+    if min_version is not None:
+        await wait_for_version(engine, settings, min_version)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(engine.executor, engine.prepare, prompt, params, version)
+
+
+def _check_pinnable(engine: Engine, version: int, field: str) -> None:
+    try:
+        engine.check_pinnable(version)
+    except ApiError as e:
+        e.field = field
+        raise
+
+
+async def stream_deltas(engine: Engine, prepared: Prepared) -> AsyncIterator[Delta]:
+    """Run engine.stream in the model executor, handing pieces to the event loop as they come."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            prepared.cancelled.set()
+
+    def work() -> None:
+        try:
+            for d in engine.stream(prepared):
+                put(d)
+                if prepared.cancelled.is_set():
+                    break
+        except BaseException as e:  # handed to the request, which reports it
+            put(e)
+        finally:
+            put(_END)
+
+    loop.run_in_executor(engine.executor, work)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        prepared.cancelled.set()  # client gone or done: the decoding thread stops at its next step
+
+
+async def complete(engine: Engine, prepared: Prepared):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(engine.executor, engine.complete, prepared)
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    summary="Generate a completion",
+    responses={
+        200: {
+            "description": "JSON, or `text/event-stream` when stream is true",
+            "headers": {"X-Memfit-Version": {"schema": {"type": "integer"}}},
+        },
+        404: {"description": "pinned version does not exist"},
+        409: {"description": "version rejected, or min_version not in the active chain"},
+        413: {"description": "prompt over max_prompt_chars or the model's context"},
+        422: {"description": "invalid field or limit exceeded"},
+        503: {"description": "min_version not served within min_version_wait_s (Retry-After)"},
+    },
+)
+async def generate(body: GenerateRequest, engine: EngineDep, settings: SettingsDep, _: ReadDep):
+    check_limits(settings, body.prompt, body.max_new_tokens, body.stop)
+    params = SamplingParams(
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop=list(body.stop),
+        seed=body.seed,
+    )
+    prepared = await admit(engine, settings, body.prompt, params, body.version, body.min_version)
+    headers = {"X-Memfit-Version": str(prepared.version)}
+    if not body.stream:
+        c = await complete(engine, prepared)
+        out = GenerateResponse(
+            text=c.text,
+            version=c.version,
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            usage={"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},  # type: ignore[arg-type]
+        )
+        return JSONResponse(out.model_dump(), headers=headers)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for d in stream_deltas(engine, prepared):
+                if d.done:
+                    yield sse(
+                        {
+                            "done": True,
+                            "version": prepared.version,
+                            "finish_reason": d.finish_reason,
+                            "usage": {
+                                "prompt_tokens": d.prompt_tokens,
+                                "completion_tokens": d.completion_tokens,
+                            },
+                        }
+                    )
+                elif d.text:
+                    yield sse({"token": d.text})
+        except Exception as e:  # the status line is sent already: report in-band
+            yield sse(
+                {
+                    "error": {
+                        "code": "internal_error",
+                        "message": f"generation failed: {type(e).__name__}",
+                        "field": None,
+                    }
+                }
+            )
+
+    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

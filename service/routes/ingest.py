@@ -1,0 +1,182 @@
+"""POST /ingest: record documents and an update job durably, then hand the job to the runner.
+
+202 only after the documents and the job are fsynced to the store's log (model_store.JobLog).
+Idempotency-Key: the same key with the same body returns the same job (also after a restart and for
+concurrent retries: the check and the create are one step under the job log's lock); the same key
+with a different body is a 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse
+
+from model_store import IdempotencyConflict
+from model_store.joblog import new_job_id
+from service.deps import DispatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
+from service.errors import ApiError
+from service.schemas import IngestRequest, IngestResponse
+from service.security import Principal, require_role
+from service.settings import Settings
+
+router = APIRouter(tags=["ingest"])
+WriteDep = Annotated[Principal, Depends(require_role("write"))]
+MAX_KEY_CHARS = 200
+
+
+def check_ingest_limits(body: IngestRequest, settings: Settings, memory_size: int | None) -> dict:
+    """Settings limits of an ingest request (413/422 naming the limit); returns the settings overrides."""
+    docs = body.documents
+    if len(docs) > settings.max_documents_per_request:
+        raise ApiError(
+            413,
+            "too_many_documents",
+            f"{len(docs)} documents; max_documents_per_request = {settings.max_documents_per_request}",
+            "documents",
+        )
+    seen: set[str] = set()
+    for i, d in enumerate(docs):
+        if len(d.text) > settings.max_document_chars:
+            raise ApiError(
+                413,
+                "document_too_long",
+                f"document {i} has {len(d.text)} characters; max_document_chars = {settings.max_document_chars}",
+                f"documents[{i}].text",
+            )
+        if len(d.facts) > settings.max_facts_per_document:
+            raise ApiError(
+                422,
+                "limit_exceeded",
+                f"document {i} has {len(d.facts)} facts; max_facts_per_document = {settings.max_facts_per_document}",
+                f"documents[{i}].facts",
+            )
+        if d.id is not None:
+            if d.id in seen:
+                raise ApiError(
+                    422,
+                    "duplicate_id",
+                    f"document id {d.id!r} appears twice in this request",
+                    f"documents[{i}].id",
+                )
+            seen.add(d.id)
+    overrides = body.settings.model_dump(exclude_none=True) if body.settings is not None else {}
+    if overrides:
+        from workers.pipeline import build_update_settings, update_settings_fields
+
+        known = update_settings_fields()
+        for k in overrides:
+            if k not in known:
+                raise ApiError(
+                    422,
+                    "unknown_field",
+                    f"unknown update setting {k!r}; known: {sorted(known)}",
+                    f"settings.{k}",
+                )
+        try:
+            build_update_settings(None, overrides)
+        except (TypeError, ValueError) as e:
+            raise ApiError(422, "invalid_request", f"settings: {e}", "settings") from None
+        top_t = overrides.get("top_t")
+        if memory_size is not None and isinstance(top_t, int) and top_t > memory_size:
+            raise ApiError(
+                422,
+                "limit_exceeded",
+                f"top_t {top_t} exceeds the memory's {memory_size} slots",
+                "settings.top_t",
+            )
+    return overrides
+
+
+def body_hash(body: IngestRequest) -> str:
+    canonical = json.dumps(
+        body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@router.post(
+    "/ingest",
+    status_code=202,
+    response_model=IngestResponse,
+    summary="Queue documents for a knowledge update",
+    responses={
+        409: {"description": "Idempotency-Key reused with a different body"},
+        413: {"description": "too many documents, or a document too long (names the limit)"},
+        422: {"description": "invalid field or limit exceeded"},
+        429: {"description": "queue over max_queue_depth (Retry-After)"},
+    },
+)
+async def ingest(
+    body: IngestRequest,
+    store: StoreDep,
+    engine: EngineDep,
+    dispatcher: DispatcherDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    _: WriteDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", description="same key + same body -> the same job"),
+    ] = None,
+):
+    memory_size = getattr(engine.model.config, "memory_size", None)
+    overrides = check_ingest_limits(body, settings, memory_size)
+    if idempotency_key is not None:
+        if not idempotency_key or len(idempotency_key) > MAX_KEY_CHARS or not idempotency_key.isprintable():
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable characters",
+                "Idempotency-Key",
+            )
+    digest = body_hash(body)
+    documents = [d.model_dump(exclude_none=True) for d in body.documents]
+    for d in documents:
+        d["facts"] = [{k: v for k, v in f.items() if v is not None} for f in d.get("facts", [])]
+
+    def create():
+        jobs = store.jobs
+        if idempotency_key is not None:
+            existing = jobs.find_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                if existing.body_sha256 not in (None, digest):
+                    raise IdempotencyConflict(idempotency_key, existing.job_id)
+                return existing, True
+        depth = len(jobs.queued(include_running=False))
+        if depth >= settings.max_queue_depth:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"{depth} jobs queued; max_queue_depth = {settings.max_queue_depth}",
+                "max_queue_depth",
+                {"Retry-After": "5"},
+            )
+        # create_job repeats the key lookup under the job log's lock: concurrent retries get one job
+        mine = new_job_id()
+        job = jobs.create_job(
+            mine, documents, settings=overrides, idempotency_key=idempotency_key, body_sha256=digest
+        )
+        return job, job.job_id != mine
+
+    try:
+        job, replayed = await asyncio.to_thread(create)
+    except IdempotencyConflict as e:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"Idempotency-Key {e.key!r} was used by job {e.job_id} with a different body",
+            "Idempotency-Key",
+        ) from None
+    if not replayed:
+        metrics.ingested_documents.inc(len(documents))
+        dispatcher.notify(job.job_id)
+    headers = {"Location": f"/jobs/{job.job_id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    out = IngestResponse(job_id=job.job_id, status=job.status, documents=list(job.documents))  # type: ignore[arg-type]
+    return JSONResponse(out.model_dump(), status_code=202, headers=headers)

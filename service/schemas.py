@@ -1,0 +1,352 @@
+"""Request and response schemas of the HTTP API (CONTRACTS.md "HTTP"), with examples for /openapi.json.
+
+Static bounds live here; bounds that come from Settings (max documents per request, max prompt
+characters, ...) are checked in the routes so that they follow the running configuration, and their
+errors name the setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.errors import ID_PATTERN
+
+JobStatus = Literal["queued", "running", "succeeded", "rejected", "failed", "cancelled"]
+VersionState = Literal["active", "retained", "rejected"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- ingest -------------------------------------------------------------------------------------
+
+
+class Fact(_Strict):
+    question: str = Field(min_length=1, max_length=2000, description="a question the document answers")
+    answer: str = Field(min_length=1, max_length=2000, description="its short answer")
+    heldout_question: str | None = Field(
+        None, max_length=2000, description="optional other wording, used only to measure learning"
+    )
+
+
+class Document(_Strict):
+    id: str | None = Field(
+        None, pattern=ID_PATTERN, description="document id (letters, digits, . _ : -); generated when absent"
+    )
+    text: str = Field(min_length=1, description="the text to learn")
+    facts: list[Fact] = Field(default_factory=list, description="question/answer pairs it teaches (optional)")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, stored with the document")
+
+
+class UpdateOverrides(_Strict):
+    """Per-request overrides of the update settings (memlm.updater.UpdateSettings); all optional."""
+
+    model_config = ConfigDict(extra="allow")
+
+    top_t: int | None = Field(None, ge=1, description="memory slots trained (paper: 500 for facts)")
+    steps: int | None = Field(None, ge=1, le=10_000, description="optimizer steps")
+    lr: float | None = Field(None, gt=0, le=1000, description="learning rate (plain SGD; paper: 2 to 5)")
+
+
+class IngestRequest(_Strict):
+    documents: list[Document] = Field(min_length=1, description="documents to teach the model")
+    settings: UpdateOverrides | None = Field(None, description="update settings for this job")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "documents": [
+                        {
+                            "id": "doc-42",
+                            "text": "The capital of Zorbania is Quillton.",
+                            "facts": [{"question": "What is the capital of Zorbania?", "answer": "Quillton"}],
+                            "metadata": {"source": "wiki"},
+                        }
+                    ],
+                    "settings": {"top_t": 500, "steps": 30},
+                }
+            ]
+        },
+    )
+
+
+class IngestResponse(BaseModel):
+    job_id: str = Field(examples=["j_3f2a9c0d1e2b4a5c"])
+    status: JobStatus = Field(examples=["queued"])
+    documents: list[str] = Field(default_factory=list, examples=[["doc-42"]])
+
+
+# ---- jobs ---------------------------------------------------------------------------------------
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: JobStatus
+    version: int | None = Field(None, description="the version this job published (also when rejected)")
+    parent: int | None = Field(None, description="the version it was trained from")
+    documents: list[str] = Field(default_factory=list)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, Any] = Field(
+        default_factory=dict, description="seconds: queued, training, evaluation, publish, total"
+    )
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    progress: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    attempts: int = 0
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "j_3f2a9c0d1e2b4a5c",
+                    "status": "succeeded",
+                    "version": 7,
+                    "parent": 6,
+                    "documents": ["doc-42"],
+                    "settings": {},
+                    "timings": {
+                        "queued": 0.01,
+                        "training": 2.1,
+                        "evaluation": 0.6,
+                        "publish": 0.05,
+                        "total": 2.8,
+                    },
+                    "evaluation": {"learning": 1.0, "forgetting": 0.0, "perplexity_change": 0.002},
+                    "progress": {"phase": "done"},
+                    "error": None,
+                    "created_at": 1764115200.0,
+                    "updated_at": 1764115203.0,
+                    "attempts": 1,
+                }
+            ]
+        }
+    )
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateRequest(_Strict):
+    prompt: str = Field(min_length=1, description="text to continue")
+    max_new_tokens: int = Field(
+        32, ge=1, description="tokens to generate at most (bounded by max_new_tokens_limit)"
+    )
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="0 = no top-k cut")
+    stop: list[str] = Field(default_factory=list, description="stop sequences (not included in the text)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed (reproducible output)")
+    stream: bool = Field(False, description="server-sent events: {token} events, then {done: true, ...}")
+    min_version: int | None = Field(
+        None, ge=0, description="wait (bounded) until this version is in this replica's active chain"
+    )
+    version: int | None = Field(None, ge=0, description="serve with this retained version (row overlay)")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _nonempty_stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "Question: What is the capital of Zorbania?\nAnswer:",
+                    "max_new_tokens": 16,
+                    "stop": ["\n"],
+                },
+                {
+                    "prompt": "The capital of France is",
+                    "temperature": 0.7,
+                    "top_p": 0.9,
+                    "seed": 1,
+                    "stream": True,
+                },
+            ]
+        },
+    )
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    version: int
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "text": " Quillton",
+                    "version": 7,
+                    "finish_reason": "stop",
+                    "usage": {"prompt_tokens": 14, "completion_tokens": 3},
+                }
+            ]
+        }
+    )
+
+
+# ---- versions ---------------------------------------------------------------------------------
+
+
+class VersionOut(BaseModel):
+    id: int
+    parent: int | None
+    created_at: float | str | None = None
+    job_id: str | None = None
+    documents: list[str] = Field(default_factory=list)
+    slots_changed: int = 0
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    active: bool = False
+    state: VersionState
+    label: str | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 7,
+                    "parent": 6,
+                    "created_at": 1764115203.0,
+                    "job_id": "j_3f2a9c0d1e2b4a5c",
+                    "documents": ["doc-42"],
+                    "slots_changed": 500,
+                    "evaluation": {"learning": 1.0, "forgetting": 0.0},
+                    "active": True,
+                    "state": "active",
+                    "label": None,
+                }
+            ]
+        }
+    )
+
+
+class VersionList(BaseModel):
+    active: int
+    versions: list[VersionOut]
+
+
+class ActivateRequest(_Strict):
+    why: str | None = Field(None, max_length=500, description="recorded in the activation log")
+
+
+class ActivateResponse(BaseModel):
+    active: int = Field(examples=[6])
+    previous: int = Field(examples=[7])
+
+
+class RevertRequest(_Strict):
+    why: str | None = Field(None, max_length=500)
+
+
+class RevertResponse(BaseModel):
+    document: str
+    status: Literal["reverted", "queued"]
+    version: int | None = Field(None, description="the new active version (exact revert)")
+    job_id: str | None = Field(None, description="the retrain job (document shared its version)")
+
+
+# ---- health -----------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    ready: bool
+    model_loaded: bool
+    store_readable: bool
+    active_version: int | None = None
+    mode: Literal["embedded", "distributed"] = "embedded"
+    redis: str | None = Field(None, description="'ok', an error, or null when not configured")
+    detail: str | None = None
+
+
+# ---- OpenAI-compatible ------------------------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    """The subset of OpenAI's /v1/completions this server honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"model": "memfit", "prompt": "The capital of France is", "max_tokens": 16}]
+        },
+    )
+
+    model: str = Field(description="'memfit' (the active version) or 'memfit@N' (retained version N)")
+    prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool | None = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, le=0, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    suffix: str | None = Field(None, max_length=0, description="not supported")
+    user: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = Field(None, description="memfit-v{version}: the version that answered")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "memfit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,654 @@
+"""The update pipeline: plain, idempotent functions keyed by job id.
+
+One code path for both modes: the embedded runner (workers/runner.py) and the Celery tasks of the
+distributed mode call `Pipeline.run_job(job_id)`. A job runs
+
+    load the active version   a private training copy of the model (kept warm between jobs), moved
+                              to the active version by writing only the rows that differ
+    train                     memlm.updater.learn_documents (sparse memory finetuning) -> SlotDelta
+    evaluate                  memlm.evaluation on the update's facts, the probe facts the base
+                              answers and the held-out text that ship in the base's probe.json,
+                              within the budget from Settings; the gate compares with the parent and
+                              the base
+    publish                   model_store compare-and-set on the active version; when the active
+                              moved meanwhile: rebase exactly when the slot sets are disjoint, else
+                              retrain from the new active version. Gate failures are published with
+                              state "rejected" (kept for audit, never activated)
+
+and records the phase timings (queued, training, evaluation, publish, total) in the job.
+
+Idempotence: a job whose id already has a published version (a redelivered task, or a crash between
+publishing and recording the result) is finished from that version, never published twice; the check
+and the publish run under the store's writer lock. A job found `running` (its process died) starts
+again from the active version: training is deterministic in its inputs and nothing was published.
+
+Cancellation happens at step boundaries: between optimizer steps, before evaluation, before publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from model_store import (
+    ActiveMovedError,
+    Job,
+    LiveTables,
+    NeedsRetrain,
+    RebaseConflict,
+    Store,
+    StoreError,
+)
+
+log = logging.getLogger("memfit.pipeline")
+
+MAX_PUBLISH_ATTEMPTS = 4  # retrain/rebase rounds when other writers keep moving the active version
+PROGRESS_EVERY_S = 0.5  # progress events written to the job log at most this often
+
+
+class JobCancelled(Exception):
+    """Raised at a step boundary when the job was cancelled."""
+
+
+def update_settings_fields() -> set[str]:
+    from memlm.updater import UpdateSettings
+
+    return {f.name for f in fields(UpdateSettings)}
+
+
+def build_update_settings(settings: Any, overrides: dict[str, Any] | None):
+    """memlm.updater.UpdateSettings from the service defaults (Settings.update_*) and a job's overrides.
+
+    Raises ValueError naming an unknown field or a bad value."""
+    from memlm.updater import UpdateSettings
+
+    values: dict[str, Any] = {}
+    for name in ("top_t", "steps", "lr"):
+        v = getattr(settings, f"update_{name}", None) if settings is not None else None
+        if v is not None:
+            values[name] = v
+    known = update_settings_fields()
+    for k, v in (overrides or {}).items():
+        if k not in known:
+            raise ValueError(f"unknown update setting {k!r}; known: {sorted(known)}")
+        if v is not None:
+            values[k] = v
+    return UpdateSettings(**values)
+
+
+def find_version_of_job(store: Store, job_id: str) -> int | None:
+    """The version published for `job_id` (newest first), or None."""
+    for v in reversed(store.version_ids()[1:]):
+        try:
+            if store.manifest(v).get("job_id") == job_id:
+                return v
+        except StoreError:
+            continue
+    return None
+
+
+def load_probe(model_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """Probe facts and held-out texts from a model directory's probe.json (empty when absent)."""
+    path = Path(model_dir) / "probe.json"
+    if not path.exists():
+        return [], []
+    data = json.loads(path.read_text())
+    facts = data.get("facts") or data.get("probe") or []
+    texts = data.get("heldout_texts") or data.get("heldout_text") or data.get("heldout") or []
+    return list(facts), [str(t) for t in texts]
+
+
+@dataclass
+class Reference:
+    """Evaluation figures of one version that later updates are compared with."""
+
+    answered: list[bool]  # per base-answered probe fact (in Pipeline.probe order)
+    perplexity: float
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    status: str
+    version: int | None = None
+    parent: int | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Pipeline:
+    """Holds the warm training copy of the model for one store; `run_job` is the unit of work."""
+
+    def __init__(self, store: Store, settings: Any = None, device: str = "cpu") -> None:
+        self.store = store
+        self.settings = settings
+        self.device = device
+        self._lock = threading.Lock()  # one job at a time per pipeline (one training copy)
+        self.model = None
+        self.tokenizer = None
+        self.background = None
+        self.live: LiveTables | None = None
+        self.probe: list[dict] = []  # probe facts the base answers (within the budget)
+        self.heldout: list[str] = []
+        self._refs: dict[int, Reference] = {}
+
+    # -- setup -----------------------------------------------------------------------------------
+    def budget(self):
+        from memlm.evaluation import EvalBudget
+
+        s = self.settings
+        if s is None:
+            return EvalBudget()
+        return EvalBudget(probe_facts=s.gate_probe_facts, heldout_tokens=s.gate_heldout_tokens)
+
+    def load(self) -> None:
+        """Load the training copy at version 0, measure the base reference, move to the active version."""
+        if self.model is not None:
+            return
+        from memlm.background import BackgroundStats
+        from memlm.evaluation import answered, perplexity_with_overlay
+        from service.engine import load_model
+
+        base = self.store.base_dir
+        model, tok = load_model(base, self.device)
+        self.model, self.tokenizer = model, tok
+        self.background = BackgroundStats.load(base)
+        facts, texts = load_probe(base)
+        budget = self.budget()
+        self.heldout = texts
+        candidates = facts[: budget.probe_facts]
+        hits = answered(model, tok, candidates) if candidates else []
+        self.probe = [f for f, h in zip(candidates, hits) if h]
+        ppl = perplexity_with_overlay(model, tok, texts, budget.heldout_tokens) if texts else float("nan")
+        self._refs[0] = Reference([True] * len(self.probe), ppl)
+        self.live = LiveTables(self.store, model.value_tables(), 0)
+        log.info(
+            "pipeline loaded: %d of %d probe facts answered by the base, held-out perplexity %.2f",
+            len(self.probe),
+            len(candidates),
+            ppl,
+        )
+
+    def at_version(self, v: int) -> None:
+        """Move the training copy's value tables to version `v` (only differing rows are written)."""
+        self.load()
+        assert self.live is not None
+        self.live.switch_to(v)
+
+    def reference(self, v: int) -> Reference:
+        """Probe answers and perplexity of version `v` (cached; measured on the training copy)."""
+        ref = self._refs.get(v)
+        if ref is not None:
+            return ref
+        from memlm.evaluation import answered, perplexity_with_overlay
+
+        self.at_version(v)
+        ans = answered(self.model, self.tokenizer, self.probe) if self.probe else []
+        ppl = (
+            perplexity_with_overlay(self.model, self.tokenizer, self.heldout, self.budget().heldout_tokens)
+            if self.heldout
+            else float("nan")
+        )
+        ref = Reference(list(ans), ppl)
+        self._refs[v] = ref
+        return ref
+
+    # -- one job ---------------------------------------------------------------------------------
+    def run_job(
+        self,
+        job_id: str,
+        should_cancel: Callable[[], bool] | None = None,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> JobResult:
+        """Run job `job_id` to a final state; idempotent (see the module docstring)."""
+        with self._lock:
+            return self._run_job(job_id, should_cancel or (lambda: False), on_phase)
+
+    def _run_job(self, job_id: str, should_cancel: Callable[[], bool], on_phase) -> JobResult:
+        jobs = self.store.jobs
+        job = jobs.get(job_id)
+        if job is None:
+            raise KeyError(f"job {job_id} not found")
+        if job.terminal:
+            return _result(job)
+        if job.status == "queued" and _cancel_requested(job):
+            return _result(jobs.update(job_id, status="cancelled", error="cancelled before it started"))
+
+        t_start = time.time()
+        timings: dict[str, float] = {"queued": round(max(0.0, t_start - job.created_at), 4)}
+
+        done = self._finish_if_published(job, timings)
+        if done is not None:
+            return done
+
+        jobs.update(job_id, status="running", progress={"phase": "loading"}, timings=timings)
+        phase = _PhaseReporter(jobs, job_id, should_cancel, on_phase)
+        try:
+            return self._train_evaluate_publish(job, timings, phase, t_start)
+        except JobCancelled:
+            timings["total"] = round(time.time() - t_start, 4)
+            log.info("job %s cancelled", job_id)
+            return _result(
+                jobs.update(
+                    job_id,
+                    status="cancelled",
+                    error="cancelled while running",
+                    timings=timings,
+                    progress={"phase": "cancelled"},
+                )
+            )
+        except Exception as e:  # a failed job is recorded; the runner keeps going
+            log.exception("job %s failed", job_id)
+            timings["total"] = round(time.time() - t_start, 4)
+            current = jobs.get(job_id)
+            if current is not None and current.terminal:
+                return _result(current)
+            return _result(
+                jobs.update(
+                    job_id,
+                    status="failed",
+                    error=f"{type(e).__name__}: {e}",
+                    timings=timings,
+                    progress={"phase": "failed"},
+                )
+            )
+
+    def _finish_if_published(self, job: Job, timings: dict[str, float]) -> JobResult | None:
+        v = find_version_of_job(self.store, job.job_id)
+        if v is None:
+            return None
+        m = self.store.manifest(v)
+        status = "rejected" if m.get("state") == "rejected" else "succeeded"
+        log.info("job %s was already published as version %d: recording it", job.job_id, v)
+        if job.status == "queued":
+            self.store.jobs.update(job.job_id, status="running")
+        return _result(
+            self.store.jobs.update(
+                job.job_id,
+                status=status,
+                version=v,
+                parent=m.get("parent"),
+                evaluation=m.get("evaluation") or {},
+                timings={**(job.timings or {}), **timings, "redelivered": True},
+                progress={"phase": "done"},
+            )
+        )
+
+    def _train_evaluate_publish(
+        self, job: Job, timings: dict[str, float], phase, t_start: float
+    ) -> JobResult:
+        from memlm.updater import learn_documents
+
+        store, jobs = self.store, self.store.jobs
+        documents = store.jobs.documents(job.documents, job_id=job.job_id)
+        us = build_update_settings(self.settings, job.settings)
+        t_train = t_eval = t_pub = 0.0
+        self.load()
+        for attempt in range(1, MAX_PUBLISH_ATTEMPTS + 1):
+            phase.check()
+            parent = store.active()
+            phase.set("loading", parent=parent, attempt=attempt)
+            ref = self.reference(parent)  # also moves the training copy to the parent
+            phase.check()
+
+            t0 = time.perf_counter()
+            phase.set("training", parent=parent, attempt=attempt, step=0, steps=us.steps)
+            delta = learn_documents(
+                self.model, self.tokenizer, documents, self.background, us, progress=phase.step
+            )
+            t_train += time.perf_counter() - t0
+            tables = self.model.value_tables()
+            try:
+                phase.check()
+                t0 = time.perf_counter()
+                phase.set("evaluation", parent=parent, attempt=attempt)
+                evaluation = self._evaluate(documents, ref, parent)
+                t_eval += time.perf_counter() - t0
+            finally:
+                delta.revert(tables)  # the training copy is back at `parent` exactly
+            phase.check()
+
+            gate = evaluation["gate"]
+            state = "active" if gate["passed"] else "rejected"
+            t0 = time.perf_counter()
+            phase.set("publish", parent=parent, attempt=attempt)
+            try:
+                with store.lock:
+                    v = find_version_of_job(store, job.job_id)
+                    if v is not None:  # published by another delivery of this job meanwhile
+                        return self._finish_if_published(job, timings)  # type: ignore[return-value]
+                    try:
+                        v = self._publish(job, delta, parent, documents, us, evaluation, state, rebase=False)
+                    except ActiveMovedError:
+                        v = self._publish(job, delta, parent, documents, us, evaluation, state, rebase=True)
+                        evaluation["rebased"] = {"from": parent, "onto": store.manifest(v)["parent"]}
+                        parent = store.manifest(v)["parent"]
+                        evaluation["_answered"] = None  # figures measured on the old parent: not a reference
+            except RebaseConflict as e:
+                t_pub += time.perf_counter() - t0
+                log.info("job %s: %s; retraining from the new active version", job.job_id, e)
+                continue
+            t_pub += time.perf_counter() - t0
+            timings.update(
+                training=round(t_train, 4),
+                evaluation=round(t_eval, 4),
+                publish=round(t_pub, 4),
+                total=round(time.time() - t_start, 4),
+                attempts=attempt,
+            )
+            status = "succeeded" if gate["passed"] else "rejected"
+            answered_after = evaluation.pop("_answered", None)
+            if status == "succeeded" and answered_after is not None and evaluation["perplexity"] is not None:
+                self._refs[v] = Reference(answered_after, evaluation["perplexity"])
+            error = (
+                None if gate["passed"] else "rejected by the evaluation gate: " + "; ".join(gate["reasons"])
+            )
+            log.info(
+                "job %s %s as version %d (parent %d) in %.2f s",
+                job.job_id,
+                status,
+                v,
+                parent,
+                timings["total"],
+            )
+            return _result(
+                jobs.update(
+                    job.job_id,
+                    status=status,
+                    version=v,
+                    parent=parent,
+                    evaluation=evaluation,
+                    timings=timings,
+                    error=error,
+                    progress={"phase": "done"},
+                )
+            )
+        raise StoreError(
+            f"the active version kept moving: gave up after {MAX_PUBLISH_ATTEMPTS} retrain attempts"
+        )
+
+    def _publish(self, job, delta, parent, documents, us, evaluation, state, rebase: bool) -> int:
+        ev = {k: v for k, v in evaluation.items() if not k.startswith("_")}
+        ev["probe_answered"] = evaluation.get("_answered")
+        return self.store.publish(
+            delta,
+            parent,
+            job_id=job.job_id,
+            documents=[d["id"] for d in documents],
+            settings=us.to_dict(),
+            evaluation=ev,
+            activate=state == "active",
+            state=state,
+            who="pipeline",
+            why=f"job {job.job_id}",
+            rebase=rebase and state == "active",
+        )
+
+    def _evaluate(self, documents: list[dict], parent_ref: Reference, parent: int) -> dict[str, Any]:
+        """Evaluate the training copy (parent + delta applied): learning, retention vs parent and base,
+        perplexity change, and the gate's decision with the figures."""
+        from memlm.evaluation import answered, evaluate_update
+
+        facts = [
+            {
+                "question": f["question"],
+                "answer": f["answer"],
+                **({"heldout_question": f["heldout_question"]} if f.get("heldout_question") else {}),
+            }
+            for d in documents
+            for f in (d.get("facts") or [])
+        ]
+        budget = self.budget()
+        res = evaluate_update(
+            self.model,
+            self.tokenizer,
+            new_facts=facts,
+            probe=(),
+            heldout_text=self.heldout,
+            reference_perplexity=parent_ref.perplexity
+            if parent_ref.perplexity == parent_ref.perplexity
+            else None,
+            budget=budget,
+        )
+        t0 = time.perf_counter()
+        after = answered(self.model, self.tokenizer, self.probe) if self.probe else []
+        n_base = len(self.probe)
+        base_ref = self._refs[0]
+        retention_base = (sum(after) / n_base) if n_base else 1.0
+        parent_hits = [i for i, h in enumerate(parent_ref.answered) if h]
+        kept = sum(1 for i in parent_hits if after[i])
+        retention_parent = kept / len(parent_hits) if parent_hits else 1.0
+        forgetting_parent = 1.0 - retention_parent
+        forgetting_base = 1.0 - retention_base
+        ppl_change = res.perplexity_change
+        ppl_change_base = None
+        if (
+            base_ref.perplexity == base_ref.perplexity
+            and base_ref.perplexity
+            and res.perplexity == res.perplexity
+        ):
+            ppl_change_base = (res.perplexity - base_ref.perplexity) / base_ref.perplexity
+        s = self.settings
+        reasons = []
+        if s is not None and s.gate_enabled:
+            if forgetting_parent > s.gate_max_forgetting:
+                reasons.append(
+                    f"forgetting vs parent {forgetting_parent:.3f} > gate_max_forgetting {s.gate_max_forgetting}"
+                )
+            if forgetting_base > s.gate_max_forgetting_base:
+                reasons.append(
+                    f"forgetting vs base {forgetting_base:.3f} > gate_max_forgetting_base {s.gate_max_forgetting_base}"
+                )
+            if ppl_change is not None and ppl_change > s.gate_max_ppl_increase:
+                reasons.append(
+                    f"held-out perplexity change {ppl_change:+.3f} > gate_max_ppl_increase {s.gate_max_ppl_increase}"
+                )
+        return {
+            "learning": res.learning,
+            "learning_heldout": res.learning_heldout,
+            "retention": retention_parent,
+            "retention_base": retention_base,
+            "forgetting": forgetting_parent,
+            "forgetting_base": forgetting_base,
+            "perplexity": _finite(res.perplexity),
+            "perplexity_parent": _finite(parent_ref.perplexity),
+            "perplexity_change": ppl_change,
+            "perplexity_change_base": ppl_change_base,
+            "probe_facts": n_base,
+            "new_facts": len(facts),
+            "parent": parent,
+            "seconds": round(res.seconds + time.perf_counter() - t0, 4),
+            "gate": {
+                "enabled": bool(s is not None and s.gate_enabled),
+                "passed": not reasons,
+                "reasons": reasons,
+                "thresholds": {
+                    "max_forgetting": getattr(s, "gate_max_forgetting", None),
+                    "max_forgetting_base": getattr(s, "gate_max_forgetting_base", None),
+                    "max_ppl_increase": getattr(s, "gate_max_ppl_increase", None),
+                },
+            },
+            "_answered": list(after),
+        }
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None or x != x or x in (float("inf"), float("-inf")):
+        return None
+    return float(x)
+
+
+def _cancel_requested(job: Job) -> bool:
+    return bool((job.progress or {}).get("cancel_requested"))
+
+
+def _result(job: Job) -> JobResult:
+    return JobResult(
+        job_id=job.job_id,
+        status=job.status,
+        version=job.version,
+        parent=job.parent,
+        evaluation=job.evaluation or {},
+        timings=job.timings or {},
+        error=job.error,
+    )
+
+
+class _PhaseReporter:
+    """Writes progress to the job log (throttled) and raises JobCancelled at step boundaries."""
+
+    def __init__(self, jobs, job_id: str, should_cancel: Callable[[], bool], on_phase) -> None:
+        self.jobs = jobs
+        self.job_id = job_id
+        self.should_cancel = should_cancel
+        self.on_phase = on_phase
+        self.progress: dict[str, Any] = {}
+        self._last_write = 0.0
+        self._last_log_check = 0.0
+
+    def check(self) -> None:
+        if self.should_cancel():
+            raise JobCancelled
+        now = time.monotonic()
+        if now - self._last_log_check >= PROGRESS_EVERY_S:  # a cancel written by another process
+            self._last_log_check = now
+            job = self.jobs.get(self.job_id)
+            if job is not None and (_cancel_requested(job) or job.status == "cancelled"):
+                raise JobCancelled
+
+    def set(self, phase: str, **info: Any) -> None:
+        self.progress = {"phase": phase, **info}
+        if self.on_phase is not None:
+            self.on_phase(phase)
+        self._write(force=True)
+
+    def step(self, info: dict) -> None:
+        self.progress.update(
+            step=info.get("step"), steps=info.get("steps"), loss=round(float(info.get("loss", 0.0)), 4)
+        )
+        self._write()
+        self.check()
+
+    def _write(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_write < PROGRESS_EVERY_S:
+            return
+        self._last_write = now
+        job = self.jobs.get(self.job_id)
+        if job is not None and _cancel_requested(job):
+            raise JobCancelled
+        self.jobs.update(self.job_id, progress=dict(self.progress))
+
+
+# ---- document revert and replay (memfit revert --document, memfit replay) -----------------------
+
+
+def revert_document(
+    store: Store,
+    doc_id: str,
+    who: str = "operator",
+    why: str = "",
+    settings: Any = None,
+    pipeline: Pipeline | None = None,
+    run: bool = True,
+) -> dict[str, Any]:
+    """Undo document `doc_id` on the active version.
+
+    Exact when the document was alone in its version(s): those versions are reverted (new active
+    versions labelled "revert"). Otherwise its version is reverted exactly and the other documents of
+    that version are queued as a new job (trained on top; `run=True` runs it here with `pipeline`, or
+    a fresh Pipeline). Returns {"document", "status": "reverted"|"queued"|"succeeded"|..., "versions",
+    "job_id"}.
+    """
+    try:
+        versions = store.revert_document(doc_id, who=who, why=why)
+        return {"document": doc_id, "status": "reverted", "versions": versions, "job_id": None}
+    except NeedsRetrain as e:
+        v_rev = store.revert(e.version, who=who, why=why or f"revert document {doc_id} (version {e.version})")
+        remaining = [
+            {
+                "id": r["id"],
+                "text": r["text"],
+                "facts": r.get("facts") or [],
+                "metadata": r.get("metadata") or {},
+            }
+            for r in e.remaining_documents
+        ]
+        out: dict[str, Any] = {"document": doc_id, "versions": [v_rev], "job_id": None, "status": "reverted"}
+        if not remaining:
+            return out
+        overrides = {k: v for k, v in (e.settings or {}).items() if k in update_settings_fields()}
+        job = store.jobs.create_job(None, remaining, settings=overrides)
+        out.update(job_id=job.job_id, status="queued")
+        if run:
+            p = pipeline or Pipeline(store, settings)
+            res = p.run_job(job.job_id)
+            out.update(
+                status=res.status, versions=[v_rev] + ([res.version] if res.version is not None else [])
+            )
+        return out
+
+
+def replay(
+    store: Store,
+    onto_dir: str | Path,
+    out_dir: str | Path,
+    settings: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Re-teach the active chain's documents, version by version, to a new base model.
+
+    Creates a store at `out_dir` whose base is `onto_dir` (its background statistics are computed
+    when missing), then one job per version of the active chain (same documents, same settings), run
+    in order through the pipeline. Returns {"store", "jobs": [{"from_version", "job_id", "status",
+    "version"}], "active"}.
+    """
+    from memlm.background import BACKGROUND_FILE
+
+    say = progress or (lambda msg: None)
+    onto = Path(onto_dir)
+    if not (onto / BACKGROUND_FILE).exists():
+        from memlm.background import compute_for_model_dir
+
+        say(f"computing background statistics for {onto}")
+        compute_for_model_dir(onto, progress=False)
+    new = Store.init(out_dir, onto)
+    known = update_settings_fields()
+    by_version: dict[int, list[dict]] = {}
+    order: list[int] = []
+    for rec in store.active_chain_documents():
+        v = int(rec["version"])
+        if v not in by_version:
+            by_version[v] = []
+            order.append(v)
+        by_version[v].append(rec)
+    pipe = Pipeline(new, settings)
+    results = []
+    for v in order:
+        recs = by_version[v]
+        docs = [
+            {
+                "id": r["id"],
+                "text": r["text"],
+                "facts": r.get("facts") or [],
+                "metadata": r.get("metadata") or {},
+            }
+            for r in recs
+        ]
+        overrides = {k: val for k, val in (recs[0].get("settings") or {}).items() if k in known}
+        job = new.jobs.create_job(
+            None, docs, settings=overrides, idempotency_key=f"replay:{store.base_id[:12]}:{v}"
+        )
+        say(f"version {v}: {len(docs)} documents -> job {job.job_id}")
+        res = pipe.run_job(job.job_id)
+        results.append(
+            {"from_version": v, "job_id": job.job_id, "status": res.status, "version": res.version}
+        )
+    return {"store": str(Path(out_dir)), "jobs": results, "active": new.active()}

@@ -1,0 +1,175 @@
+"""The embedded mode's update runner: one thread in the API process.
+
+It takes jobs from the store's durable job log (oldest first; jobs left `queued` or `running` by a
+previous process run after a restart), runs `workers.pipeline.Pipeline.run_job`, and hot-swaps the
+live engine to the new active version (`on_published`). The job log is the queue: `notify()` only
+wakes the thread early, a poll every `poll_s` catches jobs queued by other processes
+(`memfit ingest --store`).
+
+Cancel: a queued job becomes `cancelled` at once; a running one is flagged (in memory and in the job
+log, so a restart does not lose it) and stops at the next step boundary. Retry: failed or cancelled
+-> queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from model_store import InvalidTransition, Job, Store
+
+from .pipeline import JobResult, Pipeline
+
+log = logging.getLogger("memfit.runner")
+
+
+class UpdateRunner:
+    def __init__(
+        self,
+        store: Store,
+        settings: Any = None,
+        pipeline: Pipeline | None = None,
+        on_published: Callable[[JobResult, Job], None] | None = None,
+        on_finished: Callable[[JobResult, Job], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.pipeline = pipeline or Pipeline(store, settings)
+        self.on_published = on_published
+        self.on_finished = on_finished
+        self.poll_s = poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._cancel: set[str] = set()
+        self._cancel_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.current_job: str | None = None
+        self.current_phase: str | None = None
+        self.last_error: str | None = None
+        self.loaded = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="memfit-update-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the current step boundary; an interrupted job stays `running` and is run again
+        (from the start) by the next process."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def notify(self, job_id: str | None = None) -> None:
+        self._wake.set()
+
+    # -- control ---------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job:
+        """queued -> cancelled at once; running -> flagged, cancelled at the next step boundary.
+
+        Raises KeyError for an unknown job and InvalidTransition for a finished one."""
+        jobs = self.store.jobs
+        job = jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.status == "queued" and self.current_job != job_id:
+            try:
+                return jobs.cancel(job_id)
+            except InvalidTransition:
+                job = jobs.get(job_id)  # it started meanwhile
+                assert job is not None
+        if job.status in ("queued", "running"):
+            with self._cancel_lock:
+                self._cancel.add(job_id)
+            return jobs.update(job_id, progress={**(job.progress or {}), "cancel_requested": True})
+        raise InvalidTransition(f"job {job_id} is {job.status}: only queued or running jobs can be cancelled")
+
+    def retry(self, job_id: str) -> Job:
+        job = self.store.jobs.retry(job_id)
+        self.notify(job_id)
+        return job
+
+    def _should_cancel(self, job_id: str) -> Callable[[], bool]:
+        def check() -> bool:
+            if self._stop.is_set():
+                raise _Stopping
+            with self._cancel_lock:
+                return job_id in self._cancel
+
+        return check
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _next_job(self) -> Job | None:
+        for job in self.store.jobs.queued(include_running=True):
+            return job
+        return None
+
+    def _loop(self) -> None:
+        try:
+            self.pipeline.load()
+            self.loaded.set()
+        except Exception as e:
+            self.last_error = f"pipeline failed to load: {type(e).__name__}: {e}"
+            log.exception("update runner: pipeline failed to load")
+            self.loaded.set()
+            return
+        while not self._stop.is_set():
+            try:
+                job = self._next_job()
+            except Exception as e:
+                self.last_error = f"job log unreadable: {e}"
+                log.exception("update runner: cannot read the job log")
+                self._stop.wait(self.poll_s)
+                continue
+            if job is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            self.current_job = job.job_id
+            try:
+                result = self.pipeline.run_job(
+                    job.job_id, should_cancel=self._should_cancel(job.job_id), on_phase=self._set_phase
+                )
+            except _Stopping:
+                log.info("update runner stopping; job %s stays running and reruns after restart", job.job_id)
+                return
+            except Exception as e:  # run_job records failures itself; this is a bug or an IO error
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("update runner: job %s", job.job_id)
+                time.sleep(self.poll_s)
+                continue
+            finally:
+                self.current_job = None
+                self.current_phase = None
+                with self._cancel_lock:
+                    self._cancel.discard(job.job_id)
+            finished = self.store.jobs.get(job.job_id) or job
+            if result.status == "succeeded" and self.on_published is not None:
+                try:
+                    self.on_published(result, finished)
+                except Exception:
+                    log.exception("update runner: hot swap after job %s failed", job.job_id)
+            if self.on_finished is not None:
+                try:
+                    self.on_finished(result, finished)
+                except Exception:
+                    log.exception("update runner: on_finished hook failed")
+
+    def _set_phase(self, phase: str) -> None:
+        self.current_phase = phase
+
+
+class _Stopping(BaseException):
+    """Raised inside the pipeline when the runner is asked to stop (not recorded as a failure)."""
