@@ -21,6 +21,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.observability import KnowledgeCollector
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 JOB_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -28,6 +30,7 @@ SWAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 disable_created_metrics()  # no *_created series: they double the scrape for no dashboard use
 
+SLOT_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 100_000, 1_000_000)
 JOB_STATES = ("queued", "running", "succeeded", "rejected", "failed", "cancelled")
 
 
@@ -125,6 +128,50 @@ class Metrics:
             buckets=JOB_BUCKETS,
             registry=r,
         )
+        # serving: queueing and per-token latency (engine), readers paused by swaps
+        self.queue_time = Histogram(
+            "memfit_request_queue_time_seconds",
+            "Generation: admission to the first decoding step (waiting for a generation thread)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "memfit_inter_token_latency_seconds",
+            "Generation: gap between two consecutive generated tokens",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_running = Gauge(
+            "memfit_generation_requests_running", "Generation requests being decoded", registry=r
+        )
+        self.swap_pause = Histogram(
+            "memfit_swap_pause_seconds",
+            "Time readers were blocked by a hot swap (the row copy under the write lock)",
+            buckets=SWAP_BUCKETS,
+            registry=r,
+        )
+        # updates: recorded by service.observability.record_job where the job ran (API or worker)
+        self.versions_published = Counter(
+            "memfit_versions_published_total", "Update versions published and activated", registry=r
+        )
+        self.updates_rejected = Counter(
+            "memfit_updates_rejected_total",
+            "Updates rejected by the evaluation gate, by reason (forgetting_parent, forgetting_base, perplexity)",
+            ["reason"],
+            registry=r,
+        )
+        self.slots_changed = Counter(
+            "memfit_slots_changed_total", "Memory slots written by published updates", registry=r
+        )
+        self.update_slots = Histogram(
+            "memfit_update_slots_changed",
+            "Memory slots changed per published update",
+            buckets=SLOT_BUCKETS,
+            registry=r,
+        )
+        # knowledge and memory capacity, read from the store at scrape time (set_knowledge_source)
+        self.knowledge = KnowledgeCollector(lambda: None)
+        r.register(self.knowledge)
         self._jobs = _JobStateCollector()
         r.register(self._jobs)
         self.start_time = Gauge("memfit_process_start_time_seconds", "Unix time the app started", registry=r)
@@ -132,6 +179,13 @@ class Metrics:
 
     def set_job_source(self, source: Any) -> None:
         self._jobs.source = source
+
+    def set_knowledge_source(self, store: Any, settings: Any = None, live_version: Any = None) -> None:
+        """Export the knowledge, capacity, versions, queue and gate gauges of `store`; `live_version()`
+        is the version this replica serves (default: the store's ACTIVE)."""
+        self.knowledge.store_fn = lambda: store
+        self.knowledge.settings = settings
+        self.knowledge.live_version_fn = live_version
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
