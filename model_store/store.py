@@ -117,6 +117,7 @@ class Store:
         self._delta_cache_size = delta_cache_size
         self._slots: dict[int, dict[int, torch.Tensor]] = {}
         self._snap_ok: dict[int, tuple[float, int]] = {}
+        self._verified: dict[tuple[int, str], tuple[int, int, int]] = {}
         self._base: dict[int, torch.Tensor] | None = None
         self._jobs: JobLog | None = None
 
@@ -319,18 +320,26 @@ class Store:
             raise CorruptVersionError(v, f"{path} says id {m.get('id')}")
         return m
 
-    def _verify_files(self, v: int, m: dict[str, Any]) -> None:
+    def _verify_files(self, v: int, m: dict[str, Any], force: bool = False) -> None:
+        """Check the files of version `v` against its manifest. A file already hashed by this process
+        is not hashed again while its inode, size and mtime are unchanged (unless `force`)."""
         for name, meta in m.get("files", {}).items():
             p = self.version_dir(v) / name
-            if not p.exists():
-                raise CorruptVersionError(v, f"{p} is missing")
-            size = p.stat().st_size
-            if size != meta["bytes"]:
+            try:
+                st = p.stat()
+            except FileNotFoundError as e:
+                raise CorruptVersionError(v, f"{p} is missing") from e
+            if st.st_size != meta["bytes"]:
                 raise CorruptVersionError(
-                    v, f"{p} has {size} bytes, manifest says {meta['bytes']} (truncated?)"
+                    v, f"{p} has {st.st_size} bytes, manifest says {meta['bytes']} (truncated?)"
                 )
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if not force and self._verified.get((v, name)) == key:
+                continue
             if sha256_file(p) != meta["sha256"]:
+                self._verified.pop((v, name), None)
                 raise CorruptVersionError(v, f"{p} fails its sha256 checksum")
+            self._verified[(v, name)] = key
 
     def load_delta(self, v: int, verify: bool = True) -> SlotDelta:
         """The delta of version `v`; its checksums are verified when it is first loaded."""
@@ -439,21 +448,32 @@ class Store:
     def _snapshot_paths(self, v: int) -> tuple[Path, Path]:
         return self.snapshots_dir / f"{vname(v)}.safetensors", self.snapshots_dir / f"{vname(v)}.json"
 
-    def _load_snapshot(self, v: int) -> Rows | None:
-        """Cumulative rows at `v`, or None when there is no valid snapshot (snapshots are a cache)."""
+    def _snapshot_valid(self, v: int) -> bool:
+        """Whether version `v` has a snapshot whose checksum matches (hashed once per process)."""
         import json
 
         data, meta = self._snapshot_paths(v)
         try:
-            info = json.loads(meta.read_text())
             st = data.stat()
             key = (st.st_mtime, st.st_size)
-            if self._snap_ok.get(v) != key:
-                if st.st_size != info["bytes"] or sha256_file(data) != info["sha256"]:
-                    return None
-                self._snap_ok[v] = key
-            t = load_file(str(data))
+            if self._snap_ok.get(v) == key:
+                return True
+            info = json.loads(meta.read_text())
+            if st.st_size != info["bytes"] or sha256_file(data) != info["sha256"]:
+                return False
         except Exception:
+            return False
+        self._snap_ok[v] = key
+        return True
+
+    def _load_snapshot(self, v: int) -> Rows | None:
+        """Cumulative rows at `v`, or None when there is no valid snapshot (snapshots are a cache)."""
+        if not self._snapshot_valid(v):
+            return None
+        try:
+            t = load_file(str(self._snapshot_paths(v)[0]))
+        except Exception:
+            self._snap_ok.pop(v, None)
             return None
         layers = {int(k.split(".")[0][len("layer") :]) for k in t}
         return {layer: (t[f"layer{layer}.indices"], t[f"layer{layer}.rows"]) for layer in layers}
@@ -487,7 +507,7 @@ class Store:
         """Net rows written along `chain` ([0, ..., v]), starting from the latest valid snapshot."""
         start, seq = 0, []
         for i in range(len(chain) - 1, 0, -1):
-            if self._snapshot_paths(chain[i])[1].exists():
+            if self._snapshot_valid(chain[i]):
                 snap = self._load_snapshot(chain[i])
                 if snap is not None:
                     start = i
@@ -527,7 +547,7 @@ class Store:
         chain = self.chain(self.active() if version is None else version)
         made = []
         for depth, v in enumerate(chain):
-            if depth and depth % self.snapshot_every == 0 and self._load_snapshot(v) is None:
+            if depth and depth % self.snapshot_every == 0 and not self._snapshot_valid(v):
                 self.write_snapshot(v)
                 made.append(v)
         return made
@@ -716,13 +736,20 @@ class Store:
         )
         crash_point("publish:logged")
 
-    def check_loadable(self, v: int) -> None:
+    def check_loadable(self, v: int, fresh: bool = False) -> None:
         """Raise CorruptVersionError/UnknownVersionError unless `v` and what materializing it reads
-        (every manifest of its chain, the deltas after its latest snapshot, its own delta) are intact."""
+        (every manifest of its chain, the deltas after its latest snapshot, its own delta) are intact.
+
+        `fresh=True` (activate) rereads the manifests from disk and rehashes, ignoring what this
+        process verified before; the default trusts files it hashed while they stay unchanged."""
+        if fresh:
+            with self._cache_lock:
+                self._manifests.clear()
+                self._verified.clear()
         chain = self.chain(v)
         start = 0
         for i in range(len(chain) - 1, 0, -1):
-            if self._load_snapshot(chain[i]) is not None:
+            if self._snapshot_valid(chain[i]):
                 start = i
                 break
         for w in {*chain[start + 1 :], int(v)} - {0}:
@@ -735,7 +762,7 @@ class Store:
         refused with an error naming them; rejected ones unless `force`. Logged in activations.jsonl."""
         version = int(version)
         with self.lock:
-            self.check_loadable(version)
+            self.check_loadable(version, fresh=True)
             m = self.manifest(version)
             if m.get("state") == "rejected" and not force:
                 raise StoreError(
@@ -962,7 +989,7 @@ class Store:
         for v in self.version_ids()[1:]:
             try:
                 m = self._read_manifest(v)
-                self._verify_files(v, m)
+                self._verify_files(v, m, force=True)
                 SlotDelta.load(self.version_dir(v) / "delta.safetensors")
                 versions[v] = "ok"
             except Exception as e:
@@ -995,6 +1022,7 @@ class Store:
         snapshots: dict[int, str] = {}
         for p in sorted(self.snapshots_dir.glob("*.json")):
             v = int(p.stem)
+            self._snap_ok.pop(v, None)
             snapshots[v] = (
                 "ok" if self._load_snapshot(v) is not None else "damaged (ignored, will be rewritten)"
             )

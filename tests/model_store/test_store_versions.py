@@ -141,6 +141,8 @@ def test_corrupted_version_refused_active_unchanged(h, store, damage):
     else:
         mp = store.version_dir(v2) / "manifest.json"
         mp.write_text(mp.read_text().replace('"parent": 1', '"parent": 0'))
+    with pytest.raises(CorruptVersionError):  # the writer that published it rereads from disk too
+        store.activate(v2)
     fresh = Store(store.root)
     with pytest.raises(CorruptVersionError) as e:
         fresh.activate(v2)
