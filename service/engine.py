@@ -159,6 +159,7 @@ class Engine:
                 self.metrics.swaps.inc()
                 self.metrics.swap_duration.observe(result.seconds)
                 self.metrics.swap_rows.inc(result.rows_written)
+                self.metrics.swap_pause.observe(result.pause_seconds)
             for fn in list(self._swap_listeners):
                 try:
                     fn(result)
@@ -253,9 +254,21 @@ class Engine:
             return None
         return self.live.overlay_for(version) or None
 
-    @torch.no_grad()
     def stream(self, req: Prepared) -> Iterator[Delta]:
         """Decode token by token; yields text pieces, then a final Delta(done=True)."""
+        m = self.metrics
+        if m is None:
+            yield from self._stream(req)
+            return
+        m.queue_time.observe(time.perf_counter() - req.admitted_at)
+        m.generation_running.inc()
+        try:
+            yield from self._stream(req)
+        finally:  # also when the client goes away and the generator is closed
+            m.generation_running.dec()
+
+    @torch.no_grad()
+    def _stream(self, req: Prepared) -> Iterator[Delta]:
         from transformers.cache_utils import DynamicCache
 
         p = req.params
@@ -274,6 +287,7 @@ class Engine:
         finish = "length"
         text = ""
         t_first: float | None = None
+        t_prev = 0.0  # when the previous token was decoded (inter-token latency)
         m = self.metrics
         for _ in range(max_new):
             if req.cancelled.is_set():
@@ -287,6 +301,9 @@ class Engine:
                 t_first = time.perf_counter()
                 if m is not None:
                     m.ttft.observe(t_first - req.admitted_at)
+            elif m is not None:
+                m.inter_token.observe(time.perf_counter() - t_prev)
+            t_prev = time.perf_counter()
             if self.eos_id is not None and token == self.eos_id:
                 finish = "stop"
                 break
