@@ -30,7 +30,8 @@ from model_store import Store
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import generate, health, ingest, jobs, openai, versions
+from service.observability import record_job
+from service.routes import dashboard, generate, health, ingest, jobs, openai, versions
 from service.settings import Settings
 
 log = logging.getLogger("memfit.service")
@@ -104,6 +105,7 @@ def _make_dispatcher(app: FastAPI, store: Store, engine: Engine, settings: Setti
             value = (result.timings or {}).get(phase)
             if isinstance(value, int | float):
                 metrics.job_duration.labels(phase).observe(float(value))
+        record_job(metrics, result, store, durations=False)  # published / rejected / slots changed
 
     runner = UpdateRunner(store, settings, on_published=on_published, on_finished=on_finished)
     runner.start()
@@ -150,6 +152,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = await asyncio.to_thread(Engine.from_store, store, settings, metrics)
     app.state.engine = engine
     metrics.set_job_source(lambda: _job_counts(store))
+    metrics.set_knowledge_source(store, settings, lambda: engine.version)
     if app.state.start_runner:
         dispatcher = await asyncio.to_thread(_make_dispatcher, app, store, engine, settings, metrics)
     else:
@@ -193,4 +196,5 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.include_router(versions.router)
     app.include_router(versions.documents_router)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     return app
