@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     gate_max_ppl_increase: float = Field(0.05, description="reject when held-out perplexity rises more (relative)")
     gate_probe_facts: int = Field(64, ge=0)
     gate_heldout_tokens: int = Field(2048, ge=0)
+    probe_file: Path | None = Field(
+        None, description="gate probe set: a JSON file like the model's probe.json (None -> the model's)"
+    )
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Celery worker: /metrics HTTP port for Prometheus (0: off)"
+    )
 
     # serving
     follow_interval_s: float = Field(0.25, gt=0, description="how often the active pointer is polled")
