@@ -94,12 +94,21 @@ def find_version_of_job(store: Store, job_id: str) -> int | None:
 
 
 def load_probe(model_dir: str | Path) -> tuple[list[dict], list[str]]:
-    """Probe facts and held-out texts from a model directory's probe.json (empty when absent)."""
-    path = Path(model_dir) / "probe.json"
-    if not path.exists():
-        return [], []
-    data = json.loads(path.read_text())
+    """Probe facts and held-out texts from a model directory's probe.json (empty when absent), or from
+    a JSON file of the same format (Settings.probe_file, MEMFIT_PROBE_FILE: an error when missing)."""
+    path = Path(model_dir)
+    if path.is_dir():
+        path = path / "probe.json"
+        if not path.exists():
+            return [], []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"probe file {path}: {e}") from None
     facts = data.get("facts") or data.get("probe") or []
+    bad = [i for i, f in enumerate(facts) if not (isinstance(f, dict) and f.get("question") and f.get("answer"))]  # fmt: skip
+    if bad:
+        raise ValueError(f"probe file {path}: facts {bad[:5]} lack a question or an answer")
     texts = data.get("heldout_texts") or data.get("heldout_text") or data.get("heldout") or []
     return list(facts), [str(t) for t in texts]
 
@@ -160,7 +169,7 @@ class Pipeline:
         model, tok = load_model(base, self.device)
         self.model, self.tokenizer = model, tok
         self.background = BackgroundStats.load(base)
-        facts, texts = load_probe(base)
+        facts, texts = load_probe(getattr(self.settings, "probe_file", None) or base)
         budget = self.budget()
         self.heldout = texts
         candidates = facts[: budget.probe_facts]
