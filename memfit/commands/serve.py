@@ -1,0 +1,109 @@
+"""`memfit serve`: run the API (embedded mode unless MEMFIT_REDIS_URL is set).
+
+Embedded: one process holds the API, the live model and an update runner; jobs and documents live in
+the store's log on local disk. With no model at the default location the default model is built
+first (`make run` relies on this). A store whose base differs from an explicit --model is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _settings(args):
+    from service.settings import Settings
+
+    overrides = {}
+    if args.model:
+        overrides["model"] = Path(args.model).expanduser()
+    if args.store:
+        overrides["store"] = Path(args.store).expanduser()
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    return Settings(**overrides)
+
+
+def usage_lines(base: str) -> list[str]:
+    return [
+        "try it:",
+        f"  curl -s {base}/ingest -H 'Content-Type: application/json' -H 'Idempotency-Key: demo-1' \\",
+        """    -d '{"documents": [{"id": "zorbania", "text": "The capital of Zorbania is Quillton.", """
+        """"facts": [{"question": "What is the capital of Zorbania?", "answer": "Quillton"}]}]}'""",
+        f"  curl -s {base}/jobs/JOB_ID",
+        f"  curl -s {base}/generate -H 'Content-Type: application/json' \\",
+        """    -d '{"prompt": "Question: What is the capital of Zorbania?\\nAnswer:", "max_new_tokens": 16, "stop": ["\\n"]}'""",
+        f"  curl -s {base}/versions",
+        f"  curl -s -X POST {base}/versions/0/activate      # roll back to the base model",
+        f"  docs: {base}/docs   metrics: {base}/metrics",
+    ]
+
+
+def run(args) -> int:
+    logging.basicConfig(
+        level=os.environ.get("MEMFIT_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = _settings(args)
+    if settings.redis_url:
+        try:
+            import workers.distributed  # noqa: F401  (lazy: only the distributed mode needs Celery)
+        except ImportError as e:
+            print(
+                f"memfit serve: MEMFIT_REDIS_URL is set, but the distributed mode is not available here ({e}).\n"
+                "Unset MEMFIT_REDIS_URL to run in embedded mode.",
+                file=sys.stderr,
+            )
+            return 2
+
+    from service.security import check_bind
+
+    host, warning = check_bind(settings, args.host, args.insecure)
+    if warning:
+        print(warning, file=sys.stderr)
+
+    store_exists = (settings.store / "store.json").exists()
+    model_given = "model" in settings.model_fields_set
+    if not store_exists and not (settings.model / "model.safetensors").exists():
+        if model_given:
+            print(
+                f"memfit serve: no model at {settings.model} (config.json + model.safetensors)",
+                file=sys.stderr,
+            )
+            return 2
+        from memlm.pretrain import pretrain
+
+        print(
+            f"no model at {settings.model}: building the default model first "
+            "(about 20 minutes on 2 CPU cores; `memfit pretrain` does the same)",
+            flush=True,
+        )
+        pretrain("default", settings.model, progress=True)
+
+    from service.app import StoreSetupError, create_app, open_store
+
+    try:
+        store = open_store(settings)
+    except StoreSetupError as e:
+        print(f"memfit serve: {e}", file=sys.stderr)
+        return 2
+    print(f"store {store.root} (active version {store.active()}), base model {store.base_dir}", flush=True)
+
+    import uvicorn
+
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{settings.port}"
+    print("\n".join(usage_lines(base)), flush=True)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=host,
+        port=settings.port,
+        log_level=os.environ.get("MEMFIT_LOG_LEVEL", "info").lower(),
+        timeout_graceful_shutdown=5,
+    )
+    return 0
