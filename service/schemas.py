@@ -253,6 +253,7 @@ class VersionList(BaseModel):
 
 class ActivateRequest(_Strict):
     why: str | None = Field(None, max_length=500, description="recorded in the activation log")
+    force: bool = Field(False, description="activate a version the evaluation gate rejected, anyway")
 
 
 class ActivateResponse(BaseModel):

@@ -91,7 +91,7 @@ async def activate_version(
 
     def work() -> ActivateResponse:
         try:
-            res = store.activate(version_id, who=principal.name, why=why)
+            res = store.activate(version_id, who=principal.name, why=why, force=bool(body and body.force))
         except UnknownVersionError:
             raise ApiError(
                 404, "version_not_found", f"version {version_id} does not exist", "version_id"
