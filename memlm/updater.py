@@ -1,0 +1,332 @@
+"""Sparse memory finetuning: teach a model new text by training only a few memory value rows.
+
+    batches -> access counts per memory layer (padding excluded)        memlm.selection.count_accesses
+            -> top-t slots per layer by TF-IDF against the background   memlm.selection.select_slots
+            -> a trainable (t, d) copy of those rows, passed to every forward as `memory_overlay`
+               (gradients reach only those rows: no dense N x d gradient, no masking)
+            -> SGD or a row-local Adam for `steps` steps (early stop when `stop_fn` says so)
+            -> the rows written into the value tables; a SlotDelta (indices, new rows, old rows)
+
+Everything but the selected rows is bit-identical after an update: other parameters are never handed
+to the optimizer, never receive a gradient (their requires_grad is off during the update), and the
+final write is an `index_copy_` of the selected rows only. The Adam here is built on the (t, d) row
+tensors, so its moments and step counts exist only for the selected rows; a masked Adam/AdamW over the
+whole table would move unselected rows through momentum and weight decay (DESIGN.md).
+
+Loss scale and learning rate: the loss is summed over target tokens and averaged over sequences
+(`loss_reduction="sum"`). With the per-token mean a value row's gradient shrinks with the number of
+tokens in the batch (weights 1/(H k) per read, then 1/#tokens), which is why a prototype needed SGD
+lr 100-1000; the per-sequence sum keeps one lr valid for short QA forms and long chunks alike and
+matches the paper's lr range for SGD (2-5). The default optimizer is the row-local Adam (scale-free:
+its step is ~lr per coordinate whatever the loss scale), chosen by the continual benchmark
+(benchmarks/results/continual/).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .augment import AugmentSettings, build_stream, document_facts
+from .delta import LayerDelta, SlotDelta
+from .selection import count_accesses, select_slots
+
+Batch = dict[str, torch.Tensor]  # input_ids (B,T), attention_mask (B,T), labels (B,T) with -100 = no loss
+Overlay = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+class BatchSource(Protocol):
+    def all_batches(self) -> list[Batch]: ...
+
+    def batch(self, step: int) -> Batch | None: ...
+
+
+class _ListSource:
+    def __init__(self, batches: Sequence[Batch]):
+        if not batches:
+            raise ValueError("no training batches")
+        self.batches = list(batches)
+
+    def all_batches(self) -> list[Batch]:
+        return self.batches
+
+    def batch(self, step: int) -> Batch:
+        return self.batches[step % len(self.batches)]
+
+
+@dataclass
+class UpdateSettings:
+    top_t: int = 500  # slots trained per memory layer (paper: 500 for single facts)
+    steps: int = 40  # maximum optimizer steps; early stopping usually ends far sooner
+    lr: float = 0.5  # row-local Adam step size (SGD with loss_reduction="sum": 2-5 as in the paper)
+    optimizer: str = "adam"  # "adam" (state for the selected rows only) or "sgd" (plain, no momentum)
+    method: str = "tfidf"  # slot ranking: tfidf | tf | random | all (see memlm.selection)
+    batch_size: int = 16  # sequences per step; one fact's examples fit in one batch
+    loss_reduction: str = "sum"  # "sum": token sum averaged over sequences; "mean": per-token mean
+    early_stop: bool = True  # stop once every fact of the update is answered (checked every check_every)
+    check_every: int = 5  # steps between early-stop checks (each is one greedy decode of the facts)
+    extra_steps: int = 0  # steps trained after the stop check fires (margin for other wordings)
+    grad_clip: float | None = None  # clip the rows' gradient norm (None: no clipping)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # standard Adam moments
+    adam_eps: float = 1e-8  # standard Adam epsilon
+    seed: int = 0  # random-t selection and paraphrase order
+    max_seq_len: int = 128  # tokens per training example; longer documents are chunked
+    paraphrases: int = 3  # model-free paraphrases per chunk (memlm.augment)
+    question_rewrites: int = 4  # training wordings per fact (memlm.augment.TRAINING_QUESTION_TEMPLATES)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer {self.optimizer!r} is not 'adam' or 'sgd'")
+        if self.loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss reduction {self.loss_reduction!r} is not 'sum' or 'mean'")
+        if self.method not in ("tfidf", "tf", "random", "all"):
+            raise ValueError(f"selection method {self.method!r} is not tfidf, tf, random or all")
+        if self.top_t < 1 and self.method != "all":
+            raise ValueError(f"top_t must be >= 1, got {self.top_t}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes) -> UpdateSettings:
+        return UpdateSettings(**{**self.to_dict(), **changes})
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Next-token cross entropy; labels -100 carry no loss. "sum": summed over tokens, averaged over the
+    sequences that have a target; "mean": averaged over target tokens."""
+    tgt = labels[:, 1:]
+    tok = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        tgt.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(tgt.shape)  # (B, T-1)
+    valid = tgt != -100
+    if reduction == "mean":
+        return tok.sum() / valid.sum().clamp(min=1)
+    return tok.sum() / valid.any(-1).sum().clamp(min=1)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: Batch, device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def count_batch_accesses(model, batches: Sequence[Batch]) -> dict[int, torch.Tensor]:
+    """{memory layer: access counts (N,)} over `batches`, padding excluded."""
+    layers = list(model.config.memory_layers)
+    n = model.config.memory_size
+    counts = {layer: torch.zeros(n, dtype=torch.long) for layer in layers}
+    device = _device(model)
+    for b in batches:
+        b = _to(b, device)
+        out = model(b["input_ids"], attention_mask=b["attention_mask"])
+        for layer, idx in zip(layers, out.memory_indices):
+            counts[layer] += count_accesses(idx, b["attention_mask"], n)
+    return counts
+
+
+def background_df(background, layer: int) -> tuple[torch.Tensor | None, int]:
+    if background is None:
+        return None, 0
+    return background.df[layer], int(background.num_docs)
+
+
+@torch.no_grad()
+def _mean_loss(model, batches: Sequence[Batch], overlay: Overlay | None, reduction: str) -> float:
+    device = _device(model)
+    total, n = 0.0, 0
+    for b in batches:
+        b = _to(b, device)
+        logits = model(b["input_ids"], attention_mask=b["attention_mask"], memory_overlay=overlay).logits
+        total += float(lm_loss(logits, b["labels"], reduction))
+        n += 1
+    return total / max(n, 1)
+
+
+class _FrozenParams:
+    """Turn off requires_grad on every parameter for the update; restore the flags afterwards."""
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.params, self.flags):
+            p.requires_grad_(flag)
+        return False
+
+
+def sparse_update(
+    model,
+    batches: Sequence[Batch] | BatchSource,
+    background,
+    settings: UpdateSettings | None = None,
+    stop_fn: Callable[[Any, Overlay], bool] | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> SlotDelta:
+    """Train the top-t value rows per memory layer on `batches`; write them into the model; return the
+    delta (its `revert` restores the model exactly).
+
+    `batches`: a list of batches (cycled over the steps) or a source with `all_batches()` (used for
+    access counting and the loss report) and `batch(step)` (the batch of a step; None ends training).
+    `stop_fn(model, overlay) -> bool` is asked every `check_every` steps whether to stop (e.g. every
+    fact answered); `progress(dict)` receives {"step", "steps", "loss"} after each step.
+    """
+    s = settings or UpdateSettings()
+    t0 = time.perf_counter()
+    source: BatchSource = batches if hasattr(batches, "batch") else _ListSource(batches)  # type: ignore[arg-type]
+    device = _device(model)
+    was_training = model.training
+    model.eval()  # no dropout in the model; eval keeps any future stochastic layer off
+    tables = model.value_tables()
+    gen = torch.Generator().manual_seed(s.seed)
+
+    with _FrozenParams(model):
+        all_batches = source.all_batches()
+        counts = count_batch_accesses(model, all_batches)
+        selected: dict[int, torch.Tensor] = {}
+        for layer, c in counts.items():
+            df, num_docs = background_df(background, layer)
+            if s.method == "tfidf" and df is None:
+                raise ValueError("tfidf selection needs background statistics (memlm.background)")
+            selected[layer] = select_slots(c, df, num_docs, s.top_t, s.method, gen).to(device)
+        old_rows = {layer: tables[layer].detach()[idx].clone() for layer, idx in selected.items()}
+        rows = {layer: old_rows[layer].clone().requires_grad_(True) for layer in selected}
+        overlay: Overlay = {layer: (selected[layer], rows[layer]) for layer in selected}
+        params = [rows[layer] for layer in selected if rows[layer].numel()]
+
+        loss_before = _mean_loss(model, all_batches, overlay, s.loss_reduction)
+        if s.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=s.lr, betas=s.adam_betas, eps=s.adam_eps) if params else None
+        else:
+            opt = torch.optim.SGD(params, lr=s.lr) if params else None
+
+        steps_run, stopped_early, extra_left = 0, False, None
+        for step in range(s.steps if opt is not None else 0):
+            batch = source.batch(step)
+            if batch is None:
+                stopped_early = True
+                break
+            b = _to(batch, device)
+            logits = model(b["input_ids"], attention_mask=b["attention_mask"], memory_overlay=overlay).logits
+            loss = lm_loss(logits, b["labels"], s.loss_reduction)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            opt.step()
+            steps_run += 1
+            if progress is not None:
+                progress({"step": steps_run, "steps": s.steps, "loss": float(loss.detach())})
+            if extra_left is not None:
+                extra_left -= 1
+                if extra_left <= 0:
+                    break
+            elif s.early_stop and stop_fn is not None and steps_run % s.check_every == 0:
+                if stop_fn(model, {k: (i, r.detach()) for k, (i, r) in overlay.items()}):
+                    stopped_early = True
+                    if s.extra_steps <= 0:
+                        break
+                    extra_left = s.extra_steps
+
+        final = {layer: r.detach().clone() for layer, r in rows.items()}
+        loss_after = _mean_loss(
+            model, all_batches, {k: (selected[k], final[k]) for k in selected}, s.loss_reduction
+        )
+        with torch.no_grad():
+            for layer, idx in selected.items():
+                tables[layer].index_copy_(0, idx, final[layer].to(tables[layer].dtype))
+
+    if was_training:
+        model.train()
+    changed = sum(int((final[k] != old_rows[k]).any(-1).sum()) for k in selected)
+    report = {
+        "method": s.method,
+        "optimizer": s.optimizer,
+        "t": s.top_t,
+        "lr": s.lr,
+        "steps": steps_run,
+        "max_steps": s.steps,
+        "stopped_early": stopped_early,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "seconds": time.perf_counter() - t0,
+        "slots_selected": {str(k): int(v.numel()) for k, v in selected.items()},
+        "accessed_slots": {str(k): int((c > 0).sum()) for k, c in counts.items()},
+        "rows_changed": changed,
+    }
+    return SlotDelta(
+        layers={
+            layer: LayerDelta(selected[layer].cpu(), final[layer].cpu(), old_rows[layer].cpu())
+            for layer in selected
+        },
+        report=report,
+    )
+
+
+def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[Any, Overlay], bool]:
+    """A stop_fn: True once every fact is answered (greedy, CONTRACTS.md). With a TrainingStream, the
+    facts answered at each check leave the training batches (per-fact early stopping); a fact that
+    drops out of the answers later comes back."""
+    from .evaluation import answered
+
+    keys = list(facts)
+
+    def stop(model, overlay: Overlay) -> bool:
+        hits = answered(model, tokenizer, [facts[k] for k in keys], memory_overlay=overlay)
+        done = {k for k, h in zip(keys, hits) if h}
+        if stream is not None:
+            stream.answered = done
+        return len(done) == len(keys)
+
+    return stop
+
+
+def learn_documents(
+    model,
+    tokenizer,
+    documents: Sequence[dict],
+    background,
+    settings: UpdateSettings | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> SlotDelta:
+    """Teach `documents` ({"id", "text", "facts": [{"question", "answer"}], "metadata"}) by sparse
+    memory finetuning. Facts the documents supply are trained in QA form too and stop the update once
+    all are answered. Mutates the model; the returned delta reverts it exactly."""
+    s = settings or UpdateSettings()
+    aug = AugmentSettings(
+        max_seq_len=s.max_seq_len,
+        paraphrases=s.paraphrases,
+        question_rewrites=s.question_rewrites,
+        seed=s.seed,
+    )
+    stream = build_stream(tokenizer, documents, batch_size=s.batch_size, settings=aug)
+    if not stream.examples:
+        raise ValueError("documents hold no trainable text or facts")
+    facts = document_facts(documents)
+    stop = facts_stop_fn(tokenizer, facts, stream) if facts and s.early_stop else None
+    delta = sparse_update(model, stream, background, s, stop_fn=stop, progress=progress)
+    delta.report["documents"] = [str(d.get("id", f"doc-{n}")) for n, d in enumerate(documents)]
+    delta.report["examples"] = len(stream.examples)
+    delta.report["facts"] = len(facts)
+    return delta

@@ -1,0 +1,195 @@
+import hashlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from memlm import MemoryLMConfig, MemoryLMForCausalLM, SlotDelta
+from memlm.updater import UpdateSettings, count_batch_accesses, sparse_update
+
+N = 1024
+
+
+def tiny_random_model(seed: int = 0, memory_layers=(1,)) -> MemoryLMForCausalLM:
+    torch.manual_seed(seed)
+    cfg = MemoryLMConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        memory_size=N,
+        memory_heads=2,
+        memory_topk=4,
+        memory_key_dim=16,
+        memory_layers=list(memory_layers),
+        pad_token_id=1,
+    )
+    return MemoryLMForCausalLM(cfg).eval()
+
+
+@dataclass
+class FakeBackground:
+    df: dict
+    num_docs: int
+    unit: str = "sequence"
+
+
+def fake_background(model, seed: int = 0) -> FakeBackground:
+    g = torch.Generator().manual_seed(seed)
+    return FakeBackground(
+        {layer: torch.randint(0, 40, (N,), generator=g) for layer in model.config.memory_layers}, 50
+    )
+
+
+def random_batches(n: int = 2, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, 128, (3, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0  # padding at the end of row 1
+        ids[1, 9:] = 1
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def state_hashes(model, exclude: dict[int, torch.Tensor] | None = None) -> dict[str, str]:
+    """sha256 of every state_dict tensor; for value tables, of the rows NOT in `exclude[layer]`."""
+    tables = {f"model.layers.{i}.memory.values.weight": i for i in model.config.memory_layers}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu()
+        if exclude is not None and name in tables:
+            keep = torch.ones(t.shape[0], dtype=torch.bool)
+            keep[exclude[tables[name]]] = False
+            t = t[keep]
+        out[name] = hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+    return out
+
+
+def assert_only_selected_rows_changed(model, before: dict, delta: SlotDelta) -> None:
+    selected = {layer: ld.indices for layer, ld in delta.layers.items()}
+    after = state_hashes(model, exclude=selected)
+    changed = [name for name in before if before[name] != after[name]]
+    assert not changed, f"tensors changed outside the selected rows: {changed}"
+
+
+@pytest.mark.parametrize(
+    "optimizer,method,lr",
+    [
+        ("sgd", "tfidf", 5.0),
+        ("adam", "tfidf", 0.05),
+        ("adam", "tf", 0.05),
+        ("adam", "random", 0.05),
+        ("sgd", "all", 5.0),
+    ],
+)
+def test_everything_but_selected_rows_bit_identical(optimizer, method, lr):
+    model = tiny_random_model(memory_layers=(0, 2))
+    background = fake_background(model)
+    batches = random_batches()
+    settings = UpdateSettings(top_t=16, steps=4, lr=lr, optimizer=optimizer, method=method, early_stop=False)
+    delta = sparse_update(model, batches, background, settings)
+    selected = {layer: ld.indices for layer, ld in delta.layers.items()}
+    # hashes of the untouched model with the same rows excluded
+    fresh = tiny_random_model(memory_layers=(0, 2))
+    assert_only_selected_rows_changed(model, state_hashes(fresh, exclude=selected), delta)
+    for layer, ld in delta.layers.items():
+        if method != "all":
+            assert ld.indices.numel() == 16
+        assert not torch.equal(ld.new_rows, ld.old_rows), "the update trained nothing"
+        assert torch.equal(model.value_tables()[layer][ld.indices], ld.new_rows)
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad flags not restored"
+    assert delta.report["steps"] == 4 and delta.report["method"] == method
+    assert delta.report["loss_after"] < delta.report["loss_before"]
+
+
+def test_selected_slots_are_accessed_and_ranked_by_tfidf():
+    model = tiny_random_model()
+    background = fake_background(model)
+    batches = random_batches()
+    counts = count_batch_accesses(model, batches)[1]
+    delta = sparse_update(model, batches, background, UpdateSettings(top_t=8, steps=1, early_stop=False))
+    idx = delta.layers[1].indices
+    assert bool((counts[idx] > 0).all())
+    from memlm.selection import select_slots
+
+    assert torch.equal(idx, select_slots(counts, background.df[1], background.num_docs, 8, "tfidf"))
+
+
+def test_padding_is_not_counted():
+    model = tiny_random_model()
+    b = random_batches(1)[0]
+    counts = count_batch_accesses(model, [b])[1]
+    H, k = model.config.memory_heads, model.config.memory_topk
+    assert int(counts.sum()) == int(b["attention_mask"].sum()) * H * k
+    # changing the padded tokens changes nothing
+    b2 = {key: v.clone() for key, v in b.items()}
+    b2["input_ids"][1, 9:] = 77
+    assert torch.equal(counts, count_batch_accesses(model, [b2])[1])
+
+
+def test_delta_revert_and_apply_exact():
+    model = tiny_random_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = sparse_update(
+        model, random_batches(), fake_background(model), UpdateSettings(top_t=12, steps=3, early_stop=False)
+    )
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    delta.revert(model.value_tables())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    delta.apply(model.value_tables())
+    assert all(torch.equal(after[k], v) for k, v in model.state_dict().items())
+
+
+def test_masked_adamw_bug_is_caught():
+    """A masked AdamW over the whole table (gradient zeroed outside the selection) still moves the
+    unselected rows through weight decay; the bit-identity check must flag it."""
+    model = tiny_random_model()
+    before = state_hashes(model)
+    delta = sparse_update(
+        model, random_batches(), fake_background(model), UpdateSettings(top_t=8, steps=1, early_stop=False)
+    )
+    delta.revert(model.value_tables())
+    table = model.value_tables()[1]
+    opt = torch.optim.AdamW([table], lr=1e-3, weight_decay=0.01)
+    table.grad = torch.zeros_like(table)
+    table.grad[delta.layers[1].indices] = 1.0  # the mask: only selected rows carry gradient
+    opt.step()
+    with pytest.raises(AssertionError, match="values.weight"):
+        assert_only_selected_rows_changed(
+            model, state_hashes(tiny_random_model(), exclude={1: delta.layers[1].indices}), delta
+        )
+    assert before  # (hashes of the whole model computed before the update)
+
+
+def test_early_stop_and_progress():
+    model = tiny_random_model()
+    calls, seen = [], []
+
+    def stop_fn(m, overlay):
+        calls.append({k: v[1].requires_grad for k, v in overlay.items()})
+        return len(calls) == 2
+
+    delta = sparse_update(
+        model,
+        random_batches(),
+        fake_background(model),
+        UpdateSettings(top_t=8, steps=50, check_every=3),
+        stop_fn=stop_fn,
+        progress=seen.append,
+    )
+    assert delta.report["steps"] == 6 and delta.report["stopped_early"]
+    assert calls == [{1: False}, {1: False}]  # the overlay handed to stop_fn is detached
+    assert [p["step"] for p in seen] == list(range(1, 7))
+
+
+def test_settings_validate():
+    with pytest.raises(ValueError, match="optimizer 'adamw'"):
+        UpdateSettings(optimizer="adamw")
+    with pytest.raises(ValueError, match="tfidf selection needs background"):
+        model = tiny_random_model()
+        sparse_update(model, random_batches(), None, UpdateSettings(steps=1))
