@@ -1,0 +1,41 @@
+"""`memfit background`: compute the background slot statistics (the IDF side) of a model.
+
+They are saved as background.safetensors beside the model; with --to-redis they are also seeded into
+Redis for the distributed mode (workers.background_redis).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+
+def run(args) -> int:
+    from memlm.background import DEFAULT_UNIT, compute_for_model_dir
+    from memlm.paths import default_model_dir
+
+    model_dir = Path(args.model).expanduser() if args.model else default_model_dir("default")
+    if not (model_dir / "config.json").exists():
+        print(f"no model at {model_dir}; build one with `memfit pretrain` or pass --model", file=sys.stderr)
+        return 2
+    seed_redis = None
+    if args.to_redis:
+        try:
+            seed_redis = importlib.import_module("workers.background_redis").seed
+        except ImportError as exc:
+            raise SystemExit("--to-redis needs the distributed mode (workers/)") from exc
+
+    unit = args.unit or DEFAULT_UNIT
+    stats = compute_for_model_dir(model_dir, unit=unit, progress=True)
+    for layer, df in stats.df.items():
+        used = int((df > 0).sum())
+        print(
+            f"layer {layer}: {used}/{len(df)} slots accessed in {stats.num_docs} {stats.unit} documents, "
+            f"max df {int(df.max())}"
+        )
+    print(f"saved {model_dir / 'background.safetensors'}")
+    if seed_redis is not None:
+        seed_redis(args.to_redis, stats)
+        print(f"seeded {args.to_redis}")
+    return 0

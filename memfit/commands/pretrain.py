@@ -1,0 +1,26 @@
+"""`memfit pretrain`: build the tokenizer and memory-layer model of a preset from the offline corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def run(args) -> int:
+    from memlm.paths import default_model_dir
+
+    out = Path(args.out).expanduser() if args.out else default_model_dir(args.preset)
+    if (out / "config.json").exists() and not args.force:
+        print(f"a model already exists at {out} (use --force to rebuild)")
+        report = out / "training_report.json"
+        if report.exists():
+            from memlm.pretrain import _summary
+
+            print(json.dumps(_summary(json.loads(report.read_text())), indent=2))
+        return 0
+
+    from memlm.pretrain import pretrain
+
+    print(f"building the {args.preset} model into {out}", flush=True)
+    pretrain(args.preset, out, seed=args.seed, progress=True)
+    return 0

@@ -1,0 +1,472 @@
+"""Pretraining of the default (and tiny) memory-layer model from the offline corpus.
+
+    corpus (memlm.data) -> byte-level BPE (memlm.tokenizer) -> MemoryLMForCausalLM trained with AdamW,
+    warmup + cosine, bf16 autocast on CPUs that support it -> evaluation (probe facts in both
+    wordings, held-out perplexity, generation speed) -> background statistics -> model directory
+
+Training rows start at document starts (so a prompt at position 0 looks like training data). A share
+`fact_fraction` of the rows is packed from the fact texts (statements and QA forms of the probe facts):
+the facts are oversampled so that the model learns them. The schedule runs to `max_steps`, or ends
+early at `time_budget_s` (the learning rate follows whichever is further along), so a slow or busy
+machine still finishes in time.
+
+The model directory is built in a temporary sibling and renamed into place at the end, so a crash never
+leaves a half model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .background import DEFAULT_UNIT, compute_background, model_base_id
+from .config import MemoryLMConfig
+from .data import build_corpus
+from .modeling import MemoryLMForCausalLM
+from .tokenizer import build_tokenizer, encode_texts
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # model
+    vocab_size: int = 8192  # byte-level BPE size
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    intermediate_size: int = 1024
+    memory_size: int = 65536  # 256 x 256 product keys
+    memory_heads: int = 4
+    memory_topk: int = 32
+    memory_key_dim: int = 128
+    max_position_embeddings: int = 512
+    # data
+    max_wiki: int | None = None  # Wikipedia leads kept (None: all)
+    max_probe: int | None = None  # probe facts kept (None: all)
+    fact_fraction: float = 0.4  # share of training rows packed from fact texts
+    seq_len: int = 128
+    batch_size: int = 16
+    # optimisation
+    max_steps: int = 2000
+    time_budget_s: float | None = 16 * 60  # training stops here at the latest (evaluation comes after)
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # on dense matrices only (not on memory values, embeddings, norms)
+    grad_clip: float = 1.0
+    bf16: bool = True  # bf16 autocast where the CPU/GPU supports it (about 2x on AVX512-BF16 CPUs)
+    # evaluation
+    eval_texts: int = 200  # held-out texts for perplexity (also stored in probe.json)
+    background_unit: str = DEFAULT_UNIT
+
+    def model_config(self) -> MemoryLMConfig:
+        return MemoryLMConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            memory_size=self.memory_size,
+            memory_heads=self.memory_heads,
+            memory_topk=self.memory_topk,
+            memory_key_dim=self.memory_key_dim,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+
+
+PRESETS: dict[str, Preset] = {
+    # tests: well under a minute on 2 cores; knows a few dozen capitals
+    "tiny": Preset(
+        name="tiny",
+        vocab_size=640,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        memory_size=1024,  # 32 x 32
+        memory_heads=2,
+        memory_topk=8,
+        memory_key_dim=32,
+        max_wiki=400,
+        max_probe=40,
+        fact_fraction=0.5,
+        seq_len=64,
+        batch_size=16,
+        max_steps=300,
+        time_budget_s=None,  # step-bound: the same tiny model on any machine
+        lr=5e-3,
+        warmup_steps=20,
+        eval_texts=40,
+    ),
+    # the default model: <= 20 minutes on 2 CPU cores including evaluation and background statistics
+    "default": Preset(name="default"),
+}
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class ThreadTuner:
+    """Picks the torch thread count (1 or all cores) that gives the faster steps, re-checked now and then.
+
+    On a machine shared with other CPU-heavy processes, two OpenMP threads on two busy cores are several
+    times slower than one (threads wait for each other at every barrier): measured 11 s vs 2.2 s per
+    default-model step under a load of 8. A trial of the other setting stops after one step when that
+    step is clearly slower, and a lost trial doubles the wait before the next one. The choice changes
+    speed only, not the training math (up to float summation order).
+    """
+
+    def __init__(self, max_threads: int, every: int = 50, probe_steps: int = 3):
+        self.options = sorted({1, max_threads})
+        self.every, self.probe_steps = every, probe_steps
+        self.wait = every
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        self.current = 1 if busy >= max_threads else max_threads  # a busy machine: start with one
+        self.recent: list[float] = []  # last step times at the current setting
+        self.trial: int | None = None
+        self.trial_times: list[float] = []
+        self.next_trial = 5
+        torch.set_num_threads(self.current)
+
+    def before_step(self, step: int) -> None:
+        if len(self.options) > 1 and self.trial is None and step >= self.next_trial and self.recent:
+            self.trial = next(o for o in self.options if o != self.current)
+            self.trial_times = []
+            torch.set_num_threads(self.trial)
+        self._step = step
+
+    def after_step(self, seconds: float) -> None:
+        if self.trial is None:
+            self.recent = (self.recent + [seconds])[-self.probe_steps :]
+            return
+        self.trial_times.append(seconds)
+        base = sorted(self.recent)[len(self.recent) // 2]
+        if seconds > 1.3 * base:  # clearly slower: give up at once, wait longer next time
+            self._end(won=False)
+        elif len(self.trial_times) >= self.probe_steps:
+            self._end(won=sorted(self.trial_times)[len(self.trial_times) // 2] < base)
+
+    def _end(self, won: bool) -> None:
+        if won:
+            self.current, self.recent, self.wait = (
+                self.trial,
+                self.trial_times[-self.probe_steps :],
+                self.every,
+            )
+        else:
+            self.wait *= 2
+        self.trial = None
+        self.next_trial = self._step + self.wait
+        torch.set_num_threads(self.current)
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() == "arm64"
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class RowSampler:
+    """Training rows of `seq_len` tokens, each starting at a document start.
+
+    Wikipedia rows: a random lead start in the stream of all leads (each followed by <|endoftext|>).
+    Fact rows: fact texts drawn without replacement (reshuffled each pass) and packed with separators.
+    """
+
+    def __init__(
+        self, wiki_ids: list[list[int]], fact_ids: list[list[int]], eos: int, seq_len: int, seed: int
+    ):
+        self.seq_len = seq_len
+        self.rng = random.Random(seed)
+        stream, starts = [], []
+        for ids in wiki_ids:
+            starts.append(len(stream))
+            stream.extend(ids)
+            stream.append(eos)
+        self.wiki = torch.tensor(stream, dtype=torch.long)
+        self.starts = [s for s in starts if s + seq_len <= len(stream)] or [0]
+        self.facts = [ids + [eos] for ids in fact_ids]
+        self.order: list[int] = []
+
+    def _fact_row(self) -> list[int]:
+        row: list[int] = []
+        while len(row) < self.seq_len:
+            if not self.order:
+                self.order = list(range(len(self.facts)))
+                self.rng.shuffle(self.order)
+            row.extend(self.facts[self.order.pop()])
+        return row[: self.seq_len]
+
+    def batch(self, batch_size: int, fact_fraction: float) -> torch.Tensor:
+        rows = []
+        for _ in range(batch_size):
+            if self.facts and self.rng.random() < fact_fraction:
+                rows.append(torch.tensor(self._fact_row(), dtype=torch.long))
+            else:
+                s = self.rng.choice(self.starts)
+                row = self.wiki[s : s + self.seq_len]
+                if len(row) < self.seq_len:  # a stream shorter than one row (tiny corpora)
+                    row = torch.cat([row, row.new_zeros(self.seq_len - len(row))])
+                rows.append(row)
+        return torch.stack(rows)  # (B, T)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # memory values are read sparsely: decay would shrink rows that no token reads
+        if p.dim() < 2 or "embed" in name or "values" in name or "subkeys" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def generation_speed(model, tokenizer, prompt: str, new_tokens: int = 64) -> tuple[float, str]:
+    """Greedy tokens/s with the KV cache (batch 1), and the generated text."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    dt = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    return n / dt, tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished build into place; an existing directory is replaced only after the move."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain(
+    preset: str | Preset = "default",
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | None = None,
+) -> Path:
+    """Build the tokenizer and model of `preset` into `out_dir`; returns the model directory.
+
+    Writes config.json, model.safetensors, tokenizer files, probe.json, splits.json,
+    training_report.json and background.safetensors.
+    """
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if out_dir is None:
+        from .paths import default_model_dir
+
+        out_dir = default_model_dir(p.name)
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.build-"))
+    try:
+        report = _build(p, tmp, seed, progress, device)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"model written to {out}")
+        print(json.dumps(_summary(report), indent=2))
+    return out
+
+
+def _summary(report: dict) -> dict:
+    keys = ["preset", "params_total", "params_memory", "seconds_total", "seconds_train", "tokens_seen",
+            "final_loss", "probe_accuracy", "probe_accuracy_heldout", "heldout_perplexity",
+            "generation_tokens_per_s"]  # fmt: skip
+    return {k: report[k] for k in keys if k in report}
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | None) -> dict:
+    from .evaluation import fact_accuracy, perplexity
+
+    t_start = time.perf_counter()
+    threads = _threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    dev = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    corpus = build_corpus(seed, max_wiki=p.max_wiki, max_probe=p.max_probe)
+    _log(progress, f"corpus: {len(corpus.pretrain)} pretraining texts ({len(corpus.fact_texts)} fact texts), "
+         f"{len(corpus.background)} background, {len(corpus.evaluation)} evaluation, {len(corpus.probe)} probe facts")  # fmt: skip
+    tokenizer = build_tokenizer(corpus.pretrain, p.vocab_size, model_max_length=p.max_position_embeddings)
+    fact_set = set(corpus.fact_texts)
+    wiki_texts = [t for t in corpus.pretrain if t not in fact_set]
+    wiki_ids = encode_texts(tokenizer, wiki_texts)
+    fact_ids = encode_texts(tokenizer, corpus.fact_texts)
+    sampler = RowSampler(wiki_ids, fact_ids, tokenizer.eos_token_id, p.seq_len, seed)
+    _log(progress, f"tokenizer: {len(tokenizer)} tokens; pretraining stream {len(sampler.wiki)} tokens "
+         f"+ {sum(map(len, fact_ids))} fact tokens")  # fmt: skip
+
+    config = p.model_config()
+    config.vocab_size = len(tokenizer)
+    model = MemoryLMForCausalLM(config).to(dev)
+    params_total = sum(t.numel() for t in model.parameters())
+    params_memory = sum(t.numel() for m in model.memory_modules().values() for t in m.parameters())
+    optimizer = torch.optim.AdamW(_param_groups(model, p.weight_decay), lr=p.lr, betas=(0.9, 0.95), eps=1e-8)
+    use_bf16 = p.bf16 and _bf16_ok(dev)
+
+    model.train()
+    tuner = ThreadTuner(threads, every=50)
+    t_train = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=p.max_steps, desc=f"pretrain {p.name}", unit="step", dynamic_ncols=True)
+    step, tokens, ema = 0, 0, None
+    stopped_by = "steps"
+    for step in range(p.max_steps):
+        elapsed = time.perf_counter() - t_train
+        if p.time_budget_s is not None and elapsed >= p.time_budget_s:
+            stopped_by = "time"
+            break
+        frac = step / p.max_steps
+        if p.time_budget_s:
+            frac = max(frac, elapsed / p.time_budget_s)
+        for g in optimizer.param_groups:
+            g["lr"] = p.lr * _lr_factor(frac, step, p.warmup_steps, p.min_lr_ratio)
+        tuner.before_step(step)
+        t_step = time.perf_counter()
+        x = sampler.batch(p.batch_size, p.fact_fraction).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        optimizer.step()
+        tokens += x.numel()
+        tuner.after_step(time.perf_counter() - t_step)
+        value = loss.item()
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", threads=tuner.current)
+    else:
+        step = p.max_steps
+    if bar is not None:
+        bar.close()
+    seconds_train = time.perf_counter() - t_train
+    _log(
+        progress,
+        f"trained {step} steps ({stopped_by}), {tokens} tokens in {seconds_train:.0f} s, loss {ema:.3f}",
+    )
+
+    torch.set_num_threads(tuner.current)
+    model.eval()
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+    t_eval = time.perf_counter()
+    probe = corpus.probe
+    acc = fact_accuracy(model, tokenizer, probe)
+    acc_heldout = fact_accuracy(model, tokenizer, probe, key="heldout_question")
+    eval_texts = corpus.evaluation[: p.eval_texts]
+    ppl = perplexity(model, tokenizer, eval_texts, max_length=p.seq_len)
+    gen_tps, sample = generation_speed(model, tokenizer, "The capital of France is")
+    _, sample_qa = generation_speed(model, tokenizer, "Question: What is the capital of Japan?\nAnswer:", 8)
+    seconds_eval = time.perf_counter() - t_eval
+    _log(progress, f"probe {acc:.1%} (held-out wording {acc_heldout:.1%}), held-out perplexity {ppl:.1f}, "
+         f"{gen_tps:.0f} tokens/s")  # fmt: skip
+
+    t_bg = time.perf_counter()
+    base_id = model_base_id(out)
+    stats = compute_background(
+        model, tokenizer, corpus.background, unit=p.background_unit, seq_len=p.seq_len, base_id=base_id
+    )
+    stats.save(out)
+    seconds_background = time.perf_counter() - t_bg
+
+    (out / "probe.json").write_text(
+        json.dumps({"facts": probe, "heldout_texts": eval_texts, "seed": seed}, indent=1, ensure_ascii=False)
+    )
+    (out / "splits.json").write_text(json.dumps(corpus.split_hashes(), indent=2))
+    report = {
+        "preset": p.name,
+        "preset_settings": asdict(p),
+        "seed": seed,
+        "device": str(dev),
+        "threads": threads,
+        "bf16_autocast": use_bf16,
+        "torch": torch.__version__,
+        "params_total": params_total,
+        "params_memory": params_memory,
+        "memory_slots": config.memory_size,
+        "memory_layers": config.memory_layers,
+        "vocab_size": len(tokenizer),
+        "steps": step,
+        "stopped_by": stopped_by,
+        "tokens_seen": tokens,
+        "pretrain_stream_tokens": int(len(sampler.wiki)),
+        "fact_tokens": sum(map(len, fact_ids)),
+        "final_loss": ema,
+        "seconds_train": seconds_train,
+        "seconds_eval": seconds_eval,
+        "seconds_background": seconds_background,
+        "probe_facts": len(probe),
+        "probe_accuracy": acc,
+        "probe_accuracy_heldout": acc_heldout,
+        "heldout_perplexity": ppl,
+        "heldout_perplexity_texts": len(eval_texts),
+        "generation_tokens_per_s": gen_tps,
+        "sample_prompt": "The capital of France is",
+        "sample_generation": sample,
+        "sample_qa": sample_qa,
+        "background": {"unit": stats.unit, "num_docs": stats.num_docs, **stats.meta},
+        "base_id": base_id,
+    }
+    report["seconds_total"] = time.perf_counter() - t_start
+    (out / "training_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report

@@ -1,0 +1,106 @@
+"""Tiny pretraining writes a complete, loadable model directory with its report and probe set."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import memlm  # noqa: F401  (registers the model)
+from memlm import pretrain as pretrain_mod
+from memlm.evaluation import format_question
+
+FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "probe.json",
+         "splits.json", "training_report.json", "background.safetensors"]  # fmt: skip
+
+
+def test_model_dir_is_complete(tiny_model_dir):
+    for name in FILES:
+        assert (tiny_model_dir / name).exists(), name
+
+
+def test_loads_and_generates(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert model.config.vocab_size == len(tok)
+    assert tok.pad_token_id == model.config.pad_token_id == 1
+    assert tok.eos_token_id == model.config.eos_token_id == 0
+    ids = tok(format_question("What is the capital of France?"), return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert isinstance(tok.decode(out[0, ids.shape[1] :]), str)
+
+
+def test_report_and_probe(tiny_model_dir):
+    report = json.loads((tiny_model_dir / "training_report.json").read_text())
+    for key in ["preset", "params_total", "params_memory", "seconds_total", "tokens_seen", "final_loss",
+                "probe_accuracy", "probe_accuracy_heldout", "heldout_perplexity", "generation_tokens_per_s",
+                "sample_generation"]:  # fmt: skip
+        assert key in report, key
+    assert report["preset"] == "tiny"
+    assert 0 < report["params_memory"] < report["params_total"]
+    assert report["probe_accuracy"] >= 0.3  # the tiny model knows some of its 40 facts
+    assert report["heldout_perplexity"] < 1000
+    probe = json.loads((tiny_model_dir / "probe.json").read_text())
+    assert len(probe["facts"]) == 40
+    assert all(f["question"] and f["heldout_question"] and f["answer"] for f in probe["facts"])
+    assert probe["heldout_texts"]
+    splits = json.loads((tiny_model_dir / "splits.json").read_text())
+    assert {"pretrain", "background", "evaluation"} <= set(splits)
+
+
+def test_row_sampler_starts_rows_at_documents():
+    wiki = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    facts = [[20, 21], [22, 23, 24]]
+    s = pretrain_mod.RowSampler(wiki, facts, eos=0, seq_len=4, seed=0)
+    batch = s.batch(64, fact_fraction=0.5)
+    assert batch.shape == (64, 4)
+    assert set(batch[:, 0].tolist()) <= {5, 9, 12, 20, 22}
+    assert {20, 22} & set(batch[:, 0].tolist()) and {5, 9, 12} & set(batch[:, 0].tolist())
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("crash during training")
+
+    monkeypatch.setattr(pretrain_mod, "_build", boom)
+    with pytest.raises(RuntimeError):
+        pretrain_mod.pretrain("tiny", tmp_path / "model", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_pretrain_skips_existing(tiny_model_dir, capsys):
+    from memfit.cli import main
+
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "already exists" in out and str(tiny_model_dir) in out
+
+
+def test_cli_background_to_redis(tiny_model_copy, monkeypatch, capsys):
+    from memfit.cli import main
+
+    calls = []
+    fake = types.ModuleType("workers.background_redis")
+    fake.seed = lambda url, stats: calls.append((url, stats))
+    monkeypatch.setitem(sys.modules, "workers.background_redis", fake)
+    (tiny_model_copy / "background.safetensors").unlink()
+    assert (
+        main(["background", "--model", str(tiny_model_copy), "--unit", "batch", "--to-redis", "redis://x"])
+        == 0
+    )
+    assert (tiny_model_copy / "background.safetensors").exists()
+    assert calls and calls[0][0] == "redis://x" and calls[0][1].unit == "batch"
+    assert torch.is_tensor(next(iter(calls[0][1].df.values())))
+
+
+def test_cli_background_without_workers(tiny_model_copy, monkeypatch):
+    from memfit.cli import main
+
+    monkeypatch.setitem(sys.modules, "workers.background_redis", None)  # import fails
+    with pytest.raises(SystemExit, match="distributed mode"):
+        main(["background", "--model", str(tiny_model_copy), "--to-redis", "redis://x"])
