@@ -31,9 +31,10 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import ApiError, validate_id, validate_version_id
 from service.settings import Settings, get_settings
@@ -301,6 +302,14 @@ def authenticate(request: Request, role: str) -> Principal:
     return principal
 
 
+# Declared for the OpenAPI schema only (the "Authorize" button of /docs and each operation's
+# `security`); the headers themselves are read and checked by `authenticate`.
+_bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
+_BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]
+_ApiKeyDoc = Annotated[str | None, Depends(_api_key_scheme)]
+
+
 def require_role(role: str) -> Callable[[Request], Coroutine[Any, Any, Principal]]:
     """FastAPI dependency: the request needs a key with at least ``role`` (read < write < admin).
 
@@ -309,7 +318,9 @@ def require_role(role: str) -> Callable[[Request], Coroutine[Any, Any, Principal
     """
     _check_role(role, "require_role")
 
-    async def dependency(request: Request) -> Principal:
+    async def dependency(
+        request: Request, _bearer: _BearerDoc = None, _api_key: _ApiKeyDoc = None
+    ) -> Principal:
         return authenticate(request, role)
 
     dependency.__name__ = f"require_{role}"
@@ -330,7 +341,9 @@ def require_role_unless(
     if flag_name not in Settings.model_fields:
         raise ValueError(f"require_role_unless: {flag_name!r} is not a Settings field")
 
-    async def dependency(request: Request) -> Principal:
+    async def dependency(
+        request: Request, _bearer: _BearerDoc = None, _api_key: _ApiKeyDoc = None
+    ) -> Principal:
         settings = getattr(request.app.state, "settings", None) or get_settings()
         if getattr(settings, flag_name):
             principal = PUBLIC

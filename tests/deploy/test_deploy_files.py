@@ -263,6 +263,18 @@ def test_ports_match():
     assert job["dns_sd_configs"][0]["port"] == API_PORT
     assert job["dns_sd_configs"][0]["names"] == ["api"]
 
+    worker_port = Settings.model_fields["worker_metrics_port"].default
+    (wjob,) = [j for j in prom["scrape_configs"] if j["job_name"] == "memfit-worker"]
+    assert wjob["dns_sd_configs"][0]["port"] == worker_port
+    assert (
+        set(wjob["dns_sd_configs"][0]["names"]) == {"worker", "worker-gpu"} <= set(load_compose()["services"])
+    )
+    wdep = k8s_named("Deployment", "memfit-worker")
+    (wc,) = wdep["spec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in wc["ports"]}["metrics"] == worker_port
+    assert int(container_env(wc)["MEMFIT_WORKER_METRICS_PORT"]) == worker_port
+    assert wdep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(worker_port)
+
     dep = k8s_named("Deployment", "memfit-api")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -314,7 +326,7 @@ def test_health_probes_use_contract_paths():
 def test_probe_paths_are_routes_of_the_real_app(tmp_path):
     app_module = pytest.importorskip("service.app", reason="service.app not written yet")
     app = app_module.create_app(Settings(model=tmp_path / "model", store=tmp_path / "store"))
-    routes = {getattr(r, "path", None) for r in app.routes}
+    routes = {path for path, ops in app.openapi()["paths"].items() if "get" in ops}
     assert CONTRACT_PROBE_PATHS | {"/metrics"} <= routes
 
 

@@ -37,7 +37,9 @@ EXPECTED = {
     ("POST", "/jobs/{job_id}/cancel"): "write",
     ("POST", "/jobs/{job_id}/retry"): "write",
     ("POST", "/versions/{version_id}/activate"): "admin",
+    ("POST", "/versions/{version_id}/revert"): "admin",
     ("POST", "/documents/{document_id}/revert"): "admin",
+    ("GET", "/dashboard/data"): "read",
 }
 
 
@@ -64,12 +66,32 @@ def secured(tiny_model_dir, tmp_path_factory):
         yield app, client
 
 
+def _walk(routes) -> list[APIRoute]:
+    """APIRoutes, also inside included routers (FastAPI >= 0.16x keeps them as lazy branches)."""
+    out: list[APIRoute] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            out.append(route)
+        elif getattr(route, "original_router", None) is not None:
+            out.extend(_walk(route.original_router.routes))
+    return out
+
+
 def api_routes(app) -> list[tuple[str, str, APIRoute]]:
     out = []
-    for route in app.routes:
-        if isinstance(route, APIRoute) and route.path not in DOC_ROUTES:
+    for route in _walk(app.routes):
+        if route.path not in DOC_ROUTES:
             for method in sorted(route.methods - {"HEAD", "OPTIONS"}):
                 out.append((method, route.path, route))
+    # the walk found exactly the operations the app publishes (no prefix or branch missed)
+    published = {
+        (method.upper(), path)
+        for path, ops in app.openapi()["paths"].items()
+        for method in ops
+        if method.upper() not in ("HEAD", "OPTIONS")
+    }
+    in_schema = {(m, p) for m, p, r in out if r.include_in_schema}
+    assert in_schema == published, in_schema ^ published
     return out
 
 
@@ -179,3 +201,14 @@ def test_real_app_413_and_429(tiny_model_dir, tmp_path):
         r = client.get("/versions", headers={"X-API-Key": "k-read"})
         assert_error(r, 429, "rate_limited")
         assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_openapi_declares_the_key_schemes(secured):
+    app, _ = secured
+    schema = app.openapi()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"]["scheme"] == "bearer"
+    assert schemes["APIKeyHeader"]["name"] == "X-API-Key"
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            assert {"HTTPBearer": []} in op.get("security", []), f"{method.upper()} {path}"
