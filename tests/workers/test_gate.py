@@ -1,0 +1,177 @@
+"""The evaluation gate of the update pipeline (workers/pipeline.py) on the tiny model.
+
+Every update is evaluated (learning, retention and forgetting vs parent and base, held-out perplexity)
+within the Settings.gate_* budget before it can become active. A destructive sparse update (every slot,
+a huge learning rate) is published as a `rejected` version that is kept but never activated, its job
+ends `rejected` with the figures; an admin can still activate it (force). A gentle update passes. The
+probe set can be replaced with MEMFIT_PROBE_FILE.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from model_store import Store, StoreError
+from service.settings import Settings
+from workers.pipeline import Pipeline, load_probe
+
+NEW_FACT = {
+    "question": "Which town is the birthplace of Zorvath Quellingmar?",
+    "answer": "Brindlemoor",
+    "heldout_question": "Zorvath Quellingmar was born in which town?",
+}
+# every slot of the tiny model's memory, a learning rate no sane operator would use
+DESTRUCTIVE = {
+    "top_t": 1024,
+    "lr": 1000.0,
+    "steps": 3,
+    "early_stop": False,
+    "question_rewrites": 1,
+    "paraphrases": 0,
+}
+# small enough for the tiny model (1,024 slots in all) to keep what it knows
+GENTLE = {"top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
+
+
+def document(doc_id: str) -> dict:
+    return {"id": doc_id, "text": "Zorvath Quellingmar was born in Brindlemoor.", "facts": [NEW_FACT]}
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate") / "store"
+    settings = Settings(model=tiny_model_dir, store=root)
+    store = Store.init(root, tiny_model_dir)
+    pipeline = Pipeline(store, settings)
+    pipeline.load()
+    return store, pipeline, settings
+
+
+def run(store: Store, pipeline: Pipeline, doc_id: str, overrides: dict):
+    job = store.jobs.create_job(None, [document(doc_id)], settings=overrides)
+    return pipeline.run_job(job.job_id)
+
+
+def test_gate_rejects_a_destructive_update_and_keeps_it(gated):
+    store, pipeline, settings = gated
+    before = store.active()
+    activations_before = len(store.activations())
+
+    res = run(store, pipeline, "destroy-1", DESTRUCTIVE)
+
+    assert res.status == "rejected", res
+    assert res.version is not None and res.version != before
+    assert store.active() == before, "a rejected version must never become active"
+    assert len(store.activations()) == activations_before, "nothing was activated, not even briefly"
+    m = store.manifest(res.version)
+    assert m["state"] == "rejected" and m["parent"] == before
+    assert {v["id"]: v["state"] for v in store.versions()}[res.version] == "rejected"
+    # the job carries the figures and the reasons
+    job = store.jobs.get(res.job_id)
+    assert job.status == "rejected" and job.version == res.version
+    assert "evaluation gate" in (job.error or "")
+    ev = job.evaluation
+    for key in ("learning", "retention", "retention_base", "forgetting", "forgetting_base", "perplexity"):
+        assert key in ev, key
+    assert ev["forgetting"] > settings.gate_max_forgetting
+    assert ev["forgetting_base"] > settings.gate_max_forgetting_base
+    assert ev["perplexity_change"] > settings.gate_max_ppl_increase
+    gate = ev["gate"]
+    assert gate["enabled"] and not gate["passed"] and len(gate["reasons"]) == 3
+    assert gate["thresholds"]["max_forgetting"] == settings.gate_max_forgetting
+    # evaluated within the budget, before publishing
+    assert 0 < ev["probe_facts"] <= settings.gate_probe_facts
+    assert job.timings["evaluation"] > 0 and job.timings["evaluation"] <= job.timings["total"]
+    # the store refuses to activate it without force
+    with pytest.raises(StoreError, match="rejected"):
+        store.activate(res.version)
+
+
+def test_gate_accepts_a_gentle_update(gated):
+    store, pipeline, settings = gated
+    before = store.active()
+    res = run(store, pipeline, "gentle-1", GENTLE)
+    assert res.status == "succeeded", res.evaluation.get("gate")
+    assert store.active() == res.version and store.manifest(res.version)["parent"] == before
+    ev = store.manifest(res.version)["evaluation"]
+    assert ev["gate"]["passed"] and ev["gate"]["reasons"] == []
+    assert ev["forgetting"] <= settings.gate_max_forgetting
+    assert ev["forgetting_base"] <= settings.gate_max_forgetting_base
+    assert ev["perplexity_change"] <= settings.gate_max_ppl_increase
+
+
+def test_admin_can_activate_a_rejected_version_anyway(gated):
+    from service.app import create_app
+
+    store, pipeline, settings = gated
+    rejected = [v["id"] for v in store.versions() if v["state"] == "rejected"]
+    if not rejected:
+        rejected = [run(store, pipeline, "destroy-2", DESTRUCTIVE).version]
+    v = rejected[-1]
+    before = store.active()
+    app = create_app(settings, start_runner=False)
+    try:
+        with TestClient(app) as client:
+            r = client.post(f"/versions/{v}/activate", json={"why": "test"})
+            assert r.status_code == 409, r.text
+            assert "rejected" in r.json()["error"]["message"]
+            assert client.get("/versions").json()["active"] == before
+            r = client.post(f"/versions/{v}/activate", json={"why": "operator override", "force": True})
+            assert r.status_code == 200, r.text
+            assert r.json() == {"active": v, "previous": before}
+            assert r.headers.get("content-type", "").startswith("application/json")
+            assert (
+                client.post("/generate", json={"prompt": "Question: x\nAnswer:", "max_new_tokens": 2}).json()[
+                    "version"
+                ]
+                == v
+            )
+    finally:
+        store.activate(before, why="test cleanup")
+    assert store.activations()[-2]["to"] == v and store.activations()[-2]["why"] == "operator override"
+
+
+def test_thresholds_are_settings(tiny_model_dir, tmp_path):
+    """With permissive thresholds the same destructive update passes; with the gate off it passes too."""
+    root = tmp_path / "store"
+    lax = Settings(
+        model=tiny_model_dir,
+        store=root,
+        gate_max_forgetting=1.0,
+        gate_max_forgetting_base=1.0,
+        gate_max_ppl_increase=1e9,
+        gate_probe_facts=8,
+    )
+    store = Store.init(root, tiny_model_dir)
+    pipeline = Pipeline(store, lax)
+    res = run(store, pipeline, "destroy-lax", DESTRUCTIVE)
+    assert res.status == "succeeded" and store.active() == res.version
+    assert res.evaluation["probe_facts"] <= 8  # the budget setting is honoured
+    assert res.evaluation["gate"]["thresholds"]["max_ppl_increase"] == 1e9
+
+    pipeline.settings = lax.model_copy(update={"gate_enabled": False, "gate_max_forgetting": 0.0})
+    res = run(store, pipeline, "destroy-off", DESTRUCTIVE)
+    assert res.status == "succeeded" and res.evaluation["gate"]["enabled"] is False
+
+
+def test_probe_file_replaces_the_models_probe_set(tiny_model_dir, tmp_path):
+    shipped, texts = load_probe(tiny_model_dir)
+    assert shipped and texts, "the model ships its probe set and held-out text in probe.json"
+    mine = tmp_path / "probe.json"
+    mine.write_text(json.dumps({"facts": shipped[:5], "heldout_texts": texts[:2]}))
+    settings = Settings(model=tiny_model_dir, store=tmp_path / "store", probe_file=mine)
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    pipeline = Pipeline(store, settings)
+    pipeline.load()
+    assert pipeline.heldout == texts[:2]
+    assert pipeline.probe and all(f in shipped[:5] for f in pipeline.probe)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"facts": [{"question": "no answer"}]}))
+    with pytest.raises(ValueError, match="bad.json"):
+        load_probe(bad)
+    with pytest.raises(ValueError, match="missing.json"):
+        load_probe(tmp_path / "missing.json")
