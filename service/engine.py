@@ -264,6 +264,9 @@ class Engine:
         m.generation_running.inc()
         try:
             yield from self._stream(req)
+        except Exception:
+            m.generation_errors.inc()
+            raise
         finally:  # also when the client goes away and the generator is closed
             m.generation_running.dec()
 
