@@ -175,9 +175,12 @@ def sse(obj: Any) -> bytes:
     },
 )
 async def generate(body: GenerateRequest, engine: EngineDep, settings: SettingsDep, _: ReadDep):
-    check_limits(settings, body.prompt, body.max_new_tokens, body.stop)
+    max_new = body.max_new_tokens
+    if "max_new_tokens" not in body.model_fields_set:  # the default never exceeds the server's limit
+        max_new = min(max_new, settings.max_new_tokens_limit)
+    check_limits(settings, body.prompt, max_new, body.stop)
     params = SamplingParams(
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=max_new,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,

@@ -68,7 +68,7 @@ async def get_job(job_id: str, store: StoreDep, _: ReadDep) -> JobOut:
     summary="Cancel: queued -> cancelled; running -> cancelled at the next step boundary",
     responses={409: {"description": "the job already finished"}},
 )
-async def cancel_job(job_id: str, store: StoreDep, dispatcher: DispatcherDep, _: AdminDep) -> JobOut:
+async def cancel_job(job_id: str, store: StoreDep, dispatcher: DispatcherDep, _: WriteDep) -> JobOut:
     def work() -> Job:
         _get(store, job_id)
         try:

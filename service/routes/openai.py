@@ -7,7 +7,6 @@ Model names: "memfit" is the active version; "memfit@N" pins retained version N.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -75,6 +74,8 @@ async def completions(
     if any(s == "" for s in stop):
         raise ApiError(422, "invalid_request", "stop sequences must not be empty", "stop")
     max_tokens = body.max_tokens or 16
+    if "max_tokens" not in body.model_fields_set:
+        max_tokens = min(max_tokens, settings.max_new_tokens_limit)
     check_limits(settings, prompt, max_tokens, stop, names=("prompt", "max_tokens", "stop"))
     pinned = parse_model(body.model)
     extra = body.model_extra or {}
@@ -152,7 +153,6 @@ async def completions(
         yield b"data: [DONE]\n\n"
 
     headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await asyncio.sleep(0)
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
