@@ -1,0 +1,123 @@
+"""`memfit worker [--model DIR] [--store DIR]`: a Celery worker of the distributed mode.
+
+Needs MEMFIT_REDIS_URL. Opens the shared store (seeding an empty one from --model), takes the store's
+Redis writer lock for every publish, ensures the background table in Redis (seeded from the store's
+base when absent; a table of another base is refused), loads the model at the store's active version
+and then consumes `settings.celery_queue` with the solo pool: one update at a time in this very
+process (so the model is loaded once, and no CUDA context crosses a fork). Run more worker processes
+(or machines) for more throughput; `--concurrency` > 1 is refused for that reason.
+
+Device: `MEMFIT_DEVICE` (e.g. cuda, cuda:1, cpu), else CUDA when available.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def _settings(args):
+    from service.settings import Settings
+
+    overrides = {}
+    if args.model:
+        overrides["model"] = Path(args.model).expanduser()
+    if args.store:
+        overrides["store"] = Path(args.store).expanduser()
+    return Settings(**overrides)
+
+
+def _open_store(settings, model_given: bool):
+    from model_store import BaseMismatchError, Store
+
+    root, model = Path(settings.store).expanduser(), Path(settings.model).expanduser()
+    if (root / "store.json").exists():
+        if model_given:
+            Store.init(root, model)  # checks the base is this model
+        return Store.open(root, settings.redis_url)
+    if not (model / "model.safetensors").exists():
+        raise SystemExit(
+            f"memfit worker: no store at {root} and no model at {model}: pass --store of the API's store, "
+            "or --model DIR to seed it"
+        )
+    try:
+        Store.init(root, model)
+    except BaseMismatchError as e:  # another process seeded it meanwhile with another base
+        raise SystemExit(f"memfit worker: {e}") from None
+    return Store.open(root, settings.redis_url)
+
+
+def run(args) -> int:
+    logging.basicConfig(
+        level=os.environ.get("MEMFIT_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = _settings(args)
+    if not settings.redis_url:
+        print(
+            "memfit worker: MEMFIT_REDIS_URL is not set. The worker runs the distributed mode's updates "
+            "from a Redis queue, e.g.\n  MEMFIT_REDIS_URL=redis://127.0.0.1:6379/0 memfit worker --store DIR\n"
+            "(embedded mode needs no worker: `memfit serve` runs updates in-process).",
+            file=sys.stderr,
+        )
+        return 2
+    if getattr(args, "concurrency", 1) not in (None, 1):
+        print(
+            "memfit worker: --concurrency must be 1 (solo pool, one model per process); "
+            "start more worker processes for more throughput",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from workers.celery_app import celery_config
+
+        celery_config(settings)  # validates the time limits before anything loads
+    except ValueError as e:
+        print(f"memfit worker: {e}", file=sys.stderr)
+        return 2
+
+    store = _open_store(settings, "model" in settings.model_fields_set)
+
+    import redis
+
+    try:
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3).ping()
+    except redis.RedisError as e:
+        print(f"memfit worker: Redis at {settings.redis_url} is unreachable ({e})", file=sys.stderr)
+        return 2
+
+    from workers.background_redis import BackgroundMismatch
+    from workers.celery_app import get_app
+    from workers.distributed import WorkerRuntime, set_worker_runtime
+
+    runtime = WorkerRuntime(settings, store)
+    try:
+        runtime.load()
+    except (BackgroundMismatch, FileNotFoundError) as e:
+        print(f"memfit worker: {e}", file=sys.stderr)
+        return 2
+    set_worker_runtime(runtime)
+    print(
+        f"memfit worker pid {os.getpid()}: store {store.root} at version {store.active()}, "
+        f"queue {settings.celery_queue} on {settings.redis_url}",
+        flush=True,
+    )
+    app = get_app(settings)
+    argv = [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        f"--queues={settings.celery_queue}",
+        f"--hostname=memfit-{os.getpid()}@{socket.gethostname()}",
+        f"--loglevel={os.environ.get('MEMFIT_LOG_LEVEL', 'INFO').upper()}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    try:
+        app.worker_main(argv)
+    finally:
+        runtime.close()
+    return 0

@@ -1,0 +1,631 @@
+"""Distributed mode (MEMFIT_REDIS_URL set): Celery workers run the update pipeline, API replicas enqueue.
+
+Integration points (what other modules call):
+- API side, `service/app.py` -> `create_dispatcher(store=, engine=, settings=, metrics=)` returns a
+  `CeleryDispatcher` with the dispatcher interface of the app (`notify(job_id)`, `cancel(job_id) -> Job`,
+  `retry(job_id) -> Job`, `stop()`), plus `status()`. It also
+    * switches the store's writer lock to model_store's RedisWriterLock (the one `Store.open(root,
+      redis_url)` uses), so rollbacks on any replica and publishes on any worker exclude each other;
+    * starts a `workers.events.VersionSubscriber` that calls `engine.follow_active()` on each version
+      event and after every (re)connect (the app's own poll of ACTIVE stays on as the fallback);
+    * adds an engine swap listener that broadcasts a version event when this replica switched for a
+      reason other than an event (an API rollback/activate/revert here, or a CLI change it polled);
+    * runs a re-enqueue sweep (below).
+- Worker side, `workers/tasks.py` -> `worker_runtime().handle(job_id)`; `memfit worker` builds the
+  runtime with `set_worker_runtime(WorkerRuntime(settings, store))` before starting Celery.
+
+The job log on the shared store is the record of truth; Redis carries work and leases only:
+- `notify(job_id)` runs after the API has fsynced the job to the log. It sends the Celery task and
+  then sets `memfit:job:{id}:enqueued` (TTL = visibility timeout). When Redis is down it raises
+  ApiError 503 with Retry-After; the job stays queued in the log (never a 202 without it there).
+- The sweep (every `sweep_s`, in each replica) re-sends every queued or running job that has neither
+  a live claim nor an enqueued marker and has not changed for `sweep_grace_s`: jobs refused while
+  Redis was down, jobs whose worker died, everything after a Redis restart without persistence.
+  `SET NX` on the marker keeps two replicas from sending the same job twice (a duplicate would be
+  harmless anyway: the task is idempotent).
+- A worker claims a job with `memfit:job:{id}:claim` (`SET NX PX`, extended by a heartbeat thread
+  while it runs, so a dead worker's claims lapse within `claim_ttl_s`).
+
+Batching: when the delivered job's claim succeeds, the worker also claims up to
+`settings.max_batch_jobs - 1` other queued jobs (oldest first, same update settings, no document id in
+common). With more than one, it records a batch job in the log (`report.batch_of` = the member ids;
+its documents are the members' documents, re-recorded under the batch job's id), marks each member
+`running` with `report.batch` = the batch id, runs the pipeline once on the batch job and copies the
+result (status, version, parent, evaluation, timings, error) to every member. The version's manifest
+names the batch job (`job_id`) and lists every member document. A cancel of a running batch takes
+effect when every member asked for it.
+
+Idempotency: a delivered task for a finished job does nothing; for a batch member it finishes or
+re-runs its batch; the pipeline itself finishes (never re-publishes) a job whose id already has a
+version in the store (`workers.pipeline.find_version_of_job`), checked under the writer lock.
+
+Every job a worker finishes gets `timings.worker_pid` and `timings.worker_host` (written right after
+the pipeline's final update): the update ran in that process. Celery's hard/soft time limits are not
+enforced by the solo pool, so the runtime also cancels a job at a step boundary after
+`settings.task_time_limit_s - 60` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from model_store import InvalidTransition, Job, Store
+from workers.tasks import UPDATE_TASK
+
+log = logging.getLogger("memfit.distributed")
+
+TASK_NAME = UPDATE_TASK  # the one task (workers.tasks)
+KEY_PREFIX = "memfit:job"
+
+
+def claim_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:{job_id}:claim"
+
+
+def marker_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:{job_id}:enqueued"
+
+
+def redis_client(url: str, timeout: float = 3.0):
+    import redis
+
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+
+
+def store_lock(store: Store, redis_url: str):
+    """The writer lock every distributed writer uses (same name as `Store.open(root, redis_url)`)."""
+    from model_store import RedisWriterLock
+
+    return RedisWriterLock(redis_url, name=f"memfit:store:{store.base_id[:16]}:writer")
+
+
+# ==== worker side ================================================================================
+
+
+class Claims:
+    """Leases on job ids in Redis, extended by a heartbeat thread while held."""
+
+    _EXTEND = """
+    if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+    return 0
+    """
+    _RELEASE = """
+    if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+    return 0
+    """
+
+    def __init__(self, client: Any, ttl_s: float = 60.0) -> None:
+        self.r = client
+        self.ttl_ms = int(ttl_s * 1000)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="memfit-claims", daemon=True)
+        self._thread.start()
+
+    def take(self, job_id: str) -> bool:
+        ok = bool(self.r.set(claim_key(job_id), self.token, nx=True, px=self.ttl_ms))
+        if ok:
+            with self._lock:
+                self.held.add(job_id)
+        return ok
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self.held.discard(job_id)
+        try:
+            self.r.eval(self._RELEASE, 1, claim_key(job_id), self.token)
+        except Exception as e:  # the lease lapses by itself
+            log.warning("releasing claim of %s failed: %s", job_id, e)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            with self._lock:
+                ids = list(self.held)
+            for job_id in ids:
+                try:
+                    self.r.eval(self._EXTEND, 1, claim_key(job_id), self.token, self.ttl_ms)
+                except Exception as e:
+                    log.warning("extending claim of %s failed: %s", job_id, e)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class WorkerRuntime:
+    """One per worker process: the store (Redis writer lock), the warm pipeline, claims, events."""
+
+    def __init__(
+        self, settings: Any, store: Store | None = None, pipeline: Any = None, device: str | None = None
+    ):
+        if not settings.redis_url:
+            raise ValueError("the distributed worker needs MEMFIT_REDIS_URL")
+        self.settings = settings
+        self.url: str = settings.redis_url
+        self.store = store if store is not None else Store.open(settings.store, settings.redis_url)
+        self.store.lock = store_lock(self.store, self.url)
+        self.device = device
+        self._pipeline = pipeline
+        self.r = redis_client(self.url)
+        self.claims = Claims(self.r, ttl_s=getattr(settings, "claim_ttl_s", 60.0))
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        self._loaded = False
+
+    # -- setup -----------------------------------------------------------------------------------
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            from workers.pipeline import Pipeline
+
+            device = self.device or os.environ.get("MEMFIT_DEVICE") or _default_device()
+            self._pipeline = Pipeline(self.store, self.settings, device=device)
+        return self._pipeline
+
+    def load(self) -> None:
+        """Background table from Redis (seeded from the store's base when absent), model at ACTIVE."""
+        if self._loaded:
+            return
+        from memlm.background import model_base_id
+        from workers import background_redis
+
+        base_id = model_base_id(self.store.base_dir)
+        if base_id != self.store.base_id:
+            raise RuntimeError(f"store base {self.store.base_id[:12]} != base files {base_id[:12]}")
+        stats = background_redis.ensure(self.url, self.store.base_dir)
+        p = self.pipeline
+        p.load()
+        p.background = stats  # the shared table in Redis, not a per-host file
+        p.at_version(self.store.active())
+        self._loaded = True
+        log.info(
+            "worker %s:%d ready: store %s at version %d, background of base %s (%d docs)",
+            self.host,
+            self.pid,
+            self.store.root,
+            self.store.active(),
+            base_id[:12],
+            stats.num_docs,
+        )
+
+    def close(self) -> None:
+        self.claims.close()
+
+    # -- one delivered task ----------------------------------------------------------------------
+    def _get(self, job_id: str, wait_s: float = 5.0) -> Job | None:
+        """The job from the shared log; waits briefly (another host's append may be in flight)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            job = self.store.jobs.get(job_id)
+            if job is not None or time.monotonic() >= deadline:
+                return job
+            time.sleep(0.2)
+
+    def handle(self, job_id: str) -> dict[str, Any]:
+        """Run (or finish) job `job_id`; safe to call any number of times for the same id."""
+        self.load()
+        job = self._get(job_id)
+        if job is None:
+            log.error("task for job %s, which is not in the job log of %s", job_id, self.store.root)
+            return {"job_id": job_id, "outcome": "unknown_job"}
+        if job.terminal:
+            self._unmark(job_id)
+            return {"job_id": job_id, "outcome": "already_" + job.status}
+        report = job.report or {}
+        if report.get("batch_of"):
+            return self._run_batch(job_id)
+        if job.status == "running" and report.get("batch"):
+            return self._run_batch(str(report["batch"]))
+        if not self.claims.take(job_id):
+            self._unmark(job_id)  # its holder runs it; if that holder dies, the sweep resends it
+            return {"job_id": job_id, "outcome": "claimed_elsewhere"}
+        members: list[Job] = [job]
+        try:
+            self._unmark(job_id)
+            members += self._gather(job)
+            if len(members) == 1:
+                return self._run_single(job_id)
+            return self._start_batch(members)
+        finally:
+            for m in members:
+                self.claims.release(m.job_id)
+
+    def _unmark(self, job_id: str) -> None:
+        try:
+            self.r.delete(marker_key(job_id))
+        except Exception:
+            pass
+
+    def _gather(self, leader: Job) -> list[Job]:
+        """Other queued jobs to merge with `leader` (claimed here), oldest first."""
+        limit = max(1, int(self.settings.max_batch_jobs)) - 1
+        if limit <= 0:
+            return []
+        taken: list[Job] = []
+        docs = set(leader.documents)
+        for j in self.store.jobs.queued(include_running=False):
+            if len(taken) >= limit:
+                break
+            if j.job_id == leader.job_id or (j.report or {}).get("batch_of"):
+                continue
+            if (j.settings or {}) != (leader.settings or {}) or docs & set(j.documents):
+                continue
+            if (j.progress or {}).get("cancel_requested"):
+                continue
+            if not self.claims.take(j.job_id):
+                continue
+            current = self.store.jobs.get(j.job_id)
+            if current is None or current.status != "queued":
+                self.claims.release(j.job_id)
+                continue
+            self._unmark(j.job_id)
+            taken.append(current)
+            docs |= set(j.documents)
+        return taken
+
+    def _deadline_cancel(self, extra=None):
+        hard = float(self.settings.task_time_limit_s)
+        deadline = time.monotonic() + max(1.0, hard - 60.0)
+
+        def should_cancel() -> bool:
+            if time.monotonic() > deadline:
+                log.error("job exceeded MEMFIT_TASK_TIME_LIMIT_S=%s: cancelling it", hard)
+                return True
+            return bool(extra and extra())
+
+        return should_cancel
+
+    def _stamp(self, job_id: str, extra: dict[str, Any] | None = None) -> None:
+        """Record this worker's pid/host in the finished job's timings."""
+        job = self.store.jobs.get(job_id)
+        if job is None:
+            return
+        timings = {**(job.timings or {}), "worker_pid": self.pid, "worker_host": self.host, **(extra or {})}
+        self.store.jobs.update(job_id, timings=timings)
+
+    def _announce(self, version: int | None, job_ids: list[str]) -> None:
+        from workers.events import publish_active
+
+        publish_active(self.r, self.store.active(), version=version, jobs=job_ids)
+
+    def _run_single(self, job_id: str) -> dict[str, Any]:
+        res = self.pipeline.run_job(job_id, should_cancel=self._deadline_cancel())
+        self._stamp(job_id)
+        if res.status == "succeeded":
+            self._announce(res.version, [job_id])
+        return {"job_id": job_id, "outcome": res.status, "version": res.version}
+
+    def _start_batch(self, members: list[Job]) -> dict[str, Any]:
+        from model_store.joblog import new_job_id
+
+        batch_id = new_job_id()
+        if not self.claims.take(batch_id):  # a fresh random id: only fails when Redis does
+            raise RuntimeError(f"cannot claim batch job {batch_id}")
+        try:
+            jobs = self.store.jobs
+            member_ids = [m.job_id for m in members]
+            documents = [
+                {k: r[k] for k in ("id", "text", "facts", "metadata") if k in r}
+                for m in members
+                for r in jobs.documents(m.documents, job_id=m.job_id)
+            ]
+            jobs.create_job(batch_id, documents, settings=dict(members[0].settings or {}))
+            jobs.update(batch_id, report={"batch_of": member_ids})
+            for m in members:
+                jobs.update(
+                    m.job_id,
+                    status="running",
+                    report={**(m.report or {}), "batch": batch_id},
+                    progress={"phase": "batched", "batch": batch_id, "batch_size": len(members)},
+                )
+            log.info("batch %s: %d jobs, %d documents", batch_id, len(members), len(documents))
+            return self._run_batch(batch_id, claimed=True)
+        finally:
+            self.claims.release(batch_id)
+
+    def _run_batch(self, batch_id: str, claimed: bool = False) -> dict[str, Any]:
+        jobs = self.store.jobs
+        batch = jobs.get(batch_id)
+        if batch is None:
+            return {"job_id": batch_id, "outcome": "unknown_batch"}
+        member_ids = [str(x) for x in (batch.report or {}).get("batch_of", [])]
+        took = False
+        try:
+            if not batch.terminal:
+                if not claimed:
+                    if not self.claims.take(batch_id):
+                        return {"job_id": batch_id, "outcome": "claimed_elsewhere"}
+                    took = True
+                    for mid in member_ids:  # keep the sweep off the members while this runs
+                        self.claims.take(mid)
+
+                def all_cancelled() -> bool:
+                    ms = [jobs.get(mid) for mid in member_ids]
+                    return bool(ms) and all(
+                        m is not None
+                        and (m.status == "cancelled" or (m.progress or {}).get("cancel_requested"))
+                        for m in ms
+                    )
+
+                self.pipeline.run_job(batch_id, should_cancel=self._deadline_cancel(all_cancelled))
+                self._stamp(batch_id, {"batch_size": len(member_ids)})
+            batch = jobs.get(batch_id)
+            assert batch is not None
+            finished = self._finish_members(batch, member_ids)
+            if batch.status == "succeeded" and finished:
+                self._announce(batch.version, [batch_id, *member_ids])
+            return {
+                "job_id": batch_id,
+                "outcome": batch.status,
+                "version": batch.version,
+                "members": member_ids,
+            }
+        finally:
+            if took:
+                self.claims.release(batch_id)
+                for mid in member_ids:
+                    self.claims.release(mid)
+
+    def _finish_members(self, batch: Job, member_ids: list[str]) -> int:
+        """Copy the batch's final state to its members still running under it; returns how many."""
+        if not batch.terminal:
+            return 0
+        jobs = self.store.jobs
+        n = 0
+        for mid in member_ids:
+            m = jobs.get(mid)
+            if m is None or m.terminal or (m.report or {}).get("batch") != batch.job_id:
+                continue
+            try:
+                if m.status != "running":
+                    jobs.update(mid, status="running")
+                jobs.update(
+                    mid,
+                    status=batch.status,
+                    version=batch.version,
+                    parent=batch.parent,
+                    evaluation=batch.evaluation or {},
+                    timings={**(batch.timings or {}), "batch": batch.job_id},
+                    error=batch.error,
+                    progress={"phase": "done", "batch": batch.job_id},
+                )
+                n += 1
+            except InvalidTransition as e:  # cancelled meanwhile by an operator
+                log.warning("batch %s: member %s: %s", batch.job_id, mid, e)
+        return n
+
+
+def _default_device() -> str:
+    import torch  # the worker process decides at run time, never at import time
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def set_worker_runtime(runtime: WorkerRuntime | None) -> None:
+    global _runtime
+    with _runtime_lock:
+        _runtime = runtime
+
+
+def worker_runtime() -> WorkerRuntime:
+    """The process's runtime (built from the environment's Settings when `memfit worker` did not)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            from workers.celery_app import get_app
+
+            _runtime = WorkerRuntime(get_app().conf.memfit_settings)
+        return _runtime
+
+
+# ==== API side ===================================================================================
+
+
+class CeleryDispatcher:
+    """The API replica's side of the distributed mode (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Any,
+        engine: Any = None,
+        metrics: Any = None,
+        sweep_s: float = 5.0,
+        sweep_grace_s: float = 5.0,
+        subscribe: bool = True,
+    ) -> None:
+        if not settings.redis_url:
+            raise ValueError("CeleryDispatcher needs MEMFIT_REDIS_URL")
+        from workers.celery_app import get_app
+
+        self.store = store
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.url: str = settings.redis_url
+        self.app = get_app(settings)
+        self.queue = settings.celery_queue
+        self.r = redis_client(self.url)
+        self.sweep_s = sweep_s
+        self.sweep_grace_s = sweep_grace_s
+        self.marker_ttl_s = int(settings.visibility_timeout_s) + 60
+        self.last_error: str | None = None
+        self.enqueued = 0
+        self._stop = threading.Event()
+        self._from_event = threading.local()
+        self._seen_jobs: set[str] = set()
+        store.lock = store_lock(store, self.url)
+        self.subscriber = None
+        if engine is not None and subscribe:
+            from workers.events import VersionSubscriber
+
+            engine.add_swap_listener(self._on_swap)
+            self.subscriber = VersionSubscriber(self.url, self._on_event, current_active=store.active).start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="memfit-resend", daemon=True)
+        self._sweeper.start()
+
+    # -- the app's dispatcher interface ----------------------------------------------------------
+    def notify(self, job_id: str | None = None) -> None:
+        """Send job `job_id` to the workers; ApiError 503 (Retry-After) when Redis is unreachable."""
+        if job_id is None:
+            return
+        try:
+            self.send(job_id)
+        except Exception as e:
+            from service.errors import ApiError
+
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.warning("job %s stays queued in the log: Redis unreachable (%s)", job_id, e)
+            raise ApiError(
+                503,
+                "queue_unavailable",
+                f"job {job_id} is recorded but the update queue (Redis) is unreachable; it will be sent "
+                "when Redis is back. Retry with the same Idempotency-Key to get this job.",
+                None,
+                {"Retry-After": str(max(1, int(self.sweep_s)))},
+            ) from None
+
+    def send(self, job_id: str) -> None:
+        """Publish the task, then mark the job as enqueued (raises when Redis is unreachable)."""
+        self.app.send_task(
+            TASK_NAME, args=[job_id], queue=self.queue, retry=False, ignore_result=True, task_id=None
+        )
+        self.r.set(marker_key(job_id), str(time.time()), ex=self.marker_ttl_s)
+        self.enqueued += 1
+        self.last_error = None
+
+    def cancel(self, job_id: str) -> Job:
+        """queued -> cancelled at once; running -> flagged in the log, stops at a step boundary."""
+        jobs = self.store.jobs
+        job = jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.status == "queued":
+            try:
+                return jobs.cancel(job_id)
+            except InvalidTransition:
+                job = jobs.get(job_id)
+                assert job is not None
+        if job.status in ("queued", "running"):
+            return jobs.update(job_id, progress={**(job.progress or {}), "cancel_requested": True})
+        raise InvalidTransition(f"job {job_id} is {job.status}: only queued or running jobs can be cancelled")
+
+    def retry(self, job_id: str) -> Job:
+        job = self.store.jobs.retry(job_id)
+        try:
+            self.send(job_id)
+        except Exception as e:  # the sweep sends it when Redis is back
+            self.last_error = f"{type(e).__name__}: {e}"
+        return job
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.subscriber is not None:
+            self.subscriber.stop()
+        self._sweeper.join(timeout=2)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": "distributed",
+            "queue": self.queue,
+            "enqueued": self.enqueued,
+            "events_connected": bool(self.subscriber and self.subscriber.connected),
+            "events_received": self.subscriber.messages if self.subscriber else 0,
+            "last_error": self.last_error,
+        }
+
+    # -- version events --------------------------------------------------------------------------
+    def _on_event(self, version: int) -> None:
+        """A version event (or a reconnect): move this replica to the store's ACTIVE."""
+        self._from_event.active = True
+        try:
+            result = self.engine.follow_active()
+        finally:
+            self._from_event.active = False
+        if result is not None:
+            self._observe_ingest_to_live()
+
+    def _on_swap(self, result: Any) -> None:
+        """Broadcast switches this replica made on its own (API activate/rollback/revert, a polled
+        CLI change); switches caused by an event are not echoed."""
+        if getattr(self._from_event, "active", False):
+            return
+        try:
+            if result.to_version != self.store.active():
+                return  # a pinned or transient switch, not the store's active version
+        except Exception:
+            return
+        from workers.events import publish_active
+
+        publish_active(self.r, result.to_version, previous=result.from_version, reason="replica switch")
+
+    def _observe_ingest_to_live(self) -> None:
+        """memfit_ingest_to_live_seconds for the jobs of the version this replica now serves."""
+        if self.metrics is None or self.engine is None:
+            return
+        try:
+            m = self.store.manifest(self.engine.version)
+            job_id = m.get("job_id")
+            if not job_id or job_id in self._seen_jobs:
+                return
+            self._seen_jobs.add(job_id)
+            job = self.store.jobs.get(job_id)
+            ids = [str(x) for x in ((job.report or {}).get("batch_of") or [job_id])] if job else []
+            now = time.time()
+            for jid in ids:
+                j = self.store.jobs.get(jid)
+                if j is not None and j.created_at:
+                    self.metrics.ingest_to_live.observe(max(0.0, now - j.created_at))
+        except Exception:
+            log.debug("ingest_to_live not recorded", exc_info=True)
+
+    # -- re-enqueue sweep ------------------------------------------------------------------------
+    def sweep_once(self) -> list[str]:
+        """Send every queued/running job with no claim and no enqueued marker (see module docstring)."""
+        sent: list[str] = []
+        now = time.time()
+        for job in self.store.jobs.queued(include_running=True):
+            if now - (job.updated_at or job.created_at) < self.sweep_grace_s:
+                continue
+            if self.r.exists(claim_key(job.job_id)):
+                continue
+            if not self.r.set(marker_key(job.job_id), str(now), nx=True, ex=self.marker_ttl_s):
+                continue  # sent already (by us or another replica)
+            try:
+                self.app.send_task(
+                    TASK_NAME, args=[job.job_id], queue=self.queue, retry=False, ignore_result=True
+                )
+            except Exception:
+                self.r.delete(marker_key(job.job_id))
+                raise
+            sent.append(job.job_id)
+        if sent:
+            log.info("re-enqueued %d jobs from the log: %s", len(sent), ", ".join(sent[:10]))
+        return sent
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.sweep_s):
+            try:
+                self.sweep_once()
+                self.last_error = None
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}"
+                if msg != self.last_error:
+                    log.warning("re-enqueue sweep: %s", msg)
+                self.last_error = msg
+
+
+def create_dispatcher(store: Store, engine: Any, settings: Any, metrics: Any = None) -> CeleryDispatcher:
+    """What `service.app` calls in distributed mode."""
+    return CeleryDispatcher(store, settings, engine=engine, metrics=metrics)
