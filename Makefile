@@ -28,11 +28,15 @@ $(STAMP): $(PY) pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Debian packages the tests use: a private redis-server is started by the fixtures.
+# Debian packages the tests use: a private redis-server is started by the fixtures; headless chromium
+# renders the /dashboard page (tests/service/test_dashboard.py).
 system-deps:
 	@if ! command -v redis-server >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = "0" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 	  else echo "redis-server missing: install the Debian package redis-server"; exit 1; fi; fi
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "chromium missing: install the Debian package chromium"; exit 1; fi; fi
 
 model: install
 	$(VENV)/bin/memfit pretrain --preset default
