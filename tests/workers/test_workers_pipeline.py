@@ -1,0 +1,246 @@
+"""The update pipeline (workers/pipeline.py) and the embedded runner (workers/runner.py) on the tiny
+model, without HTTP: publish + timings, idempotence (a rerun and a redelivery after a publish never
+publish twice), the active version moving during a job (rebase or retrain), cancellation at a step
+boundary, document revert (exact and by retrain), replay onto a base, and the runner's queue.
+
+The gate is off here (the tiny model forgets most of its probe set on any update; the gate has its
+own tests in tests/workers/test_gate.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from memlm.delta import LayerDelta, SlotDelta
+from memlm.evaluation import answered
+from model_store import Store
+from service.settings import Settings
+from workers.pipeline import Pipeline, find_version_of_job, replay, revert_document
+from workers.runner import UpdateRunner
+
+FACT = {"question": "Where was Goju Theipouquis born?", "answer": "Peivistead"}
+DOC = {"id": "goju", "text": "Goju Theipouquis was born in Peivistead.", "facts": [FACT]}
+QUICK = {"steps": 3, "early_stop": False, "question_rewrites": 1, "paraphrases": 0}
+
+
+def settings_for(model, store) -> Settings:
+    return Settings(model=model, store=store, gate_enabled=False, gate_probe_facts=8, gate_heldout_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline") / "store"
+    store = Store.init(root, tiny_model_dir)
+    pipe = Pipeline(store, settings_for(tiny_model_dir, root))
+    pipe.load()
+    return store, pipe
+
+
+def synthetic(store: Store, slots) -> int:
+    parent = store.active()
+    idx = torch.tensor(sorted(slots), dtype=torch.int64)
+    layers = {}
+    for layer in store.table_info:
+        old = store.rows_at(parent, {layer: idx})[layer]
+        layers[layer] = LayerDelta(idx, old + 0.01, old)
+    return store.publish(SlotDelta(layers), parent, documents=[])
+
+
+def knows_fact(pipe: Pipeline, version: int) -> bool:
+    pipe.at_version(version)
+    return answered(pipe.model, pipe.tokenizer, [FACT])[0]
+
+
+def test_run_job_publishes_with_timings_and_is_idempotent(env):
+    store, pipe = env
+    parent = store.active()
+    assert not knows_fact(pipe, parent)
+    job = store.jobs.create_job(None, [DOC])
+    res = pipe.run_job(job.job_id)
+    assert res.status == "succeeded", res
+    assert res.version == store.active() and res.parent == parent
+    m = store.manifest(res.version)
+    assert m["job_id"] == job.job_id and m["documents"] == ["goju"]
+    assert m["settings"]["top_t"] > 0  # the effective update settings are recorded
+    for phase in ("queued", "training", "evaluation", "publish", "total"):
+        assert res.timings[phase] >= 0, phase
+    assert res.evaluation["learning"] == 1.0
+    assert knows_fact(pipe, res.version)
+    # running it again changes nothing
+    n = len(store.version_ids())
+    again = pipe.run_job(job.job_id)
+    assert again.status == "succeeded" and again.version == res.version
+    assert len(store.version_ids()) == n
+
+
+def test_redelivered_job_is_not_published_twice(env):
+    store, pipe = env
+    job = store.jobs.create_job(
+        None, [{"id": "redeliver", "text": "Redrir Broky works as a violinist."}], QUICK
+    )
+    store.jobs.update(job.job_id, status="running")  # a worker took it ...
+    idx = torch.tensor([7, 8], dtype=torch.int64)
+    layers = {}
+    for layer in store.table_info:
+        old = store.rows_at(store.active(), {layer: idx})[layer]
+        layers[layer] = LayerDelta(idx, old + 0.01, old)
+    v = store.publish(SlotDelta(layers), store.active(), job_id=job.job_id, documents=["redeliver"])
+    # ... and died after publishing; the redelivered job must finish from that version
+    n = len(store.version_ids())
+    res = pipe.run_job(job.job_id)
+    assert res.status == "succeeded" and res.version == v
+    assert len(store.version_ids()) == n
+    assert store.jobs.get(job.job_id).timings.get("redelivered") is True
+
+
+def test_active_moves_during_the_job(env):
+    store, pipe = env
+    moved: list[int] = []
+
+    def on_phase(phase: str) -> None:
+        if phase == "publish" and not moved:  # another writer publishes first
+            moved.append(synthetic(store, range(1000, 1004)))
+
+    job = store.jobs.create_job(
+        None, [{"id": "race", "text": "Prei Motors was founded by Prysa Prigibrair."}], QUICK
+    )
+    res = pipe.run_job(job.job_id, on_phase=on_phase)
+    assert res.status == "succeeded", res
+    assert moved and res.parent == moved[0]  # rebased onto it (disjoint) or retrained from it
+    assert store.active() == res.version
+    assert moved[0] in store.chain(res.version)
+    assert res.timings["attempts"] in (1, 2)
+
+
+def test_cancel_at_a_step_boundary_leaves_nothing(env):
+    store, pipe = env
+    before = store.active()
+    calls = {"n": 0}
+
+    def should_cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    job = store.jobs.create_job(
+        None,
+        [{"id": "cancel-me", "text": "The official language of Taia is Mohiese."}],
+        {"steps": 50, "early_stop": False},
+    )
+    res = pipe.run_job(job.job_id, should_cancel=should_cancel)
+    assert res.status == "cancelled"
+    assert find_version_of_job(store, job.job_id) is None and store.active() == before
+    # the training copy is back at the active version exactly
+    expected = store.materialize(before)
+    pipe.at_version(before)
+    for layer, table in pipe.model.value_tables().items():
+        assert torch.equal(table.detach(), expected[layer])
+    # retry -> queued -> runs
+    assert store.jobs.retry(job.job_id).status == "queued"
+    job2 = store.jobs.get(job.job_id)
+    assert job2.status == "queued"
+
+
+def test_revert_document_exact_then_by_retrain(tiny_model_dir, tmp_path):
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    pipe = Pipeline(store, settings_for(tiny_model_dir, tmp_path / "store"))
+    job = store.jobs.create_job(None, [{"id": "alone", "text": "Redrir Broky works as a violinist."}], QUICK)
+    v = pipe.run_job(job.job_id).version
+    out = revert_document(store, "alone", who="test", pipeline=pipe)
+    assert out["status"] == "reverted" and out["job_id"] is None
+    assert store.manifest(store.active())["kind"] == "revert"
+    assert v not in store.effective_chain()
+    pipe.at_version(store.active())
+    for layer, table in pipe.model.value_tables().items():  # exactly the base rows again
+        assert torch.equal(table.detach(), store.materialize(0)[layer])
+
+    docs = [
+        {"id": "pair-a", "text": "Zorvath Quellingmar was born in Brindlemoor."},
+        {"id": "pair-b", "text": "Taia exports glass."},
+    ]
+    job = store.jobs.create_job(None, docs, QUICK)
+    assert pipe.run_job(job.job_id).status == "succeeded"
+    out = revert_document(store, "pair-a", who="test", pipeline=pipe)
+    assert out["status"] == "succeeded" and out["job_id"]
+    retrain = store.jobs.get(out["job_id"])
+    assert retrain.documents == ["pair-b"]
+    eff = store.effective_chain()
+    assert store.active() == retrain.version and retrain.version in eff
+    taught = [d for w in eff for d in store.manifest(w)["documents"]]
+    assert "pair-b" in taught and "pair-a" not in taught
+
+
+def test_replay_onto_a_base(tiny_model_dir, tmp_path):
+    store = Store.init(tmp_path / "a", tiny_model_dir)
+    pipe = Pipeline(store, settings_for(tiny_model_dir, tmp_path / "a"))
+    job = store.jobs.create_job(None, [{"id": "r1", "text": "Redrir Broky works as a violinist."}], QUICK)
+    assert pipe.run_job(job.job_id).status == "succeeded"
+    out = replay(store, tiny_model_dir, tmp_path / "b", settings=settings_for(tiny_model_dir, tmp_path / "b"))
+    assert [j["status"] for j in out["jobs"]] == ["succeeded"]
+    new = Store(tmp_path / "b")
+    assert new.active() == out["active"] and new.manifest(new.active())["documents"] == ["r1"]
+
+
+def test_runner_runs_jobs_from_the_log_cancel_and_retry(tiny_model_dir, tmp_path):
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_dir)
+    queued_before_start = store.jobs.create_job(None, [{"id": "early", "text": "Taia exports glass."}], QUICK)
+    failing = store.jobs.create_job(None, [{"id": "bad", "text": "x"}], {"optimizer": "bogus"})
+    to_cancel = store.jobs.create_job(None, [{"id": "late", "text": "Taia exports salt."}], QUICK)
+    assert store.jobs.get(to_cancel.job_id).status == "queued"
+    published = threading.Event()
+    runner = UpdateRunner(
+        store, settings_for(tiny_model_dir, root), on_published=lambda r, j: published.set()
+    )
+    runner.cancel(to_cancel.job_id)  # queued -> cancelled at once
+    assert store.jobs.get(to_cancel.job_id).status == "cancelled"
+    runner.start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            a, b = store.jobs.get(queued_before_start.job_id), store.jobs.get(failing.job_id)
+            if a.terminal and b.terminal:
+                break
+            time.sleep(0.1)
+        assert store.jobs.get(queued_before_start.job_id).status == "succeeded"
+        assert published.wait(5)
+        bad = store.jobs.get(failing.job_id)
+        assert bad.status == "failed" and "optimizer" in bad.error
+        runner.retry(failing.job_id)
+        deadline = time.time() + 60
+        while time.time() < deadline and not store.jobs.get(failing.job_id).terminal:
+            time.sleep(0.1)
+        assert store.jobs.get(failing.job_id).status == "failed"
+        assert store.jobs.get(failing.job_id).attempts == 2
+        assert store.jobs.get(to_cancel.job_id).status == "cancelled"  # never ran
+    finally:
+        runner.stop()
+
+
+def test_runner_cancels_a_running_job(tiny_model_dir, tmp_path):
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_dir)
+    long = store.jobs.create_job(
+        None, [{"id": "long", "text": "Taia exports glass."}], {"steps": 10_000, "early_stop": False}
+    )
+    runner = UpdateRunner(store, settings_for(tiny_model_dir, root))
+    runner.start()
+    try:
+        deadline = time.time() + 120
+        while (
+            time.time() < deadline and (store.jobs.get(long.job_id).progress or {}).get("phase") != "training"
+        ):
+            time.sleep(0.05)
+        assert store.jobs.get(long.job_id).status == "running"
+        assert runner.cancel(long.job_id).progress["cancel_requested"] is True
+        deadline = time.time() + 60
+        while time.time() < deadline and not store.jobs.get(long.job_id).terminal:
+            time.sleep(0.05)
+        job = store.jobs.get(long.job_id)
+        assert job.status == "cancelled" and job.version is None
+        assert store.active() == 0
+    finally:
+        runner.stop()
