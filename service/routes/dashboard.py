@@ -89,6 +89,7 @@ def serving_snapshot(metrics: Any) -> dict[str, Any]:
         return {f"p{int(p * 100)}": histogram_quantile(p, b) for p in (0.5, 0.95, 0.99)}
 
     return {
+        "started_at": _value(m.start_time),
         "generation_requests": _value(m.e2e, "_count"),
         "prompt_tokens_total": _value(m.prompt_tokens, "_total"),
         "generation_tokens_total": _value(m.generation_tokens, "_total"),

@@ -167,7 +167,7 @@ function renderKnowledge() {
     { name: "retention", values: k.retention, marks: rejected },
     { name: "forgetting vs parent", values: k.forgetting, marks: rejected },
     { name: "forgetting vs base", values: k.forgetting_base, marks: rejected },
-    { name: "gate max vs parent", values: flat(gate.max_forgetting), dashed: true, color: "#999" },
+    { name: "gate (parent)", values: flat(gate.max_forgetting), dashed: true, color: "#999" },
   ], { min: 0, max: 1, format: (v) => (100 * v).toFixed(0) + "%", empty: "no evaluated update yet" });
   lineChart(document.getElementById("chart-perplexity"), xs, [
     { name: "held-out perplexity", values: k.perplexity, marks: rejected },
@@ -263,8 +263,12 @@ function renderServing() {
   const polls = state.polls;
   const xs = [], s = { e2e_p50: [], e2e_p95: [], e2e_p99: [], ttft_p50: [], ttft_p95: [],
     tokens_per_s: [], prompt_tokens_per_s: [], queue_depth: [], in_flight: [], errors_per_s: [] };
-  for (let i = 1; i < polls.length; i++) {
-    const a = polls[i - 1].d.serving, b = polls[i].d.serving, dt = polls[i].d.time - polls[i - 1].d.time;
+  // the first point covers everything since the process started; later ones the window since the last poll
+  const zero = (d) => ({ time: d.serving.started_at, serving: { histograms: { e2e: [], ttft: [] },
+    generation_tokens_total: 0, prompt_tokens_total: 0, errors_total: 0 } });
+  for (let i = 0; i < polls.length; i++) {
+    const prev = i === 0 ? zero(polls[0].d) : polls[i - 1].d;
+    const a = prev.serving, b = polls[i].d.serving, dt = polls[i].d.time - prev.time;
     if (!(dt > 0)) continue;
     xs.push(new Date(polls[i].d.time * 1000).toLocaleTimeString());
     const e2e = bucketDiff(b.histograms.e2e, a.histograms.e2e);
@@ -281,7 +285,7 @@ function renderServing() {
     s.errors_per_s.push((b.errors_total - a.errors_total) / dt);
   }
   state.plotted.serving = Object.assign({ t: xs }, s);
-  const msg = "collecting: a point per poll window";
+  const msg = "no requests yet";
   lineChart(document.getElementById("chart-latency"), xs, [
     { name: "p50", values: s.e2e_p50 }, { name: "p95", values: s.e2e_p95 }, { name: "p99", values: s.e2e_p99 },
   ], { min: 0, empty: msg });
