@@ -75,6 +75,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": 24 * 3600,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
+        # Redis lost mid-update: the (solo-pool) update runs to its end; its unacknowledged message is
+        # redelivered later and is then a no-op (the task is idempotent by job id)
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "enable_utc": True,
     }
 
