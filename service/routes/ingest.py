@@ -174,7 +174,8 @@ async def ingest(
         ) from None
     if not replayed:
         metrics.ingested_documents.inc(len(documents))
-        dispatcher.notify(job.job_id)
+        # off the event loop: the distributed dispatcher talks to Redis (503 from it when unreachable)
+        await asyncio.to_thread(dispatcher.notify, job.job_id)
     headers = {"Location": f"/jobs/{job.job_id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
