@@ -1,0 +1,137 @@
+"""What the evaluation gate adds to an update, in seconds.
+
+Runs a few real update jobs through workers.pipeline.Pipeline on a fresh store and reports, per job,
+the phases the pipeline records (training, evaluation = the gate's work, publish, total), plus the
+one-time cost of measuring the base reference (probe answers + held-out perplexity) at load.
+
+The model: --model, else the default model (~/.local/share/memfit/models/default, `make model`) when it
+exists, else the tiny test model (built into a temporary directory when no cached one is found). The
+output says which.
+
+    .venv/bin/python benchmarks/gate_cost.py [--model DIR] [--updates 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pick_model(arg: str | None) -> tuple[Path, str]:
+    if arg:
+        return Path(arg), "given"
+    from memlm.paths import default_model_dir
+
+    default = default_model_dir()
+    if (default / "model.safetensors").exists():
+        return default, "default"
+    cached = sorted(
+        (
+            p
+            for p in (ROOT / ".pytest_cache" / "memfit-tiny").glob("*")
+            if (p / "background.safetensors").exists()
+        ),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if cached:
+        return cached[-1], "tiny (test cache; the default model is not built)"
+    from memlm.pretrain import pretrain
+
+    out = Path(tempfile.mkdtemp(prefix="memfit-tiny-")) / "model"
+    print("no default model: pretraining the tiny preset ...", flush=True)
+    pretrain("tiny", out, progress=False)
+    return out, "tiny (built now; the default model is not built)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model directory (default: the default model, else the tiny one)")
+    ap.add_argument("--updates", type=int, default=3, help="update jobs to time (one fact each)")
+    ap.add_argument(
+        "--top-t", type=int, default=None, help="slots per update (default: the tiny-safe 8 on tiny)"
+    )
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+
+    from memlm.data.invented import invented_facts
+    from model_store import Store
+    from service.settings import Settings
+    from workers.pipeline import Pipeline
+
+    model, which = pick_model(args.model)
+    tiny = json.loads((model / "config.json").read_text()).get("memory_size", 0) <= 4096
+    overrides = (
+        {"top_t": args.top_t} if args.top_t else ({"top_t": 8, "lr": 0.03, "steps": 10} if tiny else {})
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(model=model, store=Path(tmp) / "store")
+        store = Store.init(settings.store, model)
+        pipeline = Pipeline(store, settings)
+        t0 = time.perf_counter()
+        pipeline.load()
+        load_s = time.perf_counter() - t0
+        rows = []
+        for i, fact in enumerate(invented_facts(args.updates, seed=7)):
+            doc = {
+                "id": f"gate-cost-{i}",
+                "text": fact["text"],
+                "facts": [{k: fact[k] for k in ("question", "answer", "heldout_question")}],
+            }
+            job = store.jobs.create_job(None, [doc], settings=overrides)
+            res = pipeline.run_job(job.job_id)
+            t = res.timings
+            rows.append(
+                {
+                    "job": i,
+                    "status": res.status,
+                    "training_s": t.get("training"),
+                    "evaluation_s": t.get("evaluation"),
+                    "publish_s": t.get("publish"),
+                    "total_s": t.get("total"),
+                    "probe_facts": res.evaluation.get("probe_facts"),
+                }
+            )
+    ev = [r["evaluation_s"] for r in rows if r["evaluation_s"] is not None]
+    tot = [r["total_s"] for r in rows if r["total_s"]]
+    out = {
+        "model": str(model),
+        "model_kind": which,
+        "gate_probe_facts": settings.gate_probe_facts,
+        "gate_heldout_tokens": settings.gate_heldout_tokens,
+        "update_settings": overrides,
+        "load_reference_s": round(load_s, 3),
+        "jobs": rows,
+        "evaluation_median_s": round(statistics.median(ev), 3) if ev else None,
+        "evaluation_share_of_update": round(sum(ev) / sum(tot), 3) if ev and tot else None,
+    }
+    print(f"model: {model} ({which})")
+    print(
+        f"gate budget: {settings.gate_probe_facts} probe facts, {settings.gate_heldout_tokens} held-out tokens"
+    )
+    print(f"one-time at load (base reference: model load, probe answers, perplexity): {load_s:.2f} s")
+    print(f"{'job':>3} {'status':>9} {'training':>9} {'gate':>7} {'publish':>8} {'total':>7} {'probe':>5}")
+    for r in rows:
+        print(
+            f"{r['job']:>3} {r['status']:>9} {r['training_s']:>8.2f}s {r['evaluation_s']:>6.2f}s "
+            f"{r['publish_s']:>7.2f}s {r['total_s']:>6.2f}s {r['probe_facts']:>5}"
+        )
+    if ev:
+        print(
+            f"gate cost per update: median {out['evaluation_median_s']:.2f} s "
+            f"({100 * out['evaluation_share_of_update']:.0f}% of the update time)"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
