@@ -6,8 +6,8 @@ API's registry or a prometheus multiprocess directory. Each worker process there
 API (service.metrics.Metrics); Prometheus scrapes the job `memfit-worker` (deploy/prometheus).
 Workers run `--pool=solo` (one process, one job at a time), so one endpoint per worker is exact.
 
-The update task calls `observe_job(result, store)` after `Pipeline.run_job`; `start_server(settings)`
-runs once per process (from Celery's `worker_init` signal, or by hand).
+`memfit worker` calls `start_server(settings)` and `instrument(runtime.pipeline, store)` once per process:
+from then on every job the pipeline finishes here is recorded (`observe_job`).
 """
 
 from __future__ import annotations
@@ -76,6 +76,24 @@ def observe_job(result: Any, store: Any = None) -> None:
     from service.observability import record_job
 
     record_job(metrics(), result, store, durations=True)
+
+
+def instrument(pipeline: Any, store: Any) -> None:
+    """Record every job `pipeline.run_job` finishes in this process (a call that finds the job already
+    finished, e.g. a redelivered task, records nothing)."""
+    if getattr(pipeline, "_memfit_metrics_instrumented", False):
+        return
+    inner = pipeline.run_job
+
+    def run_job(job_id: str, *args: Any, **kwargs: Any) -> Any:
+        before = store.jobs.get(job_id)
+        result = inner(job_id, *args, **kwargs)
+        if before is None or not before.terminal:
+            observe_job(result, store)
+        return result
+
+    pipeline.run_job = run_job
+    pipeline._memfit_metrics_instrumented = True
 
 
 def connect_celery_signals() -> None:

@@ -100,6 +100,10 @@ def run(args) -> int:
         print(f"memfit worker: {e}", file=sys.stderr)
         return 2
     set_worker_runtime(runtime)
+    from workers.worker_metrics import instrument, start_server
+
+    instrument(runtime.pipeline, runtime.store)  # job metrics on this worker's own /metrics
+    start_server(settings)  # MEMFIT_WORKER_METRICS_PORT (docs/observability.md)
     print(
         f"memfit worker pid {os.getpid()}: store {store.root} at version {store.active()}, "
         f"queue {settings.celery_queue} on {settings.redis_url}",

@@ -353,3 +353,41 @@ def test_worker_endpoint_exports_job_metrics():
         - a("memfit_updates_rejected_total", reason="perplexity")
         == 1
     )
+
+
+def test_worker_instrumentation_records_each_finished_job_once():
+    """memfit worker wraps its pipeline: a job run here is recorded; a redelivered finished one is not."""
+    from types import SimpleNamespace
+
+    from workers import worker_metrics
+    from workers.pipeline import JobResult
+
+    statuses = {"j_new": "queued", "j_done": "succeeded"}
+
+    class Jobs:
+        def get(self, job_id):
+            s = statuses[job_id]
+            return SimpleNamespace(status=s, terminal=s in ("succeeded", "rejected", "failed", "cancelled"))
+
+    store = SimpleNamespace(jobs=Jobs(), manifest=lambda v: {"slots_changed": {"total": 5}})
+
+    class FakePipeline:
+        def run_job(self, job_id, should_cancel=None):
+            statuses[job_id] = "succeeded"
+            return JobResult(job_id, "succeeded", version=1, timings={"total": 1.0})
+
+    pipe = FakePipeline()
+    worker_metrics.instrument(pipe, store)
+    worker_metrics.instrument(pipe, store)  # idempotent
+    m = worker_metrics.metrics()
+    before = Scrape(m.render().decode())
+    pipe.run_job("j_new")
+    pipe.run_job("j_done")  # a redelivered task of a finished job
+    after = Scrape(m.render().decode())
+    assert (
+        after("memfit_jobs_finished_total", state="succeeded")
+        - before("memfit_jobs_finished_total", state="succeeded")
+        == 1
+    )
+    assert after("memfit_versions_published_total") - before("memfit_versions_published_total") == 1
+    assert after("memfit_slots_changed_total") - before("memfit_slots_changed_total") == 5
