@@ -94,13 +94,3 @@ def instrument(pipeline: Any, store: Any) -> None:
 
     pipeline.run_job = run_job
     pipeline._memfit_metrics_instrumented = True
-
-
-def connect_celery_signals() -> None:
-    """Start the endpoint when a Celery worker starts (call from the Celery app module)."""
-    from celery.signals import worker_init
-
-    def _on_worker_init(**_: Any) -> None:
-        start_server()
-
-    worker_init.connect(_on_worker_init, weak=False)
