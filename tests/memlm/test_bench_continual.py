@@ -1,0 +1,115 @@
+import json
+
+import pytest
+
+from memlm.bench_continual import (
+    BenchConfig,
+    Context,
+    MethodSpec,
+    Progress,
+    benchmark,
+    choose,
+    run_stream,
+    split_streams,
+)
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_model_dir):
+    cfg = BenchConfig.quick()
+    return Context(tiny_model_dir, cfg, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def stream(ctx):
+    _, test = split_streams(ctx.cfg)
+    return test[:3]
+
+
+def test_streams_are_disjoint_and_unknown(ctx):
+    dev, test = split_streams(BenchConfig(dev_facts=10, test_facts=40))
+    assert not {f["subject"] for f in dev} & {f["subject"] for f in test}
+    assert len(test) == 40
+    assert ctx.probe and all(f in ctx.probe_known for f in ctx.probe)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MethodSpec("sparse TF-IDF", "sparse", {"lr": 1.0, "top_t": 16, "steps": 12}),
+        MethodSpec("full FT", "full", {"lr": 3e-3, "steps": 6}),
+        MethodSpec("LoRA", "lora", {"lr": 3e-2, "lora_rank": 4, "steps": 6}),
+        MethodSpec("BM25 retrieval", "retrieval", {}),
+    ],
+    ids=lambda s: s.kind,
+)
+def test_run_stream_three_facts(ctx, stream, spec):
+    res = run_stream(ctx, spec, stream, eval_every=2)
+    assert [r["id"] for r in res["records"]] == [f["id"] for f in stream]
+    assert [c["updates"] for c in res["curve"]] == [2, 3]
+    final = res["final"]
+    for key in ("learning", "learning_heldout", "recall", "retention", "forgetting", "perplexity_change"):
+        assert final[key] is not None, key
+    assert 0.0 <= final["retention"] <= 1.0 and final["forgetting"] == pytest.approx(1 - final["retention"])
+    if spec.kind == "sparse":
+        assert 0 < res["rows_changed_per_update"] <= 16
+        assert res["distinct_rows_changed"] >= res["rows_changed_per_update"]
+    if spec.kind == "retrieval":
+        assert final["perplexity_change"] == 0.0
+        assert res["retrieval"]["prompt_tokens_added"] > 0
+        assert res["retrieval"]["passages"] == 3  # (the tiny model is too small to copy from its prompt)
+
+
+def test_resume_continues_mid_stream(ctx, stream, tmp_path):
+    spec = MethodSpec("sparse TF-IDF", "sparse", {"lr": 1.0, "top_t": 16, "steps": 6})
+    prog = Progress(tmp_path, resume=False, fingerprint={"x": 1})
+    full = run_stream(ctx, spec, stream, eval_every=2, progress=prog, key="k")
+    assert "k" in prog.data["partial"]  # checkpoint after update 2 (finish() is the caller's job)
+    resumed_prog = Progress(tmp_path, resume=True, fingerprint={"x": 1})
+    again = run_stream(ctx, spec, stream, eval_every=2, progress=resumed_prog, key="k")
+    assert again["records"][:2] == full["records"][:2]  # taken from the checkpoint, not re-run
+    assert [r["id"] for r in again["records"]] == [f["id"] for f in stream]
+    assert Progress(tmp_path, resume=True, fingerprint={"x": 2}).data["partial"] == {}
+
+
+def test_choose_is_one_rule_for_all():
+    def res(learning, retention):
+        return {"final": {"learning": learning, "retention": retention}}
+
+    a, b, c = (
+        MethodSpec("m", "full", {"lr": 1}),
+        MethodSpec("m", "full", {"lr": 2}),
+        MethodSpec("m", "full", {"lr": 3}),
+    )
+    # b is within 90% of the best learning and retains more; c retains most but learns too little
+    assert choose([(a, res(1.0, 0.5)), (b, res(0.95, 0.8)), (c, res(0.5, 1.0))])[0] is b
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_micro(tiny_model_dir, tmp_path):
+    cfg = BenchConfig(
+        test_facts=2,
+        short_facts=2,
+        dev_facts=1,
+        corrections=1,
+        probe_facts=10,
+        dev_probe_facts=10,
+        eval_every=2,
+        heldout_tokens=256,
+        sparse_t=[16],
+        sparse_lr=[1.0],
+        full_lr=[3e-3],
+        lora_rank=[4],
+        lora_lr=[3e-2],
+        pareto_t=[16],
+        ablations=["tf"],
+        steps=6,
+    )
+    res = benchmark(tiny_model_dir, tmp_path, cfg, command="test", log=lambda m: None)
+    for name in ("results.md", "results.json", "learning_forgetting.png", "pareto.png", "progress.json"):
+        assert (tmp_path / name).exists(), name
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["main"]) == {"full", "lora", "sparse"}
+    assert data["machine"]["cpus"] >= 1 and data["command"] == "test"
+    assert "| sparse TF-IDF |" in (tmp_path / "results.md").read_text()
+    assert res["aims"]
