@@ -8,7 +8,13 @@ admission, or the request pinned an older `version`) it passes `live.overlay_for
 model's `memory_overlay`, which makes the live tables read as its version's rows. A swap therefore
 never waits for long generations to drain, and never changes the rows under a running request.
 
-All methods here are blocking; the routes call them through `Engine.executor` (model work) or a
+Dynamic batching: `submit(request, emit)` queues a request; `settings.generation_workers` decoding
+threads each take the oldest waiting request plus every other waiting one admitted with the same
+version (up to `settings.max_batch_size`) and decode them together, left-padded, one forward pass per
+step; pieces of text go to each request's `emit` as they are decoded. Requests arriving during a wave
+wait for the next free decoding thread.
+
+The other methods are blocking; the routes call them through `Engine.executor` (tokenising) or a
 thread (store reads), never on the event loop.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import secrets
 import threading
 import time
@@ -23,6 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -108,6 +116,111 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+class _Row:
+    """Decoding state of one request inside a batched wave: sampling, stop sequences, text pieces."""
+
+    def __init__(self, engine: Engine, req: Prepared, emit: Callable[[Any], None]) -> None:
+        self.engine = engine
+        self.req = req
+        self.emit = emit
+        p = req.params
+        self.gen = None
+        if p.temperature > 0:
+            self.gen = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        self.max_new = p.max_new_tokens
+        if engine.context_length:
+            self.max_new = min(self.max_new, engine.context_length - len(req.prompt_ids))
+        self.generated: list[int] = []
+        self.emitted = 0  # characters of the decoded text already emitted
+        self.holdback = max((len(s) for s in p.stop), default=1) - 1
+        self.text = ""
+        self.finish_reason = "length"
+        self.t_first: float | None = None
+        self.t_prev = 0.0
+        self.done = False
+
+    def start(self) -> None:
+        m = self.engine.metrics
+        if m is not None:
+            m.queue_time.observe(time.perf_counter() - self.req.admitted_at)
+
+    def _send(self, item: Any) -> None:
+        try:
+            self.emit(item)
+        except Exception:  # the receiver is gone: stop decoding this row
+            self.req.cancelled.set()
+
+    def push(self, token: int) -> None:
+        """Take the next sampled token; finishes the row on EOS, a stop sequence or the length limit."""
+        m = self.engine.metrics
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+            if m is not None:
+                m.ttft.observe(now - self.req.admitted_at)
+        elif m is not None:
+            m.inter_token.observe(now - self.t_prev)
+        self.t_prev = now
+        eos = self.engine.eos_id
+        if eos is not None and token == eos:
+            self.finish_reason = "stop"
+            self.finish()
+            return
+        self.generated.append(token)
+        text = self.engine.tokenizer.decode(self.generated, skip_special_tokens=True)
+        stops = self.req.params.stop
+        if stops:
+            start = max(0, self.emitted - self.holdback)
+            cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = text[:cut]
+                self.finish_reason = "stop"
+                self.finish()
+                return
+        self.text = text
+        safe = len(text) - self.holdback if stops else len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            safe = min(safe, len(text) - 1)
+        if safe > self.emitted:
+            self._send(Delta(text[self.emitted : safe]))
+            self.emitted = safe
+        if len(self.generated) >= self.max_new:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if len(self.text) > self.emitted:
+            self._send(Delta(self.text[self.emitted :]))
+            self.emitted = len(self.text)
+        m = self.engine.metrics
+        n = len(self.generated)
+        if m is not None:
+            now = time.perf_counter()
+            m.e2e.observe(now - self.req.admitted_at)
+            m.prompt_tokens.inc(len(self.req.prompt_ids))
+            m.generation_tokens.inc(n)
+            m.generation_length.observe(n)
+            if self.t_first is not None and n > 1:
+                m.per_token.observe((now - self.t_first) / (n - 1))
+        self._send(
+            Delta(
+                "",
+                done=True,
+                finish_reason=self.finish_reason,
+                prompt_tokens=len(self.req.prompt_ids),
+                completion_tokens=n,
+            )
+        )
+
+    def fail(self, error: BaseException) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._send(error)
+
+
 class Engine:
     def __init__(self, store: Store, model, tokenizer, settings, metrics=None) -> None:
         self.store = store
@@ -119,11 +232,24 @@ class Engine:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.generation_workers, thread_name_prefix="memfit-generate"
         )
+        # threads that wait on a request's pieces for the event loop (cheap: they block on a queue)
+        self.waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="memfit-stream")
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.eos_id = tokenizer.eos_token_id
         self._chain_cache: tuple[int, frozenset[int]] | None = None
         self._swap_listeners: list[Callable[[SwapResult], None]] = []
         self.last_follow_error: str | None = None
+        self.max_batch_size = int(getattr(settings, "max_batch_size", 1) or 1)
+        self._pending: list[tuple[Prepared, Callable[[Any], None]]] = []
+        self._pending_cond = threading.Condition()
+        self._closed = False
+        self.waves = 0  # decoding waves started (a wave decodes up to max_batch_size requests together)
+        self._decoders = [
+            threading.Thread(target=self._decode_loop, name=f"memfit-decode-{i}", daemon=True)
+            for i in range(settings.generation_workers)
+        ]
+        for t in self._decoders:
+            t.start()
 
     @classmethod
     def from_store(cls, store: Store, settings, metrics=None, device: str = "cpu") -> Engine:
@@ -133,7 +259,17 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        with self._pending_cond:
+            self._closed = True
+            pending, self._pending = self._pending, []
+            self._pending_cond.notify_all()
+        for _req, emit in pending:
+            try:
+                emit(ApiError(503, "unavailable", "the server is shutting down", None, {"Retry-After": "1"}))
+            except Exception:
+                pass
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.waiters.shutdown(wait=False, cancel_futures=True)
 
     # -- versions --------------------------------------------------------------------------------
     @property
@@ -254,13 +390,101 @@ class Engine:
             return None
         return self.live.overlay_for(version) or None
 
+    # -- dynamic batching -------------------------------------------------------------------------
+    def submit(self, req: Prepared, emit: Callable[[Any], None]) -> None:
+        """Queue `req` for decoding. `emit` is called from a decoding thread with each Delta (the last
+        has done=True) or with an exception. Concurrent requests of one version are decoded together
+        (up to settings.max_batch_size rows per forward pass)."""
+        with self._pending_cond:
+            if self._closed:
+                raise ApiError(503, "unavailable", "the server is shutting down", None, {"Retry-After": "1"})
+            self._pending.append((req, emit))
+            self._pending_cond.notify()
+
+    def _take_wave(self) -> list[tuple[Prepared, Callable[[Any], None]]] | None:
+        """The oldest pending request and up to max_batch_size - 1 more admitted with its version."""
+        with self._pending_cond:
+            while not self._pending and not self._closed:
+                self._pending_cond.wait()
+            if self._closed:
+                return None
+            version = self._pending[0][0].version
+            wave, rest = [], []
+            for item in self._pending:
+                if item[0].version == version and len(wave) < self.max_batch_size:
+                    wave.append(item)
+                else:
+                    rest.append(item)
+            self._pending[:] = rest
+            return wave
+
+    def _decode_loop(self) -> None:
+        while True:
+            wave = self._take_wave()
+            if wave is None:
+                return
+            rows = [_Row(self, req, emit) for req, emit in wave]
+            self.waves += 1
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(len(rows))
+            try:
+                self._decode(rows)
+            except BaseException as e:  # reported to every request of the wave
+                log.exception("generation failed")
+                for row in rows:
+                    row.fail(e)
+
+    @torch.no_grad()
+    def _decode(self, rows: list[_Row]) -> None:
+        """Left-padded batched decoding of rows that share one version, with a KV cache. Every forward
+        pass runs under swap_lock.read(), on the live tables or the version's row overlay."""
+        from transformers.cache_utils import DynamicCache
+
+        version = rows[0].req.version
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r.req.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.req.prompt_ids)
+            ids[i, width - n :] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(device), mask.to(device)  # (B, T) left padded
+        cache = DynamicCache(config=self.model.config)
+        for r in rows:
+            r.start()
+        step_ids = ids
+        while True:
+            for r in rows:
+                if not r.done and r.req.cancelled.is_set():
+                    r.finish()
+            if all(r.done for r in rows):
+                return
+            with self.live.swap_lock.read():
+                overlay = self._overlay(version)
+                extra = {"memory_overlay": overlay} if overlay else {}
+                out = self.model(
+                    step_ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra
+                )
+            logits = out.logits[:, -1]  # (B, V)
+            nxt = []
+            for i, r in enumerate(rows):
+                if r.done:
+                    nxt.append(pad)
+                    continue
+                token = _sample(logits[i], r.req.params, r.gen)
+                nxt.append(token)
+                r.push(token)
+            step_ids = torch.tensor(nxt, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+
     def stream(self, req: Prepared) -> Iterator[Delta]:
-        """Decode token by token; yields text pieces, then a final Delta(done=True)."""
+        """Blocking iterator over a request's Deltas (the last has done=True); counts it as running."""
         m = self.metrics
         if m is None:
             yield from self._stream(req)
             return
-        m.queue_time.observe(time.perf_counter() - req.admitted_at)
         m.generation_running.inc()
         try:
             yield from self._stream(req)
@@ -270,81 +494,19 @@ class Engine:
         finally:  # also when the client goes away and the generator is closed
             m.generation_running.dec()
 
-    @torch.no_grad()
     def _stream(self, req: Prepared) -> Iterator[Delta]:
-        from transformers.cache_utils import DynamicCache
-
-        p = req.params
-        gen = None
-        if p.temperature > 0:
-            gen = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        device = next(self.model.parameters()).device
-        cache = DynamicCache(config=self.model.config)
-        step_ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)
-        max_new = p.max_new_tokens
-        if self.context_length:
-            max_new = min(max_new, self.context_length - len(req.prompt_ids))
-        generated: list[int] = []
-        emitted = 0  # characters of the decoded text already yielded
-        holdback = max((len(s) for s in p.stop), default=1) - 1
-        finish = "length"
-        text = ""
-        t_first: float | None = None
-        t_prev = 0.0  # when the previous token was decoded (inter-token latency)
-        m = self.metrics
-        for _ in range(max_new):
-            if req.cancelled.is_set():
-                break
-            with self.live.swap_lock.read():
-                overlay = self._overlay(req.version)
-                extra = {"memory_overlay": overlay} if overlay else {}
-                out = self.model(step_ids, cache=cache, use_cache=True, logits_to_keep=1, **extra)
-            token = _sample(out.logits[0, -1], p, gen)
-            if t_first is None:
-                t_first = time.perf_counter()
-                if m is not None:
-                    m.ttft.observe(t_first - req.admitted_at)
-            elif m is not None:
-                m.inter_token.observe(time.perf_counter() - t_prev)
-            t_prev = time.perf_counter()
-            if self.eos_id is not None and token == self.eos_id:
-                finish = "stop"
-                break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if p.stop:
-                cut = min(
-                    (i for i in (text.find(s, max(0, emitted - holdback)) for s in p.stop) if i >= 0),
-                    default=-1,
-                )
-                if cut >= 0:
-                    text = text[:cut]
-                    finish = "stop"
-                    break
-            safe = len(text) - holdback if p.stop else len(text)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                safe = min(safe, len(text) - 1)
-            if safe > emitted:
-                yield Delta(text[emitted:safe])
-                emitted = safe
-            step_ids = torch.tensor([[token]], dtype=torch.long, device=device)
-        if len(text) > emitted:
-            yield Delta(text[emitted:])
-        if m is not None:
-            now = time.perf_counter()
-            m.e2e.observe(now - req.admitted_at)
-            m.prompt_tokens.inc(len(req.prompt_ids))
-            m.generation_tokens.inc(len(generated))
-            m.generation_length.observe(len(generated))
-            if t_first is not None and len(generated) > 1:
-                m.per_token.observe((now - t_first) / (len(generated) - 1))
-        yield Delta(
-            "",
-            done=True,
-            finish_reason=finish,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(generated),
-        )
+        q: queue.Queue[Any] = queue.Queue()
+        self.submit(req, q.put)
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            req.cancelled.set()  # a caller that stops early frees its row at the next step
 
     def complete(self, req: Prepared) -> Completion:
         parts: list[str] = []

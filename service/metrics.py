@@ -97,6 +97,12 @@ class Metrics:
             buckets=TOKEN_COUNT_BUCKETS,
             registry=r,
         )
+        self.batch_size = Histogram(
+            "memfit_generation_batch_size",
+            "Requests decoded together in one wave of forward passes (dynamic batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.generation_errors = Counter(
             "memfit_generation_failures_total", "Generation requests that ended in an error", registry=r
         )

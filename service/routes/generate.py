@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.deps import EngineDep, SettingsDep
-from service.engine import Delta, Engine, Prepared, SamplingParams, retry_after_seconds
+from service.engine import Completion, Delta, Engine, Prepared, SamplingParams, retry_after_seconds
 from service.errors import ApiError
 from service.schemas import GenerateRequest, GenerateResponse
 from service.security import Principal, require_role
@@ -20,7 +20,6 @@ from service.settings import Settings
 
 router = APIRouter(tags=["generate"])
 ReadDep = Annotated[Principal, Depends(require_role("read"))]
-_END = object()
 
 
 def check_limits(
@@ -115,7 +114,8 @@ def _check_pinnable(engine: Engine, version: int, field: str) -> None:
 
 
 async def stream_deltas(engine: Engine, prepared: Prepared) -> AsyncIterator[Delta]:
-    """Run engine.stream in the model executor, handing pieces to the event loop as they come."""
+    """Run `engine.stream` (batched decoding; this thread only waits for the pieces) and hand the
+    pieces to the event loop as they come."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -133,25 +133,33 @@ async def stream_deltas(engine: Engine, prepared: Prepared) -> AsyncIterator[Del
                     break
         except BaseException as e:  # handed to the request, which reports it
             put(e)
-        finally:
-            put(_END)
 
-    loop.run_in_executor(engine.executor, work)
+    loop.run_in_executor(engine.waiters, work)
     try:
         while True:
             item = await queue.get()
-            if item is _END:
-                return
             if isinstance(item, BaseException):
                 raise item
             yield item
+            if item.done:
+                return
     finally:
-        prepared.cancelled.set()  # client gone or done: the decoding thread stops at its next step
+        prepared.cancelled.set()  # client gone or done: its row stops at the next decoding step
 
 
-async def complete(engine: Engine, prepared: Prepared):
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(engine.executor, engine.complete, prepared)
+async def complete(engine: Engine, prepared: Prepared) -> Completion:
+    parts: list[str] = []
+    async for d in stream_deltas(engine, prepared):
+        if d.done:
+            return Completion(
+                text="".join(parts),
+                version=prepared.version,
+                finish_reason=d.finish_reason or "length",
+                prompt_tokens=d.prompt_tokens,
+                completion_tokens=d.completion_tokens,
+            )
+        parts.append(d.text)
+    raise RuntimeError("generation ended without a final event")
 
 
 def sse(obj: Any) -> bytes:

@@ -45,3 +45,45 @@ def test_swap_mid_stream_keeps_the_admitted_version(tiny_model_dir, tmp_path):
         assert pinned.version == 0 and pinned.text == at_a.text
     finally:
         engine.close()
+
+
+def test_batched_decoding_matches_one_by_one(tiny_model_dir, tmp_path):
+    import queue
+
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    settings = Settings(
+        model=tiny_model_dir, store=tmp_path / "store", generation_workers=1, max_batch_size=8
+    )
+    engine = Engine.from_store(store, settings)
+    prompts = [
+        "Question: What is the capital of Armenia?\nAnswer:",
+        "The capital of France is",
+        "Hello",
+        "Question: What is the capital of Belarus?\nAnswer:",
+    ]
+    try:
+        params = [SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=4, stop=[" "]),
+                  SamplingParams(max_new_tokens=6, temperature=0.8, seed=3), SamplingParams(max_new_tokens=10)]  # fmt: skip
+        alone = [engine.complete(engine.prepare(p, sp)) for p, sp in zip(prompts, params)]
+        waves = engine.waves
+        # queue all four before the decoding thread looks: they share one wave
+        queues = [queue.Queue() for _ in prompts]
+        with engine._pending_cond:
+            for p, sp, q in zip(prompts, params, queues):
+                engine._pending.append((engine.prepare(p, sp), q.put))
+            engine._pending_cond.notify_all()
+        together = []
+        for q in queues:
+            parts, final = [], None
+            while final is None:
+                d = q.get(timeout=60)
+                assert not isinstance(d, BaseException), d
+                if d.done:
+                    final = d
+                else:
+                    parts.append(d.text)
+            together.append(("".join(parts), final.finish_reason, final.completion_tokens))
+        assert engine.waves == waves + 1
+        assert together == [(c.text, c.finish_reason, c.completion_tokens) for c in alone]
+    finally:
+        engine.close()
