@@ -155,6 +155,7 @@ class UpdateRunner:
                 self.current_phase = None
                 with self._cancel_lock:
                     self._cancel.discard(job.job_id)
+            self.last_error = None
             finished = self.store.jobs.get(job.job_id) or job
             if result.status == "succeeded" and self.on_published is not None:
                 try:

@@ -48,6 +48,9 @@ def _readiness(request: Request) -> Ready:
             redis = f"unreachable: {type(e).__name__}"
     if engine is not None and engine.last_follow_error and detail is None:
         detail = engine.last_follow_error
+    runner_error = getattr(getattr(state, "dispatcher", None), "last_error", None)
+    if runner_error and detail is None:  # serving works; updates do not (reported, not fatal)
+        detail = f"update runner: {runner_error}"
     return Ready(
         ready=engine is not None and store_ok,
         model_loaded=engine is not None,
