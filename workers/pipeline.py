@@ -82,6 +82,13 @@ def build_update_settings(settings: Any, overrides: dict[str, Any] | None):
     return UpdateSettings(**values)
 
 
+def default_settings() -> Any:
+    """Settings from the environment (MEMFIT_*), for callers that give none (the CLI)."""
+    from service.settings import Settings
+
+    return Settings()
+
+
 def find_version_of_job(store: Store, job_id: str) -> int | None:
     """The version published for `job_id` (newest first), or None."""
     for v in reversed(store.version_ids()[1:]):
@@ -576,6 +583,7 @@ def revert_document(
     a fresh Pipeline). Returns {"document", "status": "reverted"|"queued"|"succeeded"|..., "versions",
     "job_id"}.
     """
+    settings = settings if settings is not None else default_settings()
     try:
         versions = store.revert_document(doc_id, who=who, why=why)
         return {"document": doc_id, "status": "reverted", "versions": versions, "job_id": None}
@@ -622,6 +630,7 @@ def replay(
     from memlm.background import BACKGROUND_FILE
 
     say = progress or (lambda msg: None)
+    settings = settings if settings is not None else default_settings()
     onto = Path(onto_dir)
     if not (onto / BACKGROUND_FILE).exists():
         from memlm.background import compute_for_model_dir
