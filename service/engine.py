@@ -90,7 +90,7 @@ def load_model(model_dir: str | Path, device: str = "cpu"):
     from memlm.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(model_dir)
@@ -409,7 +409,8 @@ class Engine:
             if self._closed:
                 return None
             version = self._pending[0][0].version
-            wave, rest = [], []
+            wave: list[tuple[Prepared, Callable[[Any], None]]] = []
+            rest: list[tuple[Prepared, Callable[[Any], None]]] = []
             for item in self._pending:
                 if item[0].version == version and len(wave) < self.max_batch_size:
                     wave.append(item)

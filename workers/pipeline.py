@@ -147,9 +147,9 @@ class Pipeline:
         self.settings = settings
         self.device = device
         self._lock = threading.Lock()  # one job at a time per pipeline (one training copy)
-        self.model = None
-        self.tokenizer = None
-        self.background = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.background: Any = None
         self.live: LiveTables | None = None
         self.probe: list[dict] = []  # probe facts the base answers (within the budget)
         self.heldout: list[str] = []
