@@ -99,10 +99,21 @@ async def admit(
         raise ApiError(422, "invalid_request", "give either version or min_version, not both", version_field)
     if version is not None:
         await asyncio.to_thread(_check_pinnable, engine, version, version_field)
-    if min_version is not None:
-        await wait_for_version(engine, settings, min_version)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(engine.executor, engine.prepare, prompt, params, version)
+    for _ in range(3):
+        if min_version is not None:
+            await wait_for_version(engine, settings, min_version)
+        prepared = await loop.run_in_executor(engine.executor, engine.prepare, prompt, params, version)
+        if min_version is None or min_version in engine.store.chain(prepared.version):
+            return prepared
+        # a rollback landed between the wait and the admission: wait again (409 if it stays off-chain)
+    raise ApiError(
+        503,
+        "version_not_ready",
+        f"version {min_version} kept leaving the active chain",
+        "min_version",
+        {"Retry-After": "1"},
+    )
 
 
 def _check_pinnable(engine: Engine, version: int, field: str) -> None:
