@@ -82,6 +82,19 @@ def build_update_settings(settings: Any, overrides: dict[str, Any] | None):
     return UpdateSettings(**values)
 
 
+def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """Model (eval mode, frozen) and tokenizer of a model directory (the store's base)."""
+    from transformers import AutoModelForCausalLM
+
+    import memlm  # noqa: F401  (registers the memory-layer model with the Auto classes)
+    from memlm.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(model_dir)
+
+
 def default_settings() -> Any:
     """Settings from the environment (MEMFIT_*), for callers that give none (the CLI)."""
     from service.settings import Settings
@@ -170,7 +183,6 @@ class Pipeline:
             return
         from memlm.background import BackgroundStats
         from memlm.evaluation import answered, perplexity_with_overlay
-        from service.engine import load_model
 
         base = self.store.base_dir
         model, tok = load_model(base, self.device)
