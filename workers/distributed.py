@@ -151,6 +151,7 @@ class WorkerRuntime:
         self.url: str = settings.redis_url
         self.store = store if store is not None else Store.open(settings.store, settings.redis_url)
         self.store.lock = store_lock(self.store, self.url)
+        self._announce_on_publish()
         self.device = device
         self._pipeline = pipeline
         self.r = redis_client(self.url)
@@ -197,6 +198,21 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self.claims.close()
+
+    def _announce_on_publish(self) -> None:
+        """Send the version event right after the ACTIVE flip, inside `Store.publish`, instead of
+        after the pipeline's job-log writes: replicas start swapping a few fsyncs earlier."""
+        from workers.events import publish_active
+
+        publish = self.store.publish
+
+        def publish_and_announce(*args: Any, **kw: Any) -> int:
+            v = publish(*args, **kw)
+            if kw.get("activate", True):
+                publish_active(self.r, v, version=v, job_id=kw.get("job_id"))
+            return v
+
+        self.store.publish = publish_and_announce  # type: ignore[method-assign]
 
     # -- one delivered task ----------------------------------------------------------------------
     def _get(self, job_id: str, wait_s: float = 5.0) -> Job | None:

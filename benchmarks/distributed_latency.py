@@ -1,0 +1,368 @@
+"""Distributed-mode latency: ingest -> answerable on every replica, and publish -> last replica serving.
+
+Starts a private redis-server on a free port, one `memfit worker` and two `memfit serve` replicas on a
+fresh store in a temporary directory, then measures
+
+1. one fact: POST /ingest -> the job's version served (and the fact answered) by both replicas;
+2. a burst of 100 single-document ingests (merged into batched updates by the workers) and one request
+   of 100 documents: first POST -> the last job's version served by both replicas;
+3. publish -> last replica: the store's ACTIVE flip (activations log time) -> the time the last
+   replica serves the version, for worker publishes and for rollbacks made through one replica.
+
+Model: --model, else ~/.local/share/memfit/models/default when it exists, else the tiny preset (the
+test cache's copy, or built). The evaluation gate is switched off (the tiny model forgets its probe set
+when it learns, and the gate's decision does not change the latency: the evaluation runs either way).
+
+    .venv/bin/python benchmarks/distributed_latency.py [--model DIR] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_model(arg: str | None) -> tuple[Path, str]:
+    from memlm.paths import default_model_dir
+
+    if arg:
+        return Path(arg).expanduser(), "given"
+    default = default_model_dir("default")
+    if (default / "config.json").exists() and (default / "background.safetensors").exists():
+        return default, "default"
+    tiny = default_model_dir("tiny")
+    if (tiny / "config.json").exists() and (tiny / "background.safetensors").exists():
+        return tiny, "tiny"
+    try:
+        from tests.conftest import _recipe_hash
+
+        cached = ROOT / ".pytest_cache" / "memfit-tiny" / _recipe_hash()
+        if (cached / "background.safetensors").exists():
+            return cached, "tiny (test cache)"
+    except Exception:
+        pass
+    from memlm.pretrain import pretrain
+
+    print(f"no default model: building the tiny preset into {tiny}", flush=True)
+    pretrain("tiny", tiny, progress=True)
+    return tiny, "tiny (built)"
+
+
+class Cluster:
+    def __init__(self, model: Path, workdir: Path, replicas: int = 2) -> None:
+        self.workdir = workdir
+        self.redis_port = free_port()
+        self.redis = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.store = workdir / "store"
+        from model_store import Store
+
+        Store.init(self.store, model)
+        env = {
+            **os.environ,
+            "MEMFIT_HOME": str(workdir / "home"),
+            "MEMFIT_REDIS_URL": self.url,
+            "MEMFIT_GATE_ENABLED": "false",
+            "MEMFIT_LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.procs: list[subprocess.Popen] = []
+        time.sleep(0.3)
+
+        def spawn(name: str, args: list[str], **extra: str) -> subprocess.Popen:
+            log = open(workdir / f"{name}.log", "ab")
+            p = subprocess.Popen([sys.executable, "-m", "memfit.cli", *args], cwd=ROOT, env={**env, **extra}, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            self.procs.append(p)
+            return p
+
+        self.worker = spawn("worker", ["worker", "--store", str(self.store)], MEMFIT_LOG_LEVEL="INFO")
+        self.ports = [free_port() for _ in range(replicas)]
+        for i, port in enumerate(self.ports):
+            spawn(
+                f"api-{i}", ["serve", "--model", str(model), "--store", str(self.store), "--port", str(port)]
+            )
+        self.clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=120) for p in self.ports]
+        try:
+            self._wait_up(workdir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_up(self, workdir: Path) -> None:
+        deadline = time.time() + 600
+        for c in self.clients:
+            while True:
+                try:
+                    if c.get("/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                    raise SystemExit(f"cluster did not start; logs in {workdir}")
+                time.sleep(0.2)
+        while "ready." not in (workdir / "worker.log").read_text(errors="replace"):
+            if time.time() > deadline or self.worker.poll() is not None:
+                raise SystemExit(f"worker did not start; see {workdir / 'worker.log'}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.redis.terminate()
+        self.redis.wait(10)
+
+
+def ask(c: httpx.Client, question: str, max_new_tokens: int = 16) -> dict:
+    r = c.post("/generate", json={"prompt": f"Question: {question}\nAnswer:", "max_new_tokens": max_new_tokens,
+                                  "stop": ["\n"]})  # fmt: skip
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_jobs(c: httpx.Client, ids: list[str], timeout: float = 3600) -> list[dict]:
+    deadline = time.time() + timeout
+    pending = list(ids)
+    done: dict[str, dict] = {}
+    while pending:
+        if time.time() > deadline:
+            raise SystemExit(f"{len(pending)} jobs unfinished after {timeout} s")
+        still = []
+        for j in pending:
+            job = c.get(f"/jobs/{j}").json()
+            if job["status"] in ("queued", "running"):
+                still.append(j)
+            else:
+                done[j] = job
+        pending = still
+        if pending:
+            time.sleep(0.02)
+    return [done[j] for j in ids]
+
+
+class Watcher:
+    """One thread per replica polling GET /readyz (the engine's live version; no model work) every
+    `interval` s, recording each change of the served version as (time.time(), version)."""
+
+    def __init__(self, clients: list[httpx.Client], interval: float = 0.005) -> None:
+        self.changes: list[list[tuple[float, int]]] = [[] for _ in clients]
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, c, interval), daemon=True)
+            for i, c in enumerate(clients)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, i: int, c: httpx.Client, interval: float) -> None:
+        last = None
+        while not self._stop.is_set():
+            try:
+                v = c.get("/readyz", timeout=5).json()["active_version"]
+            except Exception:
+                v = None
+            if v is not None and v != last:
+                self.changes[i].append((time.time(), v))
+                last = v
+            self._stop.wait(interval)
+
+    def served_at(self, version: int, after: float, timeout: float = 120) -> list[float]:
+        """Per replica, when it first served `version` after time `after` (waits for it)."""
+        deadline = time.time() + timeout
+        while True:
+            out = []
+            for ch in self.changes:
+                hit = [t for t, v in list(ch) if v == version and t >= after]
+                out.append(hit[0] if hit else None)
+            if all(x is not None for x in out):
+                return out
+            if time.time() > deadline:
+                raise SystemExit(f"version {version} not served by every replica after {timeout} s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def activation_time(store_dir: Path, to: int) -> float:
+    for rec in reversed(
+        [json.loads(x) for x in (store_dir / "log" / "activations.jsonl").read_text().splitlines() if x]
+    ):
+        if rec.get("to") == to:
+            return float(rec["time"])
+    raise KeyError(to)
+
+
+def docs_for(facts: list[dict], prefix: str) -> list[dict]:
+    return [{"id": f"{prefix}-{i}", "text": f["text"], "facts": [{"question": f["question"], "answer": f["answer"]}]}
+            for i, f in enumerate(facts)]  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--burst", type=int, default=100)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, store)")
+    args = ap.parse_args()
+    from memlm.data.invented import invented_facts
+
+    model, which = pick_model(args.model)
+    print(f"model: {which} ({model})", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="memfit-dist-bench-"))
+    t_start = time.time()
+    try:
+        cluster = Cluster(model, workdir)
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    print(
+        f"cluster up in {time.time() - t_start:.1f} s: 1 worker, {len(cluster.clients)} replicas, redis {cluster.url}"
+    )
+    a = cluster.clients[0]
+    watch = Watcher([httpx.Client(base_url=str(c.base_url), timeout=30) for c in cluster.clients])
+    res: dict = {"model": which, "model_dir": str(model), "cpu_count": os.cpu_count()}
+    try:
+        facts = invented_facts(2 * args.burst + 1, seed=123)
+        # 1. one fact
+        one = docs_for(facts[:1], "one")
+        t0 = time.time()
+        job_id = a.post("/ingest", json={"documents": one}).json()["job_id"]
+        (job,) = wait_jobs(a, [job_id])
+        served = watch.served_at(job["version"], t0)
+        answered = [ask(c, facts[0]["question"])["text"] for c in cluster.clients]
+        ok = [facts[0]["answer"].lower() in t.lower() for t in answered]
+        res["one_fact"] = {
+            "ingest_to_all_replicas_s": round(max(served) - t0, 3),
+            "job_total_s": job["timings"].get("total"),
+            "training_s": job["timings"].get("training"),
+            "evaluation_s": job["timings"].get("evaluation"),
+            "answered_on_replicas": ok,
+            "publish_to_last_replica_s": round(
+                max(served) - activation_time(cluster.store, job["version"]), 4
+            ),
+        }
+        # 2a. a burst of single-document ingests
+        burst = docs_for(facts[1 : 1 + args.burst], "burst")
+        t0 = time.time()
+        ids = [a.post("/ingest", json={"documents": [d]}).json()["job_id"] for d in burst]
+        t_sent = time.time() - t0
+        jobs = wait_jobs(a, ids)
+        last_v = max(j["version"] for j in jobs if j["version"] is not None)
+        served = watch.served_at(last_v, t0)
+        versions = sorted({j["version"] for j in jobs})
+        hits = sum(
+            f["answer"].lower() in ask(a, f["question"])["text"].lower() for f in facts[1 : 1 + args.burst]
+        )
+        res["burst_single_ingests"] = {
+            "documents": len(burst),
+            "posting_s": round(t_sent, 3),
+            "ingest_to_all_replicas_s": round(max(served) - t0, 3),
+            "versions": len(versions),
+            "statuses": sorted({j["status"] for j in jobs}),
+            "answered_after": f"{hits}/{len(burst)}",
+            "publish_to_last_replica_s": round(max(served) - activation_time(cluster.store, last_v), 4),
+        }
+        # 2b. one request of 100 documents
+        batch = docs_for(facts[1 + args.burst : 1 + 2 * args.burst], "batch")
+        t0 = time.time()
+        job_id = a.post("/ingest", json={"documents": batch}).json()["job_id"]
+        (job,) = wait_jobs(a, [job_id])
+        served = watch.served_at(job["version"], t0)
+        hits = sum(
+            f["answer"].lower() in ask(a, f["question"])["text"].lower()
+            for f in facts[1 + args.burst : 1 + 2 * args.burst]
+        )
+        res["one_request_of_batch"] = {
+            "documents": len(batch),
+            "ingest_to_all_replicas_s": round(max(served) - t0, 3),
+            "job_total_s": job["timings"].get("total"),
+            "answered_after": f"{hits}/{len(batch)}",
+            "publish_to_last_replica_s": round(
+                max(served) - activation_time(cluster.store, job["version"]), 4
+            ),
+        }
+        # 3. rollbacks through replica 0: ACTIVE flip -> last replica serving
+        samples = []
+        top = job["version"]
+        for k in range(10):
+            target = top - 1 if k % 2 == 0 else top
+            r = a.post(f"/versions/{target}/activate", json={"why": "benchmark"})
+            r.raise_for_status()
+            t_flip = activation_time(cluster.store, target)
+
+            other = watch.served_at(target, t_flip)[1]
+            samples.append(other - t_flip)
+        res["rollback_to_other_replica_s"] = {
+            "median": round(statistics.median(samples), 4),
+            "max": round(max(samples), 4),
+            "n": len(samples),
+        }
+    finally:
+        watch.stop()
+        cluster.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}")
+    print(json.dumps(res, indent=2))
+    print()
+    print(f"{'measure':50s} {'seconds':>10s}")
+    o = res["one_fact"]
+    print(f"{'one fact: ingest -> both replicas serve it':50s} {o['ingest_to_all_replicas_s']:>10.3f}")
+    print(f"{'  of which the job (train + evaluate + publish)':50s} {o['job_total_s']:>10.3f}")
+    print(f"{'  publish -> last replica serving':50s} {o['publish_to_last_replica_s']:>10.4f}")
+    b = res["burst_single_ingests"]
+    label = f"{b['documents']} single ingests -> both replicas serve all"
+    print(
+        f"{label:50s} {b['ingest_to_all_replicas_s']:>10.3f}   ({b['versions']} versions, answered {b['answered_after']})"
+    )
+    c = res["one_request_of_batch"]
+    label = f"one request of {c['documents']} docs -> both replicas"
+    print(f"{label:50s} {c['ingest_to_all_replicas_s']:>10.3f}   (answered {c['answered_after']})")
+    print(f"{'  publish -> last replica serving':50s} {c['publish_to_last_replica_s']:>10.4f}")
+    r = res["rollback_to_other_replica_s"]
+    print(
+        f"{'rollback on replica 0 -> replica 1 serves (median)':50s} {r['median']:>10.4f}   (max {r['max']})"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
