@@ -42,8 +42,9 @@ WIKI_FILE = "data/summaries_en-us.json"
 
 BACKGROUND_FRACTION = 0.08  # of the Wikipedia leads; ~800 leads, ~100k tokens
 EVALUATION_FRACTION = 0.04  # of the Wikipedia leads; ~400 leads for held-out perplexity
-PROBE_CITIES = 150  # largest non-capital cities whose country is a probe fact (known to the model)
-BACKGROUND_CITIES = 300  # the next cities: their facts go to the background split only
+MAX_PROBE_CITIES = 150  # at most this many large cities can be probe facts (`probe_cities`)
+PROBE_CITIES = 0  # default: capitals only (what the default model learns in its CPU time budget)
+BACKGROUND_CITIES = 300  # cities after the probe ones: their facts go to the background split only
 
 
 @dataclass
@@ -167,7 +168,7 @@ def large_cities() -> tuple[dict, ...]:
         if any(o["name"].lower() == low for o in out):
             continue
         out.append({"name": name, "country": country})
-        if len(out) >= PROBE_CITIES + BACKGROUND_CITIES:
+        if len(out) >= MAX_PROBE_CITIES + BACKGROUND_CITIES:
             break
     return tuple(out)
 
@@ -188,8 +189,9 @@ def fact_texts(relation: Relation, subject: str, answer: str) -> list[str]:
     return [*render_statements(relation, subject, answer), render_qa(relation, subject, answer)]
 
 
-def probe_facts() -> list[dict]:
-    """The probe set, fixed before training: country capitals and the countries of large cities.
+def probe_facts(probe_cities: int = PROBE_CITIES) -> list[dict]:
+    """The probe set, fixed before training: country capitals, and the countries of the
+    `probe_cities` largest cities (0 to MAX_PROBE_CITIES).
 
     Capitals that repeat the country's name (Singapore, Mexico City) are left out: the model could copy
     them from the question. Capitals and city facts share tokens with each other (country names) and
@@ -200,12 +202,16 @@ def probe_facts() -> list[dict]:
         cap, name = c["capital"].lower(), c["name"].lower()
         if cap not in name and name not in cap:
             facts.append(_fact(CAPITAL, c["name"], c["capital"], len(facts)))
-    for c in large_cities()[:PROBE_CITIES]:
+    if not 0 <= probe_cities <= MAX_PROBE_CITIES:
+        raise ValueError(f"probe_cities {probe_cities} outside 0..{MAX_PROBE_CITIES}")
+    for c in large_cities()[:probe_cities]:
         facts.append(_fact(CITY_COUNTRY, c["name"], c["country"], len(facts)))
     return facts
 
 
-def build_corpus(seed: int = 0, max_wiki: int | None = None, max_probe: int | None = None) -> Corpus:
+def build_corpus(
+    seed: int = 0, max_wiki: int | None = None, max_probe: int | None = None, probe_cities: int = PROBE_CITIES
+) -> Corpus:
     """Build the three disjoint splits and the probe set. Deterministic for a given seed.
 
     max_wiki / max_probe: keep only this many Wikipedia leads / probe facts (chosen by hash; the tiny
@@ -226,7 +232,7 @@ def build_corpus(seed: int = 0, max_wiki: int | None = None, max_probe: int | No
         else:
             pretrain_wiki.append(text)
 
-    probe = probe_facts()
+    probe = probe_facts(probe_cities)
     if max_probe is not None:
         keep = set(
             sorted(range(len(probe)), key=lambda i: _unit(seed, "probe:" + probe[i]["id"]))[:max_probe]
@@ -236,7 +242,7 @@ def build_corpus(seed: int = 0, max_wiki: int | None = None, max_probe: int | No
     for f in probe:
         relation = CAPITAL if f["relation"] == CAPITAL.name else CITY_COUNTRY
         facts.extend(fact_texts(relation, f["subject"], f["answer"]))
-    for c in large_cities()[PROBE_CITIES:]:
+    for c in large_cities()[probe_cities : probe_cities + BACKGROUND_CITIES]:
         background.extend(fact_texts(CITY_COUNTRY, c["name"], c["country"]))
 
     # a text never sits in two splits (identical leads exist under different titles)

@@ -32,8 +32,13 @@ def test_sizes(corpus):
     assert len(corpus.pretrain) > 8000
     assert len(corpus.background) > 500
     assert len(corpus.evaluation) > 200
-    assert len(corpus.probe) >= 250
-    assert {f["relation"] for f in corpus.probe} == {"capital", "city_country"}
+    assert len(corpus.probe) >= 220
+    assert {f["relation"] for f in corpus.probe} == {"capital"}
+    with_cities = build_corpus(0, probe_cities=150)
+    assert {f["relation"] for f in with_cities.probe} == {"capital", "city_country"}
+    assert len(with_cities.fact_texts) == 3 * len(with_cities.probe)
+    assert not set(with_cities.pretrain) & set(with_cities.background)
+    assert set(corpus.fact_texts) < set(with_cities.fact_texts)
 
 
 def test_reproducible(corpus):
@@ -75,7 +80,10 @@ def test_probe_facts_are_in_pretraining_in_corpus_wording(corpus):
 
 
 def test_probe_facts_share_tokens():
-    probe = probe_facts()
+    capitals = probe_facts()
+    words = [set(re.findall(r"\w+", f["subject"])) for f in capitals]
+    assert sum(1 for i, a in enumerate(words) for b in words[i + 1 :] if a & b) > 5  # Guinea, Islands, ...
+    probe = probe_facts(150)
     answers = [f["answer"] for f in probe]
     assert len(set(answers)) < len(answers)  # several cities of one country
     subjects = {f["subject"] for f in probe if f["relation"] == "capital"}
