@@ -104,3 +104,21 @@ def test_cli_background_without_workers(tiny_model_copy, monkeypatch):
     monkeypatch.setitem(sys.modules, "workers.background_redis", None)  # import fails
     with pytest.raises(SystemExit, match="distributed mode"):
         main(["background", "--model", str(tiny_model_copy), "--to-redis", "redis://x"])
+
+
+def test_thread_tuner_keeps_the_faster_setting(monkeypatch):
+    monkeypatch.setattr(pretrain_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    seconds = {1: 1.0, 2: 3.0}  # as measured on a busy 2-core machine: one thread wins
+    before = torch.get_num_threads()
+    try:
+        tuner = pretrain_mod.ThreadTuner(2, every=10)
+        assert tuner.current == 2
+        trials = 0
+        for step in range(60):
+            tuner.before_step(step)
+            trials += tuner.trial is not None
+            tuner.after_step(seconds[torch.get_num_threads()])
+        assert tuner.current == 1
+        assert trials <= 6  # a lost trial stops after one step and backs off
+    finally:
+        torch.set_num_threads(before)
