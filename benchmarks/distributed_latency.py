@@ -90,6 +90,7 @@ class Cluster:
             "MEMFIT_REDIS_URL": self.url,
             "MEMFIT_GATE_ENABLED": "false",
             "MEMFIT_LOG_LEVEL": "WARNING",
+            "MEMFIT_WORKER_METRICS_PORT": "0",
             "PYTHONUNBUFFERED": "1",
         }
         self.procs: list[subprocess.Popen] = []

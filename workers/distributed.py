@@ -327,8 +327,8 @@ class WorkerRuntime:
         try:
             jobs = self.store.jobs
             member_ids = [m.job_id for m in members]
-            documents = [
-                {k: r[k] for k in ("id", "text", "facts", "metadata") if k in r}
+            documents: list[dict[str, Any]] = [
+                {str(k): r[k] for k in ("id", "text", "facts", "metadata") if k in r}
                 for m in members
                 for r in jobs.documents(m.documents, job_id=m.job_id)
             ]

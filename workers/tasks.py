@@ -33,6 +33,7 @@ def register(app: Celery) -> None:
         soft_time_limit=max(1, hard - 60),
         ignore_result=True,
         typing=True,
+        shared=False,  # one app per Settings (tests build several): keep each task on its own app
     )
     def update(job_id: str) -> dict[str, Any]:
         """Run or finish the update job `job_id` (see workers.distributed.WorkerRuntime.handle)."""

@@ -48,6 +48,7 @@ FAST_ENV = {
     "MEMFIT_LOG_LEVEL": "INFO",
     "PYTHONUNBUFFERED": "1",
     "OMP_NUM_THREADS": "1",
+    "MEMFIT_WORKER_METRICS_PORT": "0",  # no fixed port: tests may run beside other workers
 }
 
 
