@@ -8,11 +8,16 @@ admission, or the request pinned an older `version`) it passes `live.overlay_for
 model's `memory_overlay`, which makes the live tables read as its version's rows. A swap therefore
 never waits for long generations to drain, and never changes the rows under a running request.
 
-Dynamic batching: `submit(request, emit)` queues a request; `settings.generation_workers` decoding
+Continuous batching: `submit(request, emit)` queues a request; `settings.generation_workers` decoding
 threads each take the oldest waiting request plus every other waiting one admitted with the same
 version (up to `settings.max_batch_size`) and decode them together, left-padded, one forward pass per
-step; pieces of text go to each request's `emit` as they are decoded. Requests arriving during a wave
-wait for the next free decoding thread.
+step over a shared KV cache. Between two steps a running batch admits newly waiting requests of its
+version into free rows: they are prefilled together (their own forward pass), their KV cache is
+left-padded to the batch's length and concatenated, and finished rows leave the batch (their cache
+rows are dropped, and columns that only padding holds are trimmed). A request therefore waits at most
+one decoding step plus its prefill, not a whole batch. Requests of another version are never mixed
+in: when one waits at the head of the queue the running batch stops admitting and drains. Pieces of
+text go to each request's `emit` as they are decoded.
 
 The other methods are blocking; the routes call them through `Engine.executor` (tokenising) or a
 thread (store reads), never on the event loop.
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from model_store import LiveTables, Store, StoreError, SwapResult, UnknownVersionError
 from model_store.errors import CorruptVersionError
@@ -244,6 +250,11 @@ class Engine:
         self._pending_cond = threading.Condition()
         self._closed = False
         self.waves = 0  # decoding waves started (a wave decodes up to max_batch_size requests together)
+        self.forward_calls = 0  # forward passes run for generation (prefills and decoding steps)
+        self.decode_steps = 0  # decoding steps (one forward pass over every running row)
+        self.decode_rows = 0  # rows decoded, summed over decoding steps (/ decode_steps = mean batch)
+        self.joined = 0  # requests admitted into an already running batch
+        self.active_waves = 0  # waves decoding now
         self._decoders = [
             threading.Thread(target=self._decode_loop, name=f"memfit-decode-{i}", daemon=True)
             for i in range(settings.generation_workers)
@@ -409,15 +420,30 @@ class Engine:
             if self._closed:
                 return None
             version = self._pending[0][0].version
-            wave: list[tuple[Prepared, Callable[[Any], None]]] = []
-            rest: list[tuple[Prepared, Callable[[Any], None]]] = []
-            for item in self._pending:
-                if item[0].version == version and len(wave) < self.max_batch_size:
-                    wave.append(item)
-                else:
-                    rest.append(item)
-            self._pending[:] = rest
-            return wave
+            return self._take_locked(version, self.max_batch_size)
+
+    def _take_locked(self, version: int, room: int) -> list[tuple[Prepared, Callable[[Any], None]]]:
+        """Under _pending_cond: remove and return up to `room` pending requests of `version`."""
+        wave: list[tuple[Prepared, Callable[[Any], None]]] = []
+        rest: list[tuple[Prepared, Callable[[Any], None]]] = []
+        for item in self._pending:
+            if item[0].version == version and len(wave) < room:
+                wave.append(item)
+            else:
+                rest.append(item)
+        self._pending[:] = rest
+        return wave
+
+    def _take_joiners(self, version: int, room: int) -> list[tuple[Prepared, Callable[[Any], None]]]:
+        """Waiting requests of `version` that may join a running batch: none when the batch is full,
+        the engine is closing, or a request of another version waits at the head of the queue (the
+        batch then drains so that a decoding thread takes it)."""
+        if room <= 0 or not self._pending:  # unlocked peek: a miss only delays a join by one step
+            return []
+        with self._pending_cond:
+            if self._closed or not self._pending or self._pending[0][0].version != version:
+                return []
+            return self._take_locked(version, room)
 
     def _decode_loop(self) -> None:
         while True:
@@ -425,25 +451,42 @@ class Engine:
             if wave is None:
                 return
             rows = [_Row(self, req, emit) for req, emit in wave]
+            seen = list(rows)  # every row the wave decoded, joiners included
             self.waves += 1
-            if self.metrics is not None:
-                self.metrics.batch_size.observe(len(rows))
+            self.active_waves += 1
             try:
-                self._decode(rows)
-            except BaseException as e:  # reported to every request of the wave
+                self._decode(rows, seen)
+            except BaseException as e:  # reported to every unfinished request of the wave
                 log.exception("generation failed")
-                for row in rows:
+                for row in seen:
                     row.fail(e)
+            finally:
+                self.active_waves -= 1
 
-    @torch.no_grad()
-    def _decode(self, rows: list[_Row]) -> None:
-        """Left-padded batched decoding of rows that share one version, with a KV cache. Every forward
-        pass runs under swap_lock.read(), on the live tables or the version's row overlay."""
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """True once no wave is decoding and nothing waits (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self.active_waves or self._pending:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def _forward(self, version: int, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """One forward pass under swap_lock.read(), on the live tables or the version's row overlay;
+        the last position's logits (B, V)."""
+        with self.live.swap_lock.read():
+            overlay = self._overlay(version)
+            extra = {"memory_overlay": overlay} if overlay else {}
+            out = self.model(ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        self.forward_calls += 1
+        return out.logits[:, -1]
+
+    def _prefill(self, rows: list[_Row], version: int, device, pad: int):
+        """Prefill `rows` together (left padded); each takes its first token. -> (cache, mask (B, S)
+        of the cached positions, next ids (B, 1))."""
         from transformers.cache_utils import DynamicCache
 
-        version = rows[0].req.version
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         width = max(len(r.req.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -452,33 +495,87 @@ class Engine:
             ids[i, width - n :] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         ids, mask = ids.to(device), mask.to(device)  # (B, T) left padded
-        cache = DynamicCache(config=self.model.config)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(rows))
         for r in rows:
             r.start()
-        step_ids = ids
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(version, ids, mask, cache)  # (B, V)
+        return cache, mask, self._sample_rows(rows, logits, device, pad)
+
+    @staticmethod
+    def _sample_rows(rows: list[_Row], logits: torch.Tensor, device, pad: int) -> torch.Tensor:
+        nxt = []
+        for i, r in enumerate(rows):
+            if r.done:
+                nxt.append(pad)
+                continue
+            token = _sample(logits[i], r.req.params, r.gen)
+            nxt.append(token)
+            r.push(token)
+        return torch.tensor(nxt, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
+
+    @staticmethod
+    def _cache_tensors(cache) -> list[tuple[Any, str]]:
+        return [(layer, name) for layer in cache.layers for name in ("keys", "values")]
+
+    def _select(self, cache, mask: torch.Tensor, nxt: torch.Tensor, keep: list[int]):
+        """Keep batch rows `keep`, then trim leading columns that are padding in every kept row."""
+        idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
+        mask, nxt = mask.index_select(0, idx), nxt.index_select(0, idx)
+        real = mask.any(0).nonzero()
+        lead = int(real[0]) if real.numel() else 0
+        for layer, name in self._cache_tensors(cache):
+            t = getattr(layer, name)  # (B, nh, S, hs)
+            setattr(layer, name, t.index_select(0, idx)[:, :, lead:])
+        return mask[:, lead:], nxt
+
+    def _merge(self, a, mask_a: torch.Tensor, nxt_a: torch.Tensor, b, mask_b: torch.Tensor, nxt_b):
+        """Concatenate batch b below batch a; the shorter one is left-padded (masked) to the longer."""
+        S = max(mask_a.shape[1], mask_b.shape[1])
+        pa, pb = S - mask_a.shape[1], S - mask_b.shape[1]
+        for (la, name), (lb, _) in zip(self._cache_tensors(a), self._cache_tensors(b)):
+            ta, tb = getattr(la, name), getattr(lb, name)  # (B, nh, S_a|S_b, hs)
+            setattr(la, name, torch.cat([F.pad(ta, (0, 0, pa, 0)), F.pad(tb, (0, 0, pb, 0))], dim=0))
+        mask = torch.cat([F.pad(mask_a, (pa, 0)), F.pad(mask_b, (pb, 0))], dim=0)  # (B_a + B_b, S)
+        return a, mask, torch.cat([nxt_a, nxt_b], dim=0)
+
+    @torch.no_grad()
+    def _decode(self, rows: list[_Row], seen: list[_Row]) -> None:
+        """Continuous batched decoding of rows that share one version, with a KV cache; rows of the
+        version that wait in the queue join between steps, finished rows leave."""
+        version = rows[0].req.version
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        cache, mask, nxt = self._prefill(rows, version, device, pad)  # mask: (B, S) cached positions
         while True:
             for r in rows:
                 if not r.done and r.req.cancelled.is_set():
                     r.finish()
-            if all(r.done for r in rows):
+            keep = [i for i, r in enumerate(rows) if not r.done]
+            if len(keep) < len(rows):
+                if keep:
+                    mask, nxt = self._select(cache, mask, nxt, keep)
+                rows = [rows[i] for i in keep]
+            joiners = self._take_joiners(version, self.max_batch_size - len(rows))
+            if joiners:
+                new = [_Row(self, req, emit) for req, emit in joiners]
+                self.joined += len(new)
+                seen.extend(new)
+                c2, m2, n2 = self._prefill(new, version, device, pad)
+                if rows:
+                    cache, mask, nxt = self._merge(cache, mask, nxt, c2, m2, n2)
+                else:
+                    cache, mask, nxt = c2, m2, n2
+                rows = rows + new
+                continue  # drop the rows the prefill finished, then decode
+            if not rows:
                 return
-            with self.live.swap_lock.read():
-                overlay = self._overlay(version)
-                extra = {"memory_overlay": overlay} if overlay else {}
-                out = self.model(
-                    step_ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra
-                )
-            logits = out.logits[:, -1]  # (B, V)
-            nxt = []
-            for i, r in enumerate(rows):
-                if r.done:
-                    nxt.append(pad)
-                    continue
-                token = _sample(logits[i], r.req.params, r.gen)
-                nxt.append(token)
-                r.push(token)
-            step_ids = torch.tensor(nxt, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)  # (B, S + 1)
+            logits = self._forward(version, nxt, mask, cache)
+            self.decode_steps += 1
+            self.decode_rows += len(rows)
+            nxt = self._sample_rows(rows, logits, device, pad)
 
     def stream(self, req: Prepared) -> Iterator[Delta]:
         """Blocking iterator over a request's Deltas (the last has done=True); counts it as running."""
