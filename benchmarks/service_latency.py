@@ -75,10 +75,12 @@ def answered(text: str, answer: str) -> bool:
     return is_answered(text, answer)
 
 
-def ingest_to_answerable(c: httpx.Client, facts: list[dict], check: int) -> dict:
+def ingest_to_answerable(
+    c: httpx.Client, facts: list[dict], check: int, settings: dict | None = None
+) -> dict:
     docs = [{"id": f"bench-{i}-{int(time.time() * 1e3)}", "text": f["text"], "facts": [{"question": f["question"], "answer": f["answer"]}]} for i, f in enumerate(facts)]  # fmt: skip
     t0 = time.perf_counter()
-    r = c.post("/ingest", json={"documents": docs})
+    r = c.post("/ingest", json={"documents": docs, **({"settings": settings} if settings else {})})
     r.raise_for_status()
     t_accepted = time.perf_counter() - t0
     job_id = r.json()["job_id"]
@@ -162,6 +164,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=40, help="/generate requests per concurrency level")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument(
+        "--settings", default=None, help="update settings of the ingests, JSON (e.g. '{\"lr\": 1.0}')"
+    )
     args = ap.parse_args()
 
     from memlm.data.invented import invented_facts
@@ -202,8 +207,13 @@ def main() -> int:
             wid = warm.json()["job_id"]
             while c.get(f"/jobs/{wid}").json()["status"] in ("queued", "running"):
                 time.sleep(0.05)
-            one = ingest_to_answerable(c, facts[:1], check=1)
-            batch = ingest_to_answerable(c, facts[1 : args.batch + 1], check=args.batch)
+            overrides = json.loads(args.settings) if args.settings else None
+            one = ingest_to_answerable(c, facts[:1], check=1, settings=overrides)
+            batch = (
+                ingest_to_answerable(c, facts[1 : args.batch + 1], check=args.batch, settings=overrides)
+                if args.batch
+                else {"status": "skipped (--batch 0)"}
+            )
         lat = [generate_latency(url, probe_prompts, conc, args.requests) for conc in (1, 8)]
     finally:
         proc.terminate()
@@ -215,12 +225,15 @@ def main() -> int:
     result = {
         "model": str(model),
         "gate": bool(args.gate),
+        "settings": json.loads(args.settings) if args.settings else None,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "one_fact": one,
         "batch": batch,
         "generate": lat,
     }
-    print(f"model {model} (gate {'on' if args.gate else 'off'}); {result['machine']}")
+    print(
+        f"model {model} (gate {'on' if args.gate else 'off'}, settings {args.settings or 'default'}); {result['machine']}"
+    )
     print(f"{'':34}{'job done':>10}{'answerable':>12}{'answered':>10}")
     for name, r in (("ingest 1 fact", one), (f"ingest {args.batch} facts (1 request)", batch)):
         if r.get("status") != "succeeded":
