@@ -32,6 +32,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.observability import record_job
 from service.routes import dashboard, generate, health, ingest, jobs, openai, versions
+from service.schemas import ErrorResponse
 from service.settings import Settings
 
 log = logging.getLogger("memfit.service")
@@ -44,6 +45,26 @@ finetuning and publishes an immutable version; `POST /generate` (or the OpenAI-c
 `/v1/completions`) answers from the active version. Versions can be pinned, awaited
 (`min_version`), rolled back and forward. Errors are `{"error": {"code", "message", "field"}}`.
 """
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error answers (the one error body of service/errors.py)."""
+    what = {
+        400: "invalid JSON or a bad id",
+        401: "no or unknown API key (keys configured)",
+        403: "the key's role is too low for this endpoint",
+        404: "unknown job, version, document, model or asset",
+        413: "body over max_request_bytes (or another size limit, named)",
+        422: "a missing, unknown or out-of-range field (named in `field`)",
+        429: "rate limit of the key, or queue over max_queue_depth (Retry-After)",
+        503: "still starting, or a dependency unavailable (Retry-After)",
+    }
+    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+
+
+# What any route can answer (auth, rate limit, body size, validation, start-up); routes with ids add 404.
+ERROR_RESPONSES = _errors(400, 401, 403, 413, 422, 429, 503)
+WITH_NOT_FOUND = {**ERROR_RESPONSES, **_errors(404)}
 
 
 class StoreSetupError(RuntimeError):
@@ -189,12 +210,12 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.state.dispatcher = None
     install_error_handlers(app, settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.include_router(generate.router)
-    app.include_router(openai.router)
-    app.include_router(ingest.router)
-    app.include_router(jobs.router)
-    app.include_router(versions.router)
-    app.include_router(versions.documents_router)
-    app.include_router(health.router)
-    app.include_router(dashboard.router)
+    app.include_router(generate.router, responses=ERROR_RESPONSES)
+    app.include_router(openai.router, responses=WITH_NOT_FOUND)
+    app.include_router(ingest.router, responses=ERROR_RESPONSES)
+    app.include_router(jobs.router, responses=WITH_NOT_FOUND)
+    app.include_router(versions.router, responses=WITH_NOT_FOUND)
+    app.include_router(versions.documents_router, responses=WITH_NOT_FOUND)
+    app.include_router(health.router, responses=ERROR_RESPONSES)
+    app.include_router(dashboard.router, responses=WITH_NOT_FOUND)
     return app

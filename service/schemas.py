@@ -21,6 +21,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., description="machine-readable: limit_exceeded, job_not_found, ...")
+    message: str = Field(..., description="what went wrong, with the numbers and the limit")
+    field: str | None = Field(None, description="the request field, header or setting at fault")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body (CONTRACTS.md): `{"error": {"code", "message", "field"}}`."""
+
+    error: ErrorDetail
+
+
 # ---- ingest -------------------------------------------------------------------------------------
 
 

@@ -14,11 +14,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service.deps import EngineDep, SettingsDep
 from service.engine import Completion, Delta, Engine, Prepared, SamplingParams, retry_after_seconds
 from service.errors import ApiError
-from service.schemas import GenerateRequest, GenerateResponse
+from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from service.security import Principal, require_role
 from service.settings import Settings
 
 router = APIRouter(tags=["generate"])
+# OpenAPI < 3.2: the schema of an event stream describes one event
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": 'each `data` a JSON object: {"token"} events, then {"done": true, "version", "finish_reason", "usage"}',
+        },
+        "event": {"type": "string"},
+    },
+}
 ReadDep = Annotated[Principal, Depends(require_role("read"))]
 
 
@@ -185,12 +197,19 @@ def sse(obj: Any) -> bytes:
         200: {
             "description": "JSON, or `text/event-stream` when stream is true",
             "headers": {"X-Memfit-Version": {"schema": {"type": "integer"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
-        404: {"description": "pinned version does not exist"},
-        409: {"description": "version rejected, or min_version not in the active chain"},
-        413: {"description": "prompt over max_prompt_chars or the model's context"},
-        422: {"description": "invalid field or limit exceeded"},
-        503: {"description": "min_version not served within min_version_wait_s (Retry-After)"},
+        404: {"model": ErrorResponse, "description": "pinned version does not exist"},
+        409: {
+            "model": ErrorResponse,
+            "description": "version rejected, or min_version not in the active chain",
+        },
+        413: {"model": ErrorResponse, "description": "prompt over max_prompt_chars or the model's context"},
+        422: {"model": ErrorResponse, "description": "invalid field or limit exceeded"},
+        503: {
+            "model": ErrorResponse,
+            "description": "min_version not served within min_version_wait_s (Retry-After)",
+        },
     },
 )
 async def generate(body: GenerateRequest, engine: EngineDep, settings: SettingsDep, _: ReadDep):

@@ -20,7 +20,7 @@ from model_store import IdempotencyConflict
 from model_store.joblog import new_job_id
 from service.deps import DispatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
 from service.errors import ApiError
-from service.schemas import IngestRequest, IngestResponse
+from service.schemas import ErrorResponse, IngestRequest, IngestResponse
 from service.security import Principal, require_role
 from service.settings import Settings
 
@@ -105,10 +105,13 @@ def body_hash(body: IngestRequest) -> str:
     response_model=IngestResponse,
     summary="Queue documents for a knowledge update",
     responses={
-        409: {"description": "Idempotency-Key reused with a different body"},
-        413: {"description": "too many documents, or a document too long (names the limit)"},
-        422: {"description": "invalid field or limit exceeded"},
-        429: {"description": "queue over max_queue_depth (Retry-After)"},
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body"},
+        413: {
+            "model": ErrorResponse,
+            "description": "too many documents, or a document too long (names the limit)",
+        },
+        422: {"model": ErrorResponse, "description": "invalid field or limit exceeded"},
+        429: {"model": ErrorResponse, "description": "queue over max_queue_depth (Retry-After)"},
     },
 )
 async def ingest(

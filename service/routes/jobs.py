@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from model_store import InvalidTransition, Job
 from service.deps import DispatcherDep, StoreDep
 from service.errors import ApiError, validate_id
-from service.schemas import JobList, JobOut
+from service.schemas import ErrorResponse, JobList, JobOut
 from service.security import Principal, require_role
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -66,7 +66,7 @@ async def get_job(job_id: str, store: StoreDep, _: ReadDep) -> JobOut:
     "/{job_id}/cancel",
     response_model=JobOut,
     summary="Cancel: queued -> cancelled; running -> cancelled at the next step boundary",
-    responses={409: {"description": "the job already finished"}},
+    responses={409: {"model": ErrorResponse, "description": "the job already finished"}},
 )
 async def cancel_job(job_id: str, store: StoreDep, dispatcher: DispatcherDep, _: WriteDep) -> JobOut:
     def work() -> Job:
@@ -83,7 +83,7 @@ async def cancel_job(job_id: str, store: StoreDep, dispatcher: DispatcherDep, _:
     "/{job_id}/retry",
     response_model=JobOut,
     summary="Retry a failed or cancelled job (-> queued)",
-    responses={409: {"description": "the job is not failed or cancelled"}},
+    responses={409: {"model": ErrorResponse, "description": "the job is not failed or cancelled"}},
 )
 async def retry_job(job_id: str, store: StoreDep, dispatcher: DispatcherDep, _: WriteDep) -> JobOut:
     def work() -> Job:

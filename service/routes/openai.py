@@ -25,6 +25,18 @@ from service.schemas import CompletionRequest, CompletionResponse, ModelCard, Mo
 from service.security import Principal, require_role
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+# OpenAPI < 3.2: the schema of an event stream describes one event
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "each `data` a JSON completion chunk, the last one `[DONE]`",
+        },
+        "event": {"type": "string"},
+    },
+}
 ReadDep = Annotated[Principal, Depends(require_role("read"))]
 MODEL = "memfit"
 _PINNED = re.compile(r"^memfit@(\d{1,18})$")
@@ -57,7 +69,17 @@ def list_models(store: StoreDep, _: ReadDep) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.post("/completions", response_model=CompletionResponse, summary="OpenAI text completion")
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    summary="OpenAI text completion",
+    responses={
+        200: {
+            "description": "JSON, or `text/event-stream` (ending with `data: [DONE]`) when stream is true",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+        }
+    },
+)
 async def completions(
     request: Request, body: CompletionRequest, engine: EngineDep, settings: SettingsDep, _: ReadDep
 ):

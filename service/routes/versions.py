@@ -15,6 +15,7 @@ from service.errors import ApiError, validate_id
 from service.schemas import (
     ActivateRequest,
     ActivateResponse,
+    ErrorResponse,
     RevertRequest,
     RevertResponse,
     VersionList,
@@ -76,8 +77,8 @@ async def get_version(version_id: VersionId, store: StoreDep, _: ReadDep) -> Ver
     response_model=ActivateResponse,
     summary="Activate a retained version (rollback / roll-forward); this replica swaps before answering",
     responses={
-        404: {"description": "no such version"},
-        409: {"description": "rejected or corrupted version"},
+        404: {"model": ErrorResponse, "description": "no such version"},
+        409: {"model": ErrorResponse, "description": "rejected or corrupted version"},
     },
 )
 async def activate_version(
@@ -110,7 +111,12 @@ async def activate_version(
     "/{version_id}/revert",
     response_model=ActivateResponse,
     summary="Undo one version of the active chain exactly (publishes a 'revert' version)",
-    responses={409: {"description": "later versions rewrote its slots, or it is not in the active chain"}},
+    responses={
+        409: {
+            "model": ErrorResponse,
+            "description": "later versions rewrote its slots, or it is not in the active chain",
+        }
+    },
 )
 async def revert_version(
     version_id: VersionId,
@@ -142,7 +148,7 @@ async def revert_version(
     responses={
         200: {"description": "reverted exactly"},
         202: {"description": "its version was reverted and a retrain job of the other documents queued"},
-        404: {"description": "the document is not taught by the active version"},
+        404: {"model": ErrorResponse, "description": "the document is not taught by the active version"},
     },
 )
 async def revert_document(
