@@ -89,7 +89,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     import memlm  # noqa: F401  (registers the memory-layer model with the Auto classes)
     from memlm.tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model, load_tokenizer(model_dir)
