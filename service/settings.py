@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     task_time_limit_s: int = Field(1800, description="hard time limit of one update task")
     visibility_timeout_s: int = Field(3600, description="Redis visibility timeout; above the longest update")
     max_batch_jobs: int = Field(32, ge=1, description="queued jobs merged into one update when they pile up")
+    claim_ttl_s: float = Field(60.0, gt=0, description="a dead worker's job claims lapse after this long")
 
     # request limits (each a clear 413/422 naming the limit)
     max_documents_per_request: int = Field(256, ge=1)

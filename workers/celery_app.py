@@ -32,6 +32,13 @@ APP_NAME = "memfit"
 #: seconds between the soft time limit (a clean `SoftTimeLimitExceeded` in the task) and the hard one
 SOFT_LIMIT_MARGIN_S = 60
 
+
+def soft_limit_s(hard: int) -> int:
+    """Seconds before the hard limit at which a task is told to stop: SOFT_LIMIT_MARGIN_S, or a
+    quarter of the hard limit when that is shorter (a 30 s limit must not cancel every job after 1 s)."""
+    return max(1, int(hard - min(SOFT_LIMIT_MARGIN_S, hard / 4)))
+
+
 _lock = threading.Lock()
 _app: Celery | None = None
 
@@ -52,6 +59,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_connect_timeout": 3,  # a dead Redis fails an enqueue fast (the API answers 503)
         "socket_keepalive": True,
         "health_check_interval": 25,
+        # look for unacknowledged messages of dead workers every few seconds (kombu: every 100 s),
+        # so a short visibility timeout redelivers soon after it lapses; one ZRANGE per look
+        "unacked_restore_interval": max(1, min(10, visibility // 10)),
+        "unacked_restore_throttle": 1,
     }
     return {
         "broker_url": settings.redis_url,
@@ -70,7 +81,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.celery_queue,
         "task_create_missing_queues": True,
         "task_time_limit": hard,
-        "task_soft_time_limit": max(1, hard - SOFT_LIMIT_MARGIN_S),
+        "task_soft_time_limit": soft_limit_s(hard),
         "task_track_started": True,
         "result_expires": 24 * 3600,
         "worker_hijack_root_logger": False,

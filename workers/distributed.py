@@ -42,7 +42,7 @@ version in the store (`workers.pipeline.find_version_of_job`), checked under the
 Every job a worker finishes gets `timings.worker_pid` and `timings.worker_host` (written right after
 the pipeline's final update): the update ran in that process. Celery's hard/soft time limits are not
 enforced by the solo pool, so the runtime also cancels a job at a step boundary after
-`settings.task_time_limit_s - 60` seconds.
+`settings.task_time_limit_s - min(60, limit / 4)` seconds (`workers.celery_app.soft_limit_s`).
 """
 
 from __future__ import annotations
@@ -287,8 +287,10 @@ class WorkerRuntime:
         return taken
 
     def _deadline_cancel(self, extra=None):
+        from workers.celery_app import soft_limit_s
+
         hard = float(self.settings.task_time_limit_s)
-        deadline = time.monotonic() + max(1.0, hard - 60.0)
+        deadline = time.monotonic() + soft_limit_s(int(hard))
 
         def should_cancel() -> bool:
             if time.monotonic() > deadline:

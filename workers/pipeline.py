@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +52,22 @@ log = logging.getLogger("memfit.pipeline")
 
 MAX_PUBLISH_ATTEMPTS = 4  # retrain/rebase rounds when other writers keep moving the active version
 PROGRESS_EVERY_S = 0.5  # progress events written to the job log at most this often
+
+
+CRASH_ENV = "MEMFIT_CRASH_AT"  # fault tests only (tests/faults/test_worker_kill.py)
+CRASH_POINTS = ("pipeline:before_training", "pipeline:training", "pipeline:published", "pipeline:finished")
+
+
+def crash_hook(point: str, job_id: str) -> None:
+    """SIGKILL this process at `point` when MEMFIT_CRASH_AT names it, alone or as `point@job_id`
+    (comma-separated entries). Inactive (one dict lookup) when the variable is unset."""
+    raw = os.environ.get(CRASH_ENV)
+    if not raw:
+        return
+    wanted = {x.strip() for x in raw.split(",")}
+    if point in wanted or f"{point}@{job_id}" in wanted:
+        log.warning("MEMFIT_CRASH_AT: killing this process at %s (job %s)", point, job_id)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class JobCancelled(Exception):
@@ -328,8 +346,15 @@ class Pipeline:
 
             t0 = time.perf_counter()
             phase.set("training", parent=parent, attempt=attempt, step=0, steps=us.steps)
+            crash_hook("pipeline:before_training", job.job_id)
+
+            def progress(info: dict, _job: str = job.job_id) -> None:
+                phase.step(info)
+                if int(info.get("step") or 0) >= 2:
+                    crash_hook("pipeline:training", _job)
+
             delta = learn_documents(
-                self.model, self.tokenizer, documents, self.background, us, progress=phase.step
+                self.model, self.tokenizer, documents, self.background, us, progress=progress
             )
             t_train += time.perf_counter() - t0
             tables = self.model.value_tables()
@@ -364,6 +389,7 @@ class Pipeline:
                 log.info("job %s: %s; retraining from the new active version", job.job_id, e)
                 continue
             t_pub += time.perf_counter() - t0
+            crash_hook("pipeline:published", job.job_id)  # published, the job not yet recorded
             timings.update(
                 training=round(t_train, 4),
                 evaluation=round(t_eval, 4),
@@ -386,18 +412,18 @@ class Pipeline:
                 parent,
                 timings["total"],
             )
-            return _result(
-                jobs.update(
-                    job.job_id,
-                    status=status,
-                    version=v,
-                    parent=parent,
-                    evaluation=evaluation,
-                    timings=timings,
-                    error=error,
-                    progress={"phase": "done"},
-                )
+            done = jobs.update(
+                job.job_id,
+                status=status,
+                version=v,
+                parent=parent,
+                evaluation=evaluation,
+                timings=timings,
+                error=error,
+                progress={"phase": "done"},
             )
+            crash_hook("pipeline:finished", job.job_id)  # recorded, the task not yet acknowledged
+            return _result(done)
         raise StoreError(
             f"the active version kept moving: gave up after {MAX_PUBLISH_ATTEMPTS} retrain attempts"
         )

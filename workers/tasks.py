@@ -21,6 +21,8 @@ UPDATE_TASK = "memfit.update"
 
 
 def register(app: Celery) -> None:
+    from workers.celery_app import soft_limit_s
+
     settings = app.conf.memfit_settings
     hard = int(settings.task_time_limit_s)
 
@@ -30,7 +32,7 @@ def register(app: Celery) -> None:
         acks_late=True,
         reject_on_worker_lost=True,
         time_limit=hard,
-        soft_time_limit=max(1, hard - 60),
+        soft_time_limit=soft_limit_s(hard),
         ignore_result=True,
         typing=True,
         shared=False,  # one app per Settings (tests build several): keep each task on its own app
