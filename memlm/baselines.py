@@ -25,7 +25,7 @@ import torch
 from .augment import AugmentSettings, build_stream, document_facts
 from .delta import SlotDelta
 from .evaluation import format_question, greedy_complete, is_answered
-from .updater import UpdateSettings, facts_stop_fn, learn_documents, lm_loss
+from .updater import UpdateSettings, batch_loss, facts_stop_fn, learn_documents
 
 LORA_TARGETS = ["qkv", "o_proj", "gate_up", "down"]
 
@@ -38,7 +38,7 @@ class DenseSettings:
     batch_size: int = 16  # sequences per step (one fact's examples fit in one batch)
     loss_reduction: str = "sum"  # same loss as the sparse updater (memlm.updater.lm_loss)
     early_stop: bool = True  # stop once every fact of the update is answered
-    check_every: int = 5  # steps between early-stop checks
+    check_every: int = 1  # steps between early-stop checks (memlm.updater.facts_stop_fn)
     grad_clip: float | None = 1.0  # gradient-norm clip over the trained parameters
     lora_rank: int = 8  # LoRA rank r
     lora_alpha: float = 16.0  # LoRA scale alpha (effective scale alpha / r)
@@ -83,20 +83,18 @@ def train_parameters(
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     model.eval()  # no dropout in the model; eval keeps generation and training alike
 
-    def batch_loss(b):
-        b = {k: v.to(device) for k, v in b.items()}
-        logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return lm_loss(logits, b["labels"], s.loss_reduction)
+    def loss_of(b):
+        return batch_loss(model, {k: v.to(device) for k, v in b.items()}, None, s.loss_reduction)
 
     with torch.no_grad():
-        loss_before = sum(float(batch_loss(b)) for b in stream.all_batches()) / len(stream.all_batches())
+        loss_before = sum(float(loss_of(b)) for b in stream.all_batches()) / len(stream.all_batches())
     steps, stopped = 0, False
     for step in range(s.steps):
         batch = stream.batch(step)
         if batch is None:
             stopped = True
             break
-        loss = batch_loss(batch)
+        loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:
@@ -110,7 +108,7 @@ def train_parameters(
             break
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        loss_after = sum(float(batch_loss(b)) for b in stream.all_batches()) / len(stream.all_batches())
+        loss_after = sum(float(loss_of(b)) for b in stream.all_batches()) / len(stream.all_batches())
     return {
         "method": method,
         "lr": s.lr,

@@ -56,13 +56,13 @@ class BenchConfig:
     heldout_tokens: int = 4096  # tokens of held-out text for perplexity
     seed: int = 0  # fact generator and update seed
     # grids: each method gets the same number of configurations (6)
-    sparse_t: list[int] = field(default_factory=lambda: [100, 500])
-    sparse_lr: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    sparse_t: list[int] = field(default_factory=lambda: [500, 2000])
+    sparse_lr: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
     full_lr: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3])
     lora_rank: list[int] = field(default_factory=lambda: [4, 16])
     lora_lr: list[float] = field(default_factory=lambda: [3e-4, 3e-3, 3e-2])
     # the Pareto grid around the chosen sparse setting: t and lr multipliers
-    pareto_t: list[int] = field(default_factory=lambda: [50, 200, 1000, 4000])
+    pareto_t: list[int] = field(default_factory=lambda: [100, 500, 2000, 8000])
     pareto_lr_factors: list[float] = field(default_factory=lambda: [1.0])
     ablations: list[str] = field(default_factory=lambda: ["all", "tf", "random"])
     steps: int = 40  # maximum steps per update, every method (early stopping usually ends sooner)

@@ -17,9 +17,11 @@ Loss scale and learning rate: the loss is summed over target tokens and averaged
 (`loss_reduction="sum"`). With the per-token mean a value row's gradient shrinks with the number of
 tokens in the batch (weights 1/(H k) per read, then 1/#tokens), which is why a prototype needed SGD
 lr 100-1000; the per-sequence sum keeps one lr valid for short QA forms and long chunks alike and
-matches the paper's lr range for SGD (2-5). The default optimizer is the row-local Adam (scale-free:
-its step is ~lr per coordinate whatever the loss scale), chosen by the continual benchmark
-(benchmarks/results/continual/).
+keeps one lr valid for short QA forms and long chunks alike. Measured on the default model (4 layers,
+N = 65536, value rows of norm ~1): SGD needed lr ~3000 and the row-local Adam lr ~1 (t = 2000) before a
+single fact was learned within 40 steps; Adam is the default because its step does not depend on the
+loss scale (~lr per coordinate). The continual benchmark chooses lr and t per run on its dev stream
+(memlm.bench_continual).
 """
 
 from __future__ import annotations
@@ -61,15 +63,19 @@ class _ListSource:
 
 @dataclass
 class UpdateSettings:
-    top_t: int = 500  # slots trained per memory layer (paper: 500 for single facts)
+    top_t: int = (
+        2000  # slots per memory layer; paper: 500 at N=1M; at N=65536 t=500 did not learn in 40 steps
+    )
     steps: int = 40  # maximum optimizer steps; early stopping usually ends far sooner
-    lr: float = 0.5  # row-local Adam step size (SGD with loss_reduction="sum": 2-5 as in the paper)
+    lr: float = 1.0  # row-local Adam step; 0.1-0.3 did not learn on the default model (SGD needed ~3000)
     optimizer: str = "adam"  # "adam" (state for the selected rows only) or "sgd" (plain, no momentum)
     method: str = "tfidf"  # slot ranking: tfidf | tf | random | all (see memlm.selection)
     batch_size: int = 16  # sequences per step; one fact's examples fit in one batch
     loss_reduction: str = "sum"  # "sum": token sum averaged over sequences; "mean": per-token mean
     early_stop: bool = True  # stop once every fact of the update is answered (checked every check_every)
-    check_every: int = 5  # steps between early-stop checks (each is one greedy decode of the facts)
+    check_every: int = (
+        1  # steps between early-stop checks (a teacher-forced forward; generation only if it passes)
+    )
     extra_steps: int = 0  # steps trained after the stop check fires (margin for other wordings)
     grad_clip: float | None = None  # clip the rows' gradient norm (None: no clipping)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # standard Adam moments
@@ -78,6 +84,7 @@ class UpdateSettings:
     max_seq_len: int = 128  # tokens per training example; longer documents are chunked
     paraphrases: int = 3  # model-free paraphrases per chunk (memlm.augment)
     question_rewrites: int = 4  # training wordings per fact (memlm.augment.TRAINING_QUESTION_TEMPLATES)
+    train_text: bool = True  # train on the document text too; False: a document's facts (QA forms) only
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -117,6 +124,55 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") 
     return tok.sum() / valid.any(-1).sum().clamp(min=1)
 
 
+def batch_loss(model, batch: Batch, overlay: Overlay | None = None, reduction: str = "sum") -> torch.Tensor:
+    """`lm_loss` of a batch, with the LM head applied only where a label is (QA forms train a few answer
+    tokens; the vocabulary projection of every other position would be wasted work)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    h = model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]  # (B, T, d)
+    tgt = labels[:, 1:]  # (B, T-1): the label of position p is the token at p + 1
+    valid = tgt != -100
+    logits = model.lm_head(h[:, :-1][valid])  # (n_targets, V)
+    tok = F.cross_entropy(logits.float(), tgt[valid], reduction="none")  # (n_targets,)
+    if reduction == "mean":
+        return tok.sum() / valid.sum().clamp(min=1)
+    return tok.sum() / valid.any(-1).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def teacher_forced_hits(
+    model, tokenizer, facts: Sequence[dict], overlay: Overlay | None = None
+) -> list[bool]:
+    """Per fact: does the argmax at every answer position, given the right prefix, equal the answer token?
+
+    If so, greedy decoding produces exactly the answer tokens, so the fact is answered (a sufficient
+    condition, one forward instead of a generation). Used as the cheap early-stop pre-check."""
+    from .augment import qa_example
+
+    if not facts:
+        return []
+    device = _device(model)
+    rows = [qa_example(tokenizer, f["question"], f["answer"]) for f in facts]
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (i, lab) in enumerate(rows):
+        lab = list(lab)
+        # the trailing newline is not needed for an answer: check the answer tokens only
+        last = max(j for j, x in enumerate(lab) if x != -100)
+        lab[last] = -100
+        ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(i)] = 1
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    h = model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]
+    pred = model.lm_head(h[:, :-1]).argmax(-1)  # (B, T-1)
+    tgt = labels[:, 1:]
+    ok = (pred == tgt) | (tgt == -100)
+    return [bool(x) for x in ok.all(-1).tolist()]
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -152,8 +208,7 @@ def _mean_loss(model, batches: Sequence[Batch], overlay: Overlay | None, reducti
     total, n = 0.0, 0
     for b in batches:
         b = _to(b, device)
-        logits = model(b["input_ids"], attention_mask=b["attention_mask"], memory_overlay=overlay).logits
-        total += float(lm_loss(logits, b["labels"], reduction))
+        total += float(batch_loss(model, b, overlay, reduction))
         n += 1
     return total / max(n, 1)
 
@@ -228,8 +283,7 @@ def sparse_update(
                 stopped_early = True
                 break
             b = _to(batch, device)
-            logits = model(b["input_ids"], attention_mask=b["attention_mask"], memory_overlay=overlay).logits
-            loss = lm_loss(logits, b["labels"], s.loss_reduction)
+            loss = batch_loss(model, b, overlay, s.loss_reduction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip:
@@ -285,7 +339,8 @@ def sparse_update(
 
 
 def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[Any, Overlay], bool]:
-    """A stop_fn: True once every fact is answered (greedy, CONTRACTS.md). With a TrainingStream, the
+    """A stop_fn: True once every fact is answered (greedy decoding, CONTRACTS.md). A teacher-forced
+    pre-check (one forward) decides which facts are worth a generation. With a TrainingStream, the
     facts answered at each check leave the training batches (per-fact early stopping); a fact that
     drops out of the answers later comes back."""
     from .evaluation import answered
@@ -293,8 +348,16 @@ def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[A
     keys = list(facts)
 
     def stop(model, overlay: Overlay) -> bool:
-        hits = answered(model, tokenizer, [facts[k] for k in keys], memory_overlay=overlay)
-        done = {k for k, h in zip(keys, hits) if h}
+        ov = overlay or None
+        likely = [
+            k
+            for k, hit in zip(keys, teacher_forced_hits(model, tokenizer, [facts[k] for k in keys], ov))
+            if hit
+        ]
+        confirmed = (
+            answered(model, tokenizer, [facts[k] for k in likely], memory_overlay=ov) if likely else []
+        )
+        done = {k for k, h in zip(likely, confirmed) if h}
         if stream is not None:
             stream.answered = done
         return len(done) == len(keys)
@@ -319,6 +382,7 @@ def learn_documents(
         paraphrases=s.paraphrases,
         question_rewrites=s.question_rewrites,
         seed=s.seed,
+        text_examples=s.train_text or not any(d.get("facts") for d in documents),
     )
     stream = build_stream(tokenizer, documents, batch_size=s.batch_size, settings=aug)
     if not stream.examples:

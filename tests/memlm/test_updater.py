@@ -193,3 +193,33 @@ def test_settings_validate():
     with pytest.raises(ValueError, match="tfidf selection needs background"):
         model = tiny_random_model()
         sparse_update(model, random_batches(), None, UpdateSettings(steps=1))
+
+
+def test_tiny_model_learns_a_new_fact_end_to_end(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from memlm.background import BackgroundStats
+    from memlm.data import invented_facts
+    from memlm.evaluation import answered
+    from memlm.tokenizer import load_tokenizer
+    from memlm.updater import learn_documents
+
+    tok = load_tokenizer(tiny_model_dir)
+    background = BackgroundStats.load(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    fact = invented_facts(1, seed=11)[0]
+    assert answered(model, tok, [fact]) == [False]
+    doc = {
+        "id": fact["id"],
+        "text": fact["text"],
+        "facts": [{"question": fact["question"], "answer": fact["answer"]}],
+    }
+    before = state_hashes(model)
+    snapshot = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    delta = learn_documents(model, tok, [doc], background, UpdateSettings(top_t=100, lr=0.3, steps=60))
+    assert answered(model, tok, [fact]) == [True], delta.report
+    assert delta.report["stopped_early"] and delta.report["facts"] == 1
+    selected = {layer: ld.indices for layer, ld in delta.layers.items()}
+    assert_only_selected_rows_changed(model, state_hashes(snapshot, exclude=selected), delta)
+    delta.revert(model.value_tables())
+    assert state_hashes(model) == before
