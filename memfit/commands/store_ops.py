@@ -37,7 +37,8 @@ def _open_store(args):
 
     path = _store_dir(args)
     try:
-        return Store(path)
+        # in the distributed mode the writer lock lives in Redis: operator writes exclude workers too
+        return Store.open(path, os.environ.get("MEMFIT_REDIS_URL") or None)
     except StoreNotFoundError as e:
         _err(f"{e} (pass --store, set MEMFIT_STORE, or create one with `memfit serve --model DIR`)")
         raise SystemExit(2) from e
