@@ -15,7 +15,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMFIT_", extra="ignore")
 
     # where things live
-    model: Path = Field(default_factory=default_model_dir, description="base model directory (seeds an empty store)")
+    model: Path = Field(
+        default_factory=default_model_dir, description="base model directory (seeds an empty store)"
+    )
     store: Path = Field(default_factory=default_store_dir, description="store directory")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
@@ -46,9 +48,13 @@ class Settings(BaseSettings):
 
     # evaluation gate
     gate_enabled: bool = True
-    gate_max_forgetting: float = Field(0.05, description="reject when forgetting vs parent exceeds this")
-    gate_max_forgetting_base: float = Field(0.15, description="reject when forgetting vs base exceeds this")
-    gate_max_ppl_increase: float = Field(0.05, description="reject when held-out perplexity rises more (relative)")
+    # measured on the default model with default update settings, one fact per update: probe forgetting
+    # 0-5% vs parent, held-out perplexity +4% to +18%; a destructive update (max t, huge lr) loses >50%
+    gate_max_forgetting: float = Field(0.10, description="reject when forgetting vs parent exceeds this")
+    gate_max_forgetting_base: float = Field(0.25, description="reject when forgetting vs base exceeds this")
+    gate_max_ppl_increase: float = Field(
+        0.25, description="reject when held-out perplexity rises more (relative)"
+    )
     gate_probe_facts: int = Field(64, ge=0)
     gate_heldout_tokens: int = Field(2048, ge=0)
     probe_file: Path | None = Field(

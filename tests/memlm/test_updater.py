@@ -216,7 +216,7 @@ def test_tiny_model_learns_a_new_fact_end_to_end(tiny_model_dir):
     }
     before = state_hashes(model)
     snapshot = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    delta = learn_documents(model, tok, [doc], background, UpdateSettings(top_t=100, lr=0.3, steps=60))
+    delta = learn_documents(model, tok, [doc], background, UpdateSettings(top_t=64, lr=1.0, steps=60))
     assert answered(model, tok, [fact]) == [True], delta.report
     assert delta.report["stopped_early"] and delta.report["facts"] == 1
     selected = {layer: ld.indices for layer, ld in delta.layers.items()}

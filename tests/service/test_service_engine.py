@@ -21,7 +21,8 @@ def noisy_version(store: Store, n_slots: int = 512) -> int:
     for layer, info in store.table_info.items():
         idx = torch.arange(min(n_slots, info["rows"]), dtype=torch.int64)
         old = store.rows_at(parent, {layer: idx})[layer]
-        layers[layer] = LayerDelta(idx, old + torch.randn(old.shape, generator=gen) * 3.0, old)
+        noise = torch.randn(old.shape, generator=gen) * 50.0 * old.std()  # far outside the rows' scale
+        layers[layer] = LayerDelta(idx, old + noise, old)
     return store.publish(SlotDelta(layers), parent, documents=[])
 
 
