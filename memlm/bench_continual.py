@@ -68,6 +68,27 @@ class BenchConfig:
     steps: int = 40  # maximum steps per update, every method (early stopping usually ends sooner)
 
     @classmethod
+    def small(cls) -> BenchConfig:
+        """The default model in ~15 minutes on 2 cores: same methods and grids, shorter streams."""
+        return cls(
+            test_facts=24,
+            short_facts=12,
+            dev_facts=4,
+            corrections=8,
+            probe_facts=64,
+            dev_probe_facts=32,
+            eval_every=8,
+            heldout_tokens=1024,
+            sparse_t=[500, 1000],
+            sparse_lr=[1.0],
+            full_lr=[1e-4, 1e-3],
+            lora_rank=[8],
+            lora_lr=[3e-3, 3e-2],
+            pareto_t=[100, 500, 2000],
+            steps=40,
+        )
+
+    @classmethod
     def quick(cls) -> BenchConfig:
         return cls(
             test_facts=6,
@@ -944,11 +965,14 @@ def resolve_model(model: str | None, quick: bool, log: Callable[[str], None] = p
 
 def run(args) -> int:
     quick = bool(getattr(args, "quick", False))
-    cfg = BenchConfig.quick() if quick else BenchConfig()
+    small = bool(getattr(args, "small", False))
+    cfg = BenchConfig.quick() if quick else BenchConfig.small() if small else BenchConfig()
     model_dir, note = resolve_model(getattr(args, "model", None), quick)
     if note:
         print(f"benchmarking {model_dir} {note}")
-    default_out = Path("benchmarks/results") / ("continual-quick" if quick else "continual")
+    default_out = Path("benchmarks/results") / (
+        "continual-quick" if quick else "continual-small" if small else "continual"
+    )
     out = Path(args.out) if getattr(args, "out", None) else default_out
     command = (
         "memfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
