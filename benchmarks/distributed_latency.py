@@ -52,22 +52,9 @@ def pick_model(arg: str | None) -> tuple[Path, str]:
     default = default_model_dir("default")
     if (default / "config.json").exists() and (default / "background.safetensors").exists():
         return default, "default"
-    tiny = default_model_dir("tiny")
-    if (tiny / "config.json").exists() and (tiny / "background.safetensors").exists():
-        return tiny, "tiny"
-    try:
-        from tests.conftest import _recipe_hash
+    from _models import tiny_model
 
-        cached = ROOT / ".pytest_cache" / "memfit-tiny" / _recipe_hash()
-        if (cached / "background.safetensors").exists():
-            return cached, "tiny (test cache)"
-    except Exception:
-        pass
-    from memlm.pretrain import pretrain
-
-    print(f"no default model: building the tiny preset into {tiny}", flush=True)
-    pretrain("tiny", tiny, progress=True)
-    return tiny, "tiny (built)"
+    return tiny_model()
 
 
 class Cluster:

@@ -33,22 +33,10 @@ def pick_model(arg: str | None) -> tuple[Path, str]:
     default = default_model_dir()
     if (default / "model.safetensors").exists():
         return default, "default"
-    cached = sorted(
-        (
-            p
-            for p in (ROOT / ".pytest_cache" / "memfit-tiny").glob("*")
-            if (p / "background.safetensors").exists()
-        ),
-        key=lambda p: p.stat().st_mtime,
-    )
-    if cached:
-        return cached[-1], "tiny (test cache; the default model is not built)"
-    from memlm.pretrain import pretrain
+    from _models import tiny_model
 
-    out = Path(tempfile.mkdtemp(prefix="memfit-tiny-")) / "model"
-    print("no default model: pretraining the tiny preset ...", flush=True)
-    pretrain("tiny", out, progress=False)
-    return out, "tiny (built now; the default model is not built)"
+    path, how = tiny_model()
+    return path, f"{how}; the default model is not built"
 
 
 def main(argv: list[str] | None = None) -> dict:

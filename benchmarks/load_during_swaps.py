@@ -23,14 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def tiny_model() -> Path:
-    found = sorted((ROOT / ".pytest_cache" / "memfit-tiny").glob("*/config.json"))
-    if found:
-        return found[-1].parent
-    from memlm.pretrain import pretrain
+    from _models import tiny_model as find_tiny
 
-    out = Path(tempfile.mkdtemp(prefix="memfit-load-model-")) / "model"
-    pretrain("tiny", out, progress=False)
-    return out
+    return find_tiny()[0]
 
 
 def main() -> int:
