@@ -46,6 +46,7 @@ class DenseSettings:
     max_seq_len: int = 128  # tokens per training example
     paraphrases: int = 3  # model-free paraphrases per chunk (memlm.augment)
     question_rewrites: int = 4  # training question wordings per fact
+    train_text: bool = False  # as UpdateSettings.train_text: documents with facts train their QA forms only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +58,7 @@ def _stream(tokenizer, documents, s):
         paraphrases=s.paraphrases,
         question_rewrites=s.question_rewrites,
         seed=s.seed,
+        text_examples=s.train_text or not any(d.get("facts") for d in documents),
     )
     stream = build_stream(tokenizer, documents, batch_size=s.batch_size, settings=aug)
     if not stream.examples:

@@ -56,15 +56,18 @@ class BenchConfig:
     heldout_tokens: int = 4096  # tokens of held-out text for perplexity
     seed: int = 0  # fact generator and update seed
     # grids: each method gets the same number of configurations (6)
-    sparse_t: list[int] = field(default_factory=lambda: [500, 2000])
-    sparse_lr: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
+    sparse_t: list[int] = field(default_factory=lambda: [1000, 2000])
+    sparse_lr: list[float] = field(default_factory=lambda: [300.0, 1000.0, 3000.0])
+    sparse_optimizer: str = "sgd"  # the lr grid's optimizer (benchmarks/tune_sparse.py compared both)
     full_lr: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3])
     lora_rank: list[int] = field(default_factory=lambda: [4, 16])
     lora_lr: list[float] = field(default_factory=lambda: [3e-4, 3e-3, 3e-2])
     # the Pareto grid around the chosen sparse setting: t and lr multipliers
     pareto_t: list[int] = field(default_factory=lambda: [100, 500, 2000, 8000])
     pareto_lr_factors: list[float] = field(default_factory=lambda: [1.0])
-    ablations: list[str] = field(default_factory=lambda: ["all", "tf", "random"])
+    # ablations at the chosen sparse setting: selection all / tf / random (the paper's), plus stop slots
+    # (UpdateSettings.max_df) and the row-local Adam the updater used to default to
+    ablations: list[str] = field(default_factory=lambda: ["all", "tf", "random", "stop", "adam"])
     steps: int = 40  # maximum steps per update, every method (early stopping usually ends sooner)
 
     @classmethod
@@ -79,8 +82,8 @@ class BenchConfig:
             dev_probe_facts=32,
             eval_every=8,
             heldout_tokens=1024,
-            sparse_t=[500, 1000],
-            sparse_lr=[1.0],
+            sparse_t=[1000, 2000],
+            sparse_lr=[1000.0],
             full_lr=[1e-4, 1e-3],
             lora_rank=[8],
             lora_lr=[3e-3, 3e-2],
@@ -101,6 +104,7 @@ class BenchConfig:
             heldout_tokens=512,
             sparse_t=[16],
             sparse_lr=[0.3, 1.0],
+            sparse_optimizer="adam",  # the tiny CI model
             full_lr=[1e-3, 3e-3],
             lora_rank=[4],
             lora_lr=[3e-3, 3e-2],
@@ -427,7 +431,7 @@ def grids(cfg: BenchConfig) -> dict[str, list[MethodSpec]]:
             for lr in cfg.lora_lr
         ],
         "sparse": [
-            MethodSpec("sparse TF-IDF", "sparse", {"lr": lr, "top_t": t})
+            MethodSpec("sparse TF-IDF", "sparse", {"lr": lr, "top_t": t, "optimizer": cfg.sparse_optimizer})
             for t in cfg.sparse_t
             for lr in cfg.sparse_lr
         ],
@@ -558,9 +562,16 @@ def benchmark(
     short = test[: cfg.short_facts]
     sp = chosen["sparse"].settings
     ablation: dict[str, dict] = {}
-    names = {"all": "memory, all accessed", "tf": "memory, TF-only", "random": "memory, random-t"}
+    variants = {
+        "all": ("memory, all accessed", {"method": "all"}),
+        "tf": ("memory, TF-only", {"method": "tf"}),
+        "random": ("memory, random-t", {"method": "random"}),
+        "stop": ("TF-IDF + stop slots (df <= 5%)", {"max_df": 0.05}),
+        "adam": ("TF-IDF, row-local Adam lr 1", {"optimizer": "adam", "lr": 1.0}),
+    }
     for m in cfg.ablations:
-        spec = MethodSpec(names[m], "sparse", {**sp, "method": m})
+        name, change = variants[m]
+        spec = MethodSpec(name, "sparse", {**sp, **change})
         log(f"ablation {spec.name}: {len(short)} facts")
         ablation[m] = run(spec, short, f"short/{spec.key()}", final_probe=ctx.probe_known)
     spec = MethodSpec("BM25 retrieval", "retrieval", {})

@@ -68,11 +68,14 @@ def select_slots(
     t: int,
     method: str = "tfidf",
     generator: torch.Generator | None = None,
+    max_df: float | None = None,
 ) -> torch.Tensor:
     """Sorted LongTensor of the slots to train, chosen among the accessed ones (counts > 0).
 
     tfidf: top-t by TF-IDF; tf: top-t by access count; random: t accessed slots drawn uniformly;
     all: every accessed slot (t ignored). `df` may be None only for tf, random and all.
+    `max_df` (tfidf only): "stop slots" -- slots read by more than this share of the background
+    documents are never candidates, however often the batch reads them (see UpdateSettings.max_df).
     """
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
@@ -85,6 +88,10 @@ def select_slots(
     if method == "tfidf":
         if df is None:
             raise ValueError("tfidf selection needs background df counts")
+        if max_df is not None:
+            if not 0 < max_df <= 1:
+                raise ValueError(f"max_df must be in (0, 1], got {max_df}")
+            candidates = candidates[df.cpu()[candidates] <= max_df * num_docs]
         chosen = _top(tfidf_scores(counts, df, num_docs), candidates, t)
     elif method == "tf":
         chosen = _top(counts.to(torch.float64), candidates, t)

@@ -186,6 +186,18 @@ async def _validation_error_handler(request: Request, exc: Exception) -> JSONRes
     return error_response(422, "invalid_request", message, field)
 
 
+async def _redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Distributed mode: the writer lock, the queue and the version events live in Redis. An operation
+    # that needs it while it is unreachable did nothing (the lock was never taken), so it can be retried.
+    return error_response(
+        503,
+        "redis_unavailable",
+        f"Redis is unreachable ({type(exc).__name__}); nothing was changed, retry when it is back",
+        "MEMFIT_REDIS_URL",
+        {"Retry-After": "5"},
+    )
+
+
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     # ServerErrorMiddleware still logs the traceback and re-raises after sending this response.
     return error_response(500, "internal_error", "internal server error")
@@ -258,5 +270,13 @@ def install_error_handlers(app: FastAPI, max_request_bytes: int | None = None) -
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # redis is only needed in distributed mode
+        pass
+    else:
+        app.add_exception_handler(RedisConnectionError, _redis_down_handler)
+        app.add_exception_handler(RedisTimeoutError, _redis_down_handler)
     app.add_exception_handler(Exception, _unhandled_handler)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)

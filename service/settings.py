@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     follow_interval_s: float = Field(0.25, gt=0, description="how often the active pointer is polled")
     generation_workers: int = Field(2, ge=1, description="threads running model work")
     max_batch_size: int = Field(16, ge=1, description="requests decoded together")
+    shutdown_grace_s: int = Field(
+        5, ge=0, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
+    )
 
     # security
     api_keys: str | None = Field(None, description='JSON object {"key": "read|write|admin"}')

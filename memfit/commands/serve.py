@@ -104,6 +104,6 @@ def run(args) -> int:
         host=host,
         port=settings.port,
         log_level=os.environ.get("MEMFIT_LOG_LEVEL", "info").lower(),
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0

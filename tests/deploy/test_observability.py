@@ -40,8 +40,9 @@ LAZY_VALUES = {
     },
     ("memfit_http_requests_total", "status"): {str(code) for code in range(100, 600)},
 }
-GENTLE = {"top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
+GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
 DESTRUCTIVE = {
+    "optimizer": "adam",
     "top_t": 1024,
     "lr": 1000.0,
     "steps": 3,

@@ -68,9 +68,13 @@ def test_memory_baselines_select_differently(tiny, method):
     model = _load(path)
     delta = memory_baseline(model, tok, [DOC], bg, method, UpdateSettings(top_t=8, steps=2, early_stop=False))
     assert delta.report["method"] == method
-    n = delta.layers[model.config.memory_layers[0]].indices.numel()
-    accessed = delta.report["accessed_slots"][str(model.config.memory_layers[0])]
+    layer = model.config.memory_layers[0]
+    n = delta.report["slots_selected"][str(layer)]
+    accessed = delta.report["accessed_slots"][str(layer)]
     assert n == (accessed if method == "all" else 8)
+    # the delta keeps the selected rows that moved
+    assert 0 < delta.layers[layer].indices.numel() <= n == delta.report["slots_selected"][str(layer)]
+    assert delta.layers[layer].indices.numel() == delta.report["rows_changed"]
 
 
 def test_bm25_retrieves_the_ingested_passage(tiny):

@@ -36,7 +36,7 @@ def test_streams_are_disjoint_and_unknown(ctx):
 @pytest.mark.parametrize(
     "spec",
     [
-        MethodSpec("sparse TF-IDF", "sparse", {"lr": 1.0, "top_t": 16, "steps": 12}),
+        MethodSpec("sparse TF-IDF", "sparse", {"optimizer": "adam", "lr": 1.0, "top_t": 16, "steps": 12}),
         MethodSpec("full FT", "full", {"lr": 3e-3, "steps": 6}),
         MethodSpec("LoRA", "lora", {"lr": 3e-2, "lora_rank": 4, "steps": 6}),
         MethodSpec("BM25 retrieval", "retrieval", {}),
@@ -61,7 +61,7 @@ def test_run_stream_three_facts(ctx, stream, spec):
 
 
 def test_resume_continues_mid_stream(ctx, stream, tmp_path):
-    spec = MethodSpec("sparse TF-IDF", "sparse", {"lr": 1.0, "top_t": 16, "steps": 6})
+    spec = MethodSpec("sparse TF-IDF", "sparse", {"optimizer": "adam", "lr": 1.0, "top_t": 16, "steps": 6})
     prog = Progress(tmp_path, resume=False, fingerprint={"x": 1})
     full = run_stream(ctx, spec, stream, eval_every=2, progress=prog, key="k")
     assert "k" in prog.data["partial"]  # checkpoint after update 2 (finish() is the caller's job)
@@ -98,6 +98,7 @@ def test_benchmark_end_to_end_micro(tiny_model_dir, tmp_path):
         heldout_tokens=256,
         sparse_t=[16],
         sparse_lr=[1.0],
+        sparse_optimizer="adam",
         full_lr=[3e-3],
         lora_rank=[4],
         lora_lr=[3e-2],

@@ -67,3 +67,15 @@ def test_ties_are_deterministic_and_errors_name_values():
         select_slots(counts, None, 0, t=1, method="idf")
     with pytest.raises(ValueError, match="background df"):
         select_slots(counts, None, 0, t=1, method="tfidf")
+
+
+def test_stop_slots_are_never_selected():
+    # slot 0 has the highest TF-IDF but is read by 3 of 10 background documents: above max_df = 0.2
+    counts = torch.tensor([50, 2, 1, 0, 3])
+    df = torch.tensor([3, 0, 1, 0, 2])
+    assert select_slots(counts, df, 10, t=2, method="tfidf").tolist() == [0, 1]
+    assert select_slots(counts, df, 10, t=2, method="tfidf", max_df=0.2).tolist() == [1, 4]
+    # fewer eligible slots than t: only those
+    assert select_slots(counts, df, 10, t=5, method="tfidf", max_df=0.1).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="max_df"):
+        select_slots(counts, df, 10, t=2, method="tfidf", max_df=1.5)

@@ -99,7 +99,9 @@ def test_everything_but_selected_rows_bit_identical(optimizer, method, lr):
     assert_only_selected_rows_changed(model, state_hashes(fresh, exclude=selected), delta)
     for layer, ld in delta.layers.items():
         if method != "all":
-            assert ld.indices.numel() == 16
+            assert delta.report["slots_selected"][str(layer)] == 16
+        assert ld.indices.numel() <= delta.report["slots_selected"][str(layer)]
+        assert bool((ld.new_rows != ld.old_rows).any(-1).all()), "the delta holds only rows that moved"
         assert not torch.equal(ld.new_rows, ld.old_rows), "the update trained nothing"
         assert torch.equal(model.value_tables()[layer][ld.indices], ld.new_rows)
     assert all(p.requires_grad for p in model.parameters()), "requires_grad flags not restored"
@@ -117,7 +119,9 @@ def test_selected_slots_are_accessed_and_ranked_by_tfidf():
     assert bool((counts[idx] > 0).all())
     from memlm.selection import select_slots
 
-    assert torch.equal(idx, select_slots(counts, background.df[1], background.num_docs, 8, "tfidf"))
+    expected = select_slots(counts, background.df[1], background.num_docs, 8, "tfidf")
+    assert delta.report["slots_selected"]["1"] == 8 and idx.numel() > 0
+    assert bool(torch.isin(idx, expected).all()), (idx, expected)  # the rows that moved are top-t rows
 
 
 def test_padding_is_not_counted():
@@ -216,10 +220,30 @@ def test_tiny_model_learns_a_new_fact_end_to_end(tiny_model_dir):
     }
     before = state_hashes(model)
     snapshot = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    delta = learn_documents(model, tok, [doc], background, UpdateSettings(top_t=64, lr=1.0, steps=60))
+    delta = learn_documents(model, tok, [doc], background, UpdateSettings())  # the defaults
     assert answered(model, tok, [fact]) == [True], delta.report
     assert delta.report["stopped_early"] and delta.report["facts"] == 1
     selected = {layer: ld.indices for layer, ld in delta.layers.items()}
     assert_only_selected_rows_changed(model, state_hashes(snapshot, exclude=selected), delta)
     delta.revert(model.value_tables())
     assert state_hashes(model) == before
+
+
+def test_max_row_change_bounds_every_row_and_keeps_the_rest_identical():
+    model = tiny_random_model(seed=3)
+    snapshot = tiny_random_model(seed=3)
+    settings = UpdateSettings(top_t=16, steps=5, lr=50.0, early_stop=False, max_row_change=0.25)
+    delta = sparse_update(model, random_batches(), fake_background(model), settings)
+    for ld in delta.layers.values():
+        change = (ld.new_rows - ld.old_rows).norm(dim=-1)
+        assert bool((change > 0).any()), "nothing trained"
+        assert bool((change <= 0.25 * ld.old_rows.norm(dim=-1) * (1 + 1e-5)).all()), change
+    selected = {layer: ld.indices for layer, ld in delta.layers.items()}
+    assert_only_selected_rows_changed(model, state_hashes(snapshot, exclude=selected), delta)
+    unbounded = tiny_random_model(seed=3)
+    free = sparse_update(unbounded, random_batches(), fake_background(unbounded), settings.replace(max_row_change=None))
+    assert max(float((ld.new_rows - ld.old_rows).norm(dim=-1).max()) for ld in free.layers.values()) > max(
+        float((ld.new_rows - ld.old_rows).norm(dim=-1).max()) for ld in delta.layers.values()
+    )
+    with pytest.raises(ValueError, match="max_row_change"):
+        UpdateSettings(max_row_change=0)

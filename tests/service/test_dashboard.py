@@ -35,8 +35,9 @@ def free_port() -> int:
 pytestmark = pytest.mark.integration
 
 ARTIFACTS = ROOT / "test-artifacts"
-GENTLE = {"top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
+GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
 DESTRUCTIVE = {
+    "optimizer": "adam",
     "top_t": 1024,
     "lr": 1000.0,
     "steps": 3,

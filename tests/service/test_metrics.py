@@ -19,8 +19,9 @@ from service.app import create_app
 from service.settings import Settings
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
-GENTLE = {"top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
+GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
 DESTRUCTIVE = {
+    "optimizer": "adam",
     "top_t": 1024,
     "lr": 1000.0,
     "steps": 3,

@@ -315,6 +315,11 @@ def test_distributed_end_to_end(cluster):
         [{"id": "after-outage", "text": FACT_DOC["text"], "facts": FACT_DOC["facts"]}], key="outage-1"
     )
     assert again.status_code == 202 and again.json()["job_id"] == queued[0].job_id
+    # a rollback needs the Redis writer lock: 503 naming Redis, and the active version is unchanged
+    r = a.http.post(f"/versions/{parent}/activate", json={"why": "during the outage"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "redis_unavailable" and int(r.headers["Retry-After"]) >= 1
+    assert store.active() == final
     redis.start()
     (job,) = a.wait_jobs([queued[0].job_id], timeout=120)
     assert job["status"] == "succeeded", job

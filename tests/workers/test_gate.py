@@ -25,6 +25,7 @@ NEW_FACT = {
 }
 # every slot of the tiny model's memory, a learning rate no sane operator would use
 DESTRUCTIVE = {
+    "optimizer": "adam",
     "top_t": 1024,
     "lr": 1000.0,
     "steps": 3,
@@ -33,7 +34,7 @@ DESTRUCTIVE = {
     "paraphrases": 0,
 }
 # small enough for the tiny model (1,024 slots in all) to keep what it knows
-GENTLE = {"top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
+GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
 
 
 def document(doc_id: str) -> dict:
