@@ -32,6 +32,7 @@ norm); both removed the forgetting on the tuning stream but also the learning (d
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -76,7 +77,7 @@ class UpdateSettings:
     # +168% perplexity. Adam moves every selected coordinate by ~lr whatever its gradient; SGD moves rows
     # in proportion to their gradient.
     top_t: int = 2000  # slots per memory layer (paper: 500 for single facts; our N is 16x smaller)
-    steps: int = 60  # maximum optimizer steps; early stopping usually ends far sooner
+    steps: int = 60  # maximum optimizer steps per batch of examples (learn_documents: x batches per pass)
     lr: float = 1000.0  # SGD step on the summed loss (the paper's 2-5 is for a per-token mean loss)
     optimizer: str = "sgd"  # "sgd" (plain, no momentum, as in the paper) or "adam" (state for the selected rows only)
     method: str = "tfidf"  # slot ranking: tfidf | tf | random | all (see memlm.selection)
@@ -425,6 +426,11 @@ def learn_documents(
         raise ValueError("documents hold no trainable text or facts")
     facts = document_facts(documents)
     stop = facts_stop_fn(tokenizer, facts, stream) if facts and s.early_stop else None
+    # `steps` and `check_every` are per batch of examples: an update of many documents gets as many
+    # passes over its examples as a one-batch update gets steps, and checks its facts once per pass
+    passes = max(1, math.ceil(len(stream.examples) / s.batch_size))
+    if passes > 1:
+        s = s.replace(steps=s.steps * passes, check_every=max(s.check_every, passes))
     delta = sparse_update(model, stream, background, s, stop_fn=stop, progress=progress)
     delta.report["documents"] = [str(d.get("id", f"doc-{n}")) for n, d in enumerate(documents)]
     delta.report["examples"] = len(stream.examples)
