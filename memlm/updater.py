@@ -95,6 +95,11 @@ class UpdateSettings:
     # "stop slots": slots read by more than this share of the background documents are never selected
     # (None: the paper's plain top-t). See the module docstring.
     max_df: float | None = None
+    # rehearsal: this many background sequences (the formats the service answers in, from
+    # memlm.pretrain.format_matched_background) are kept at the pre-update model's predictions by a KL
+    # term of weight replay_weight at every step (0: off)
+    replay: int = 0
+    replay_weight: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)  # standard Adam moments
     adam_eps: float = 1e-8  # standard Adam epsilon
     seed: int = 0  # random-t selection and paraphrase order
@@ -253,6 +258,26 @@ class _FrozenParams:
         return False
 
 
+class _ReplayKL:
+    """Rehearsal: KL(model before the update || model now) on background sequences, summed over their
+    real positions and averaged over sequences. Pulls the trained rows toward changes that leave
+    other text alone (a row read by both the new fact and the replay text gets opposing gradients)."""
+
+    def __init__(self, model, batch: Batch, device) -> None:
+        self.batch = _to(batch, device)
+        with torch.no_grad():
+            logits = model(self.batch["input_ids"], attention_mask=self.batch["attention_mask"]).logits
+            self.base = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        self.mask = self.batch["attention_mask"].bool()
+
+    def loss(self, model, overlay: Overlay) -> torch.Tensor:
+        h = model.model(self.batch["input_ids"], attention_mask=self.batch["attention_mask"], memory_overlay=overlay)[0]
+        logp = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
+        base = self.base[self.mask]
+        kl = (base.exp() * (base - logp)).sum(-1)  # (n,)
+        return kl.sum() / self.batch["input_ids"].shape[0]
+
+
 @torch.no_grad()
 def _limit_row_change(rows: Sequence[torch.Tensor], old: Sequence[torch.Tensor], factor: float) -> None:
     """In place: scale each row's change (row - old) down so that its norm is <= factor * |old row|."""
@@ -270,6 +295,7 @@ def sparse_update(
     settings: UpdateSettings | None = None,
     stop_fn: Callable[[Any, Overlay], bool] | None = None,
     progress: Callable[[dict], None] | None = None,
+    replay: Batch | None = None,
 ) -> SlotDelta:
     """Train the top-t value rows per memory layer on `batches`; write them into the model; return the
     delta (its `revert` restores the model exactly).
@@ -303,6 +329,7 @@ def sparse_update(
         params = [rows[layer] for layer in selected if rows[layer].numel()]
 
         loss_before = _mean_loss(model, all_batches, overlay, s.loss_reduction)
+        keep = _ReplayKL(model, replay, device) if replay is not None and s.replay_weight > 0 else None
         if s.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=s.lr, betas=s.adam_betas, eps=s.adam_eps) if params else None
         else:
@@ -316,6 +343,8 @@ def sparse_update(
                 break
             b = _to(batch, device)
             loss = batch_loss(model, b, overlay, s.loss_reduction)
+            if keep is not None:
+                loss = loss + s.replay_weight * keep.loss(model, overlay)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip:
@@ -363,6 +392,7 @@ def sparse_update(
         "slots_selected": {str(k): int(v.numel()) for k, v in selected.items()},
         "accessed_slots": {str(k): int((c > 0).sum()) for k, c in counts.items()},
         "rows_changed": changed,
+        "replay": s.replay if keep is not None else 0,
     }
     # the delta holds the rows that actually changed (a selected row whose gradient stayed zero is left
     # out), so its size, the version's slots_changed and the rows a hot swap writes agree
@@ -402,6 +432,24 @@ def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[A
     return stop
 
 
+def _replay_batch(tokenizer, s: UpdateSettings) -> Batch:
+    """`s.replay` background texts in the served formats (invented entities of their own seed, never a
+    benchmark's or the probe's), a different draw per update seed."""
+    import random
+
+    from .augment import IGNORE, Example, collate
+    from .pretrain import format_matched_background
+
+    pool = format_matched_background(max(64, s.replay), seed=7)
+    texts = random.Random(s.seed).sample(pool, s.replay)
+    examples = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"][: s.max_seq_len]
+        examples.append(Example(ids, [IGNORE] * len(ids)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return collate(examples, pad)
+
+
 def learn_documents(
     model,
     tokenizer,
@@ -431,7 +479,8 @@ def learn_documents(
     passes = max(1, math.ceil(len(stream.examples) / s.batch_size))
     if passes > 1:
         s = s.replace(steps=s.steps * passes, check_every=max(s.check_every, passes))
-    delta = sparse_update(model, stream, background, s, stop_fn=stop, progress=progress)
+    replay = _replay_batch(tokenizer, s) if s.replay > 0 else None
+    delta = sparse_update(model, stream, background, s, stop_fn=stop, progress=progress, replay=replay)
     delta.report["documents"] = [str(d.get("id", f"doc-{n}")) for n, d in enumerate(documents)]
     delta.report["examples"] = len(stream.examples)
     delta.report["facts"] = len(facts)

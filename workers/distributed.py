@@ -261,30 +261,19 @@ class WorkerRuntime:
 
     def _gather(self, leader: Job) -> list[Job]:
         """Other queued jobs to merge with `leader` (claimed here), oldest first."""
-        limit = max(1, int(self.settings.max_batch_jobs)) - 1
-        if limit <= 0:
-            return []
-        taken: list[Job] = []
-        docs = set(leader.documents)
-        for j in self.store.jobs.queued(include_running=False):
-            if len(taken) >= limit:
-                break
-            if j.job_id == leader.job_id or (j.report or {}).get("batch_of"):
-                continue
-            if (j.settings or {}) != (leader.settings or {}) or docs & set(j.documents):
-                continue
-            if (j.progress or {}).get("cancel_requested"):
-                continue
+        from workers.batching import gather
+
+        def take(j: Job) -> Job | None:
             if not self.claims.take(j.job_id):
-                continue
+                return None
             current = self.store.jobs.get(j.job_id)
             if current is None or current.status != "queued":
                 self.claims.release(j.job_id)
-                continue
+                return None
             self._unmark(j.job_id)
-            taken.append(current)
-            docs |= set(j.documents)
-        return taken
+            return current
+
+        return gather(self.store, leader, max(1, int(self.settings.max_batch_jobs)) - 1, take)
 
     def _deadline_cancel(self, extra=None):
         from workers.celery_app import soft_limit_s
@@ -322,33 +311,20 @@ class WorkerRuntime:
 
     def _start_batch(self, members: list[Job]) -> dict[str, Any]:
         from model_store.joblog import new_job_id
+        from workers.batching import create_batch
 
         batch_id = new_job_id()
         if not self.claims.take(batch_id):  # a fresh random id: only fails when Redis does
             raise RuntimeError(f"cannot claim batch job {batch_id}")
         try:
-            jobs = self.store.jobs
-            member_ids = [m.job_id for m in members]
-            documents: list[dict[str, Any]] = [
-                {str(k): r[k] for k in ("id", "text", "facts", "metadata") if k in r}
-                for m in members
-                for r in jobs.documents(m.documents, job_id=m.job_id)
-            ]
-            jobs.create_job(batch_id, documents, settings=dict(members[0].settings or {}))
-            jobs.update(batch_id, report={"batch_of": member_ids})
-            for m in members:
-                jobs.update(
-                    m.job_id,
-                    status="running",
-                    report={**(m.report or {}), "batch": batch_id},
-                    progress={"phase": "batched", "batch": batch_id, "batch_size": len(members)},
-                )
-            log.info("batch %s: %d jobs, %d documents", batch_id, len(members), len(documents))
+            create_batch(self.store, members, batch_id)
             return self._run_batch(batch_id, claimed=True)
         finally:
             self.claims.release(batch_id)
 
     def _run_batch(self, batch_id: str, claimed: bool = False) -> dict[str, Any]:
+        from workers.batching import all_cancelled, finish_members
+
         jobs = self.store.jobs
         batch = jobs.get(batch_id)
         if batch is None:
@@ -364,19 +340,14 @@ class WorkerRuntime:
                     for mid in member_ids:  # keep the sweep off the members while this runs
                         self.claims.take(mid)
 
-                def all_cancelled() -> bool:
-                    ms = [jobs.get(mid) for mid in member_ids]
-                    return bool(ms) and all(
-                        m is not None
-                        and (m.status == "cancelled" or (m.progress or {}).get("cancel_requested"))
-                        for m in ms
-                    )
+                def cancelled() -> bool:
+                    return all_cancelled(self.store, member_ids)
 
-                self.pipeline.run_job(batch_id, should_cancel=self._deadline_cancel(all_cancelled))
+                self.pipeline.run_job(batch_id, should_cancel=self._deadline_cancel(cancelled))
                 self._stamp(batch_id, {"batch_size": len(member_ids)})
             batch = jobs.get(batch_id)
             assert batch is not None
-            finished = self._finish_members(batch, member_ids)
+            finished = len(finish_members(self.store, batch, member_ids))
             if batch.status == "succeeded" and finished:
                 self._announce(batch.version, [batch_id, *member_ids])
             return {
@@ -390,34 +361,6 @@ class WorkerRuntime:
                 self.claims.release(batch_id)
                 for mid in member_ids:
                     self.claims.release(mid)
-
-    def _finish_members(self, batch: Job, member_ids: list[str]) -> int:
-        """Copy the batch's final state to its members still running under it; returns how many."""
-        if not batch.terminal:
-            return 0
-        jobs = self.store.jobs
-        n = 0
-        for mid in member_ids:
-            m = jobs.get(mid)
-            if m is None or m.terminal or (m.report or {}).get("batch") != batch.job_id:
-                continue
-            try:
-                if m.status != "running":
-                    jobs.update(mid, status="running")
-                jobs.update(
-                    mid,
-                    status=batch.status,
-                    version=batch.version,
-                    parent=batch.parent,
-                    evaluation=batch.evaluation or {},
-                    timings={**(batch.timings or {}), "batch": batch.job_id},
-                    error=batch.error,
-                    progress={"phase": "done", "batch": batch.job_id},
-                )
-                n += 1
-            except InvalidTransition as e:  # cancelled meanwhile by an operator
-                log.warning("batch %s: member %s: %s", batch.job_id, mid, e)
-        return n
 
 
 def _default_device() -> str:

@@ -6,9 +6,12 @@ live engine to the new active version (`on_published`). The job log is the queue
 wakes the thread early, a poll every `poll_s` catches jobs queued by other processes
 (`memfit ingest --store`).
 
+Batching: jobs that pile up while an update runs are merged into one update (workers.batching, at
+most `settings.max_batch_jobs` jobs; same update settings, no document in common).
+
 Cancel: a queued job becomes `cancelled` at once; a running one is flagged (in memory and in the job
-log, so a restart does not lose it) and stops at the next step boundary. Retry: failed or cancelled
--> queued.
+log, so a restart does not lose it) and stops at the next step boundary; a batch stops when every
+member asked. Retry: failed or cancelled -> queued.
 """
 
 from __future__ import annotations
@@ -137,11 +140,16 @@ class UpdateRunner:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            self.current_job = job.job_id
             try:
-                result = self.pipeline.run_job(
-                    job.job_id, should_cancel=self._should_cancel(job.job_id), on_phase=self._set_phase
-                )
+                run_id, members = self._plan(job)
+            except Exception as e:
+                self.last_error = f"cannot batch job {job.job_id}: {type(e).__name__}: {e}"
+                log.exception("update runner: batching job %s", job.job_id)
+                self._stop.wait(self.poll_s)
+                continue
+            self.current_job = run_id
+            try:
+                result = self._run(run_id, members)
             except _Stopping:
                 log.info("update runner stopping; job %s stays running and reruns after restart", job.job_id)
                 return
@@ -154,9 +162,16 @@ class UpdateRunner:
                 self.current_job = None
                 self.current_phase = None
                 with self._cancel_lock:
-                    self._cancel.discard(job.job_id)
+                    self._cancel.discard(run_id)
+                    self._cancel.difference_update(members)
             self.last_error = None
-            finished = self.store.jobs.get(job.job_id) or job
+            finished = self.store.jobs.get(run_id) or job
+            if members:
+                from .batching import finish_members
+
+                done = finish_members(self.store, finished, members)
+                if done:  # ingest-to-live is measured from the oldest member's ingest
+                    finished = min(done, key=lambda j: j.created_at or 0.0)
             if result.status == "succeeded" and self.on_published is not None:
                 try:
                     self.on_published(result, finished)
@@ -167,6 +182,45 @@ class UpdateRunner:
                     self.on_finished(result, finished)
                 except Exception:
                     log.exception("update runner: on_finished hook failed")
+
+    def _plan(self, job: Job) -> tuple[str, list[str]]:
+        """(the job to run, the member ids when it is a batch). A queued job takes other queued jobs
+        along (workers.batching, up to settings.max_batch_jobs); a batch or batch member left
+        running by a previous process resumes its batch."""
+        from .batching import create_batch, gather, members_of
+
+        report = job.report or {}
+        if report.get("batch_of"):
+            return job.job_id, members_of(job)
+        if job.status == "running" and report.get("batch"):
+            batch = self.store.jobs.get(str(report["batch"]))
+            if batch is not None:
+                return batch.job_id, members_of(batch)
+        limit = max(1, int(getattr(self.settings, "max_batch_jobs", 1) or 1)) - 1
+        extra = gather(self.store, job, limit) if job.status == "queued" else []
+        if not extra:
+            return job.job_id, []
+        members = [job, *extra]
+        return create_batch(self.store, members), [m.job_id for m in members]
+
+    def _run(self, run_id: str, members: list[str]) -> JobResult:
+        """Run job `run_id` through the pipeline (a batch stops when every member asked to cancel); a
+        batch that already finished (the process died before its members were) is not run again."""
+        current = self.store.jobs.get(run_id)
+        if current is not None and current.terminal:
+            return JobResult(
+                run_id, current.status, current.version, current.parent,
+                current.evaluation or {}, current.timings or {}, current.error,
+            )  # fmt: skip
+        own = self._should_cancel(run_id)
+        if members:
+            from .batching import all_cancelled
+
+            def cancel() -> bool:
+                return own() or all_cancelled(self.store, members)
+        else:
+            cancel = own
+        return self.pipeline.run_job(run_id, should_cancel=cancel, on_phase=self._set_phase)
 
     def _set_phase(self, phase: str) -> None:
         self.current_phase = phase

@@ -247,3 +247,30 @@ def test_max_row_change_bounds_every_row_and_keeps_the_rest_identical():
     )
     with pytest.raises(ValueError, match="max_row_change"):
         UpdateSettings(max_row_change=0)
+
+
+def test_replay_rehearsal_keeps_the_invariants(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from memlm.background import BackgroundStats
+    from memlm.data import invented_facts
+    from memlm.evaluation import answered
+    from memlm.tokenizer import load_tokenizer
+    from memlm.updater import _replay_batch, _ReplayKL, learn_documents
+
+    tok = load_tokenizer(tiny_model_dir)
+    background = BackgroundStats.load(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    settings = UpdateSettings(replay=8)
+    batch = _replay_batch(tok, settings)
+    assert batch["input_ids"].shape[0] == 8 and bool((batch["labels"] == -100).all())
+    # before any step the KL to the pre-update model is zero
+    assert float(_ReplayKL(model, batch, torch.device("cpu")).loss(model, {})) == pytest.approx(0.0, abs=1e-5)
+    fact = invented_facts(1, seed=11)[0]
+    doc = {"id": "r", "text": fact["text"], "facts": [{"question": fact["question"], "answer": fact["answer"]}]}
+    snapshot = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    delta = learn_documents(model, tok, [doc], background, settings)
+    assert delta.report["replay"] == 8
+    assert answered(model, tok, [fact]) == [True], delta.report
+    selected = {layer: ld.indices for layer, ld in delta.layers.items()}
+    assert_only_selected_rows_changed(model, state_hashes(snapshot, exclude=selected), delta)

@@ -244,3 +244,72 @@ def test_runner_cancels_a_running_job(tiny_model_dir, tmp_path):
         assert store.active() == 0
     finally:
         runner.stop()
+
+
+def _wait_terminal(store: Store, ids: list[str], timeout: float = 300) -> list:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = [store.jobs.get(i) for i in ids]
+        if all(j.terminal for j in jobs):
+            return jobs
+        time.sleep(0.1)
+    raise AssertionError(f"jobs not finished: {[(j.job_id, j.status) for j in jobs]}")
+
+
+def _fact_docs(n: int, tag: str) -> list[dict]:
+    from memlm.data import invented_facts
+
+    return [
+        {"id": f"{tag}-{i}", "text": f["text"], "facts": [{"question": f["question"], "answer": f["answer"]}]}
+        for i, f in enumerate(invented_facts(n, seed=11))
+    ]
+
+
+def test_runner_batches_jobs_that_pile_up(tiny_model_dir, tmp_path):
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_dir)
+    docs = _fact_docs(12, "pile")
+    ids = [store.jobs.create_job(None, [d]).job_id for d in docs]  # queued before the runner starts
+    published: list = []
+    settings = settings_for(tiny_model_dir, root).model_copy(update={"max_batch_jobs": 5})
+    runner = UpdateRunner(store, settings, on_published=lambda r, j: published.append((r.job_id, j.job_id)))
+    runner.start()
+    try:
+        jobs = _wait_terminal(store, ids)
+    finally:
+        runner.stop()
+    assert all(j.status == "succeeded" for j in jobs), [(j.status, j.error) for j in jobs]
+    versions = sorted({j.version for j in jobs})
+    assert len(versions) == 3, versions  # 5 + 5 + 2
+    taught = []
+    for v in versions:
+        m = store.manifest(v)
+        members = [j for j in jobs if j.version == v]
+        assert sorted(m["documents"]) == sorted(d for j in members for d in j.documents)
+        assert m["evaluation"]["learning"] == 1.0, m["evaluation"]  # every document of the batch learned
+        batch = store.jobs.get(m["job_id"])
+        assert sorted(batch.report["batch_of"]) == sorted(j.job_id for j in members)
+        taught += m["documents"]
+    assert sorted(taught) == sorted(d["id"] for d in docs)
+    assert all(j.timings.get("batch") for j in jobs)
+    assert len(published) == 3 and all(jid in ids for _, jid in published)  # reported as the oldest member
+
+
+def test_runner_resumes_a_batch_left_running(tiny_model_dir, tmp_path):
+    """A process died after recording a batch: the next runner runs it once and finishes its members."""
+    from workers.batching import create_batch
+
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_dir)
+    members = [store.jobs.create_job(None, [d]) for d in _fact_docs(3, "left")]
+    batch_id = create_batch(store, members)
+    assert all(store.jobs.get(m.job_id).status == "running" for m in members)
+    runner = UpdateRunner(store, settings_for(tiny_model_dir, root))
+    runner.start()
+    try:
+        jobs = _wait_terminal(store, [m.job_id for m in members])
+    finally:
+        runner.stop()
+    batch = store.jobs.get(batch_id)
+    assert batch.status == "succeeded" and {j.version for j in jobs} == {batch.version}
+    assert len(store.version_ids()) == 2  # the base and the batch's one version
