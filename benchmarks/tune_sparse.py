@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from memlm.bench_continual import BenchConfig, Context, MethodSpec, run_stream
     from memlm.data import invented_facts
-
     from memlm.paths import default_model_dir
 
     model_dir = Path(args.model) if args.model else default_model_dir("default")

@@ -79,7 +79,9 @@ class UpdateSettings:
     top_t: int = 2000  # slots per memory layer (paper: 500 for single facts; our N is 16x smaller)
     steps: int = 60  # maximum optimizer steps per batch of examples (learn_documents: x batches per pass)
     lr: float = 1000.0  # SGD step on the summed loss (the paper's 2-5 is for a per-token mean loss)
-    optimizer: str = "sgd"  # "sgd" (plain, no momentum, as in the paper) or "adam" (state for the selected rows only)
+    optimizer: str = (
+        "sgd"  # "sgd" (plain, no momentum, as in the paper) or "adam" (state for the selected rows only)
+    )
     method: str = "tfidf"  # slot ranking: tfidf | tf | random | all (see memlm.selection)
     batch_size: int = 16  # sequences per step; one fact's examples fit in one batch
     loss_reduction: str = "sum"  # "sum": token sum averaged over sequences; "mean": per-token mean
@@ -271,7 +273,9 @@ class _ReplayKL:
         self.mask = self.batch["attention_mask"].bool()
 
     def loss(self, model, overlay: Overlay) -> torch.Tensor:
-        h = model.model(self.batch["input_ids"], attention_mask=self.batch["attention_mask"], memory_overlay=overlay)[0]
+        h = model.model(
+            self.batch["input_ids"], attention_mask=self.batch["attention_mask"], memory_overlay=overlay
+        )[0]
         logp = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
         base = self.base[self.mask]
         kl = (base.exp() * (base - logp)).sum(-1)  # (n,)

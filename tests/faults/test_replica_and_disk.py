@@ -16,7 +16,15 @@ from model_store import Store
 from tests.faults.loadswap import synthetic_delta
 from tests.service.conftest import ServerProcess
 
-GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 4, "early_stop": False, "question_rewrites": 1, "paraphrases": 0}
+GENTLE = {
+    "optimizer": "adam",
+    "top_t": 8,
+    "lr": 0.03,
+    "steps": 4,
+    "early_stop": False,
+    "question_rewrites": 1,
+    "paraphrases": 0,
+}
 DOC = {
     "id": "goju",
     "text": "Goju Theipouquis was born in Peivistead.",

@@ -26,7 +26,15 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
-GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 6, "early_stop": False, "question_rewrites": 1, "paraphrases": 0}
+GENTLE = {
+    "optimizer": "adam",
+    "top_t": 8,
+    "lr": 0.03,
+    "steps": 6,
+    "early_stop": False,
+    "question_rewrites": 1,
+    "paraphrases": 0,
+}
 POINTS = ["pipeline:before_training", "pipeline:training", "pipeline:published"]
 VISIBILITY_S = 13
 ENV = {

@@ -241,7 +241,9 @@ def test_max_row_change_bounds_every_row_and_keeps_the_rest_identical():
     selected = {layer: ld.indices for layer, ld in delta.layers.items()}
     assert_only_selected_rows_changed(model, state_hashes(snapshot, exclude=selected), delta)
     unbounded = tiny_random_model(seed=3)
-    free = sparse_update(unbounded, random_batches(), fake_background(unbounded), settings.replace(max_row_change=None))
+    free = sparse_update(
+        unbounded, random_batches(), fake_background(unbounded), settings.replace(max_row_change=None)
+    )
     assert max(float((ld.new_rows - ld.old_rows).norm(dim=-1).max()) for ld in free.layers.values()) > max(
         float((ld.new_rows - ld.old_rows).norm(dim=-1).max()) for ld in delta.layers.values()
     )
@@ -267,7 +269,11 @@ def test_replay_rehearsal_keeps_the_invariants(tiny_model_dir):
     # before any step the KL to the pre-update model is zero
     assert float(_ReplayKL(model, batch, torch.device("cpu")).loss(model, {})) == pytest.approx(0.0, abs=1e-5)
     fact = invented_facts(1, seed=11)[0]
-    doc = {"id": "r", "text": fact["text"], "facts": [{"question": fact["question"], "answer": fact["answer"]}]}
+    doc = {
+        "id": "r",
+        "text": fact["text"],
+        "facts": [{"question": fact["question"], "answer": fact["answer"]}],
+    }
     snapshot = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     delta = learn_documents(model, tok, [doc], background, settings)
     assert delta.report["replay"] == 8
