@@ -225,18 +225,33 @@ def compute_for_model_dir(
     import memlm  # noqa: F401  (registers the model with the Auto classes)
     from memlm.tokenizer import load_tokenizer
 
-    model_dir = Path(model_dir)
-    if texts is None:
-        from memlm.data import build_corpus
+    import json
 
-        texts = build_corpus(seed).background
+    model_dir = Path(model_dir)
+    report_file = model_dir / "training_report.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    preset = report.get("preset_settings") or {}
+    seq_len = int(preset.get("seq_len", DEFAULT_SEQ_LEN))
+    if texts is None:  # what `memfit pretrain` counted: the corpus's background split + format-matched facts
+        from memlm.data import build_corpus
+        from memlm.pretrain import format_matched_background
+
+        seed = int(report.get("seed", seed))
+        corpus = build_corpus(
+            seed,
+            max_wiki=preset.get("max_wiki"),
+            max_probe=preset.get("max_probe"),
+            **({"probe_cities": int(preset["probe_cities"])} if "probe_cities" in preset else {}),
+        )
+        texts = corpus.background + format_matched_background(int(preset.get("background_matched_facts", 0)), seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = load_tokenizer(model_dir)
     stats = compute_background(
         model,
         tokenizer,
         texts,
-        unit=unit or DEFAULT_UNIT,
+        unit=unit or preset.get("background_unit") or DEFAULT_UNIT,
+        seq_len=seq_len,
         base_id=model_base_id(model_dir),
         progress=progress,
     )

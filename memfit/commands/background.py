@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def run(args) -> int:
-    from memlm.background import DEFAULT_UNIT, compute_for_model_dir
+    from memlm.background import compute_for_model_dir
     from memlm.paths import default_model_dir
 
     model_dir = Path(args.model).expanduser() if args.model else default_model_dir("default")
@@ -26,8 +26,8 @@ def run(args) -> int:
         except ImportError as exc:
             raise SystemExit("--to-redis needs the distributed mode (workers/)") from exc
 
-    unit = args.unit or DEFAULT_UNIT
-    stats = compute_for_model_dir(model_dir, unit=unit, progress=True)
+    # no --unit: the unit the model was built with (training_report.json), else the default
+    stats = compute_for_model_dir(model_dir, unit=args.unit, progress=True)
     for layer, df in stats.df.items():
         used = int((df > 0).sum())
         print(

@@ -114,3 +114,16 @@ def test_tiny_model_background(tiny_model_dir):
         assert df.shape == (config.memory_size,)
         assert 0 < int(df.max()) <= stats.num_docs
     assert stats.unit in ("sequence", "batch")
+
+
+def test_recomputing_the_background_reproduces_pretrain(tiny_model_copy):
+    """`memfit background` (compute_for_model_dir) counts the same texts `memfit pretrain` did."""
+    import torch
+
+    from memlm.background import compute_for_model_dir
+
+    before = BackgroundStats.load(tiny_model_copy)
+    after = compute_for_model_dir(tiny_model_copy, progress=False)
+    assert after.num_docs == before.num_docs and after.unit == before.unit
+    for layer, df in before.df.items():
+        assert torch.equal(after.df[layer], df), layer
