@@ -220,12 +220,12 @@ def compute_for_model_dir(
 ) -> BackgroundStats:
     """Load a model directory, compute its background statistics (default texts: the corpus's
     background split) and save them beside the model."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
     import memlm  # noqa: F401  (registers the model with the Auto classes)
     from memlm.tokenizer import load_tokenizer
-
-    import json
 
     model_dir = Path(model_dir)
     report_file = model_dir / "training_report.json"
@@ -243,7 +243,9 @@ def compute_for_model_dir(
             max_probe=preset.get("max_probe"),
             **({"probe_cities": int(preset["probe_cities"])} if "probe_cities" in preset else {}),
         )
-        texts = corpus.background + format_matched_background(int(preset.get("background_matched_facts", 0)), seed)
+        texts = corpus.background + format_matched_background(
+            int(preset.get("background_matched_facts", 0)), seed
+        )
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = load_tokenizer(model_dir)
     stats = compute_background(
