@@ -11,7 +11,8 @@
 #   1. device report (torch, CUDA, GPU name, memory);
 #   2. pytest -m gpu tests/memlm/test_gpu.py: memory read on CUDA == CPU reference (plain and row
 #      overlay, whole-model logits); a sparse update on CUDA moves only the selected rows, every other
-#      tensor bit-identical, and its delta reverts exactly;
+#      tensor bit-identical, and its delta reverts exactly; the Triton memory read (memlm.fused,
+#      MEMFIT_MEMORY_KERNEL=triton) == the embedding-bag reference in fp32 and bf16;
 #   3. one sparse update of the default model on CUDA (tiny test model when the default is not built):
 #      seconds, rows changed, frozen tensors unchanged;
 #   4. memfit bench serve --quick (engine vs generate() vs the dense-matched model; bench serve runs
@@ -35,7 +36,7 @@ print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", "sm", f"{p.major}.{p.m
 PY
 
 echo "== 2. CUDA path vs CPU reference (pytest -m gpu)"
-timeout 600 "$PY" -m pytest -q -m gpu tests/memlm/test_gpu.py -rs || fail=1
+timeout 600 "$PY" -m pytest -q -m gpu tests/memlm/test_gpu.py tests/memlm/test_fused.py -rs || fail=1
 
 echo "== 3. one sparse update on CUDA"
 timeout 600 "$PY" - <<'PY' || fail=1

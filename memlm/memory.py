@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .config import MemoryLMConfig
 
 
@@ -95,9 +96,12 @@ class ProductKeyMemory(nn.Module):
         indices, weights = self.select(x)
         if overlay is None:
             bags = indices.reshape(B * T, -1)  # (B*T, H*k): one bag per token, all heads
-            y = F.embedding_bag(
-                bags, self.values.weight, per_sample_weights=weights.reshape(B * T, -1), mode="sum"
-            ).view(B, T, d)
+            if fused.wanted(self.values.weight):  # opt-in Triton kernel (CUDA, inference only)
+                y = fused.bag(bags, self.values.weight, weights.reshape(B * T, -1)).view(B, T, d)
+            else:
+                y = F.embedding_bag(
+                    bags, self.values.weight, per_sample_weights=weights.reshape(B * T, -1), mode="sum"
+                ).view(B, T, d)
         else:
             rows = overlay_rows(self.values.weight, indices, overlay)  # (B, T, H, k, d)
             y = (weights.unsqueeze(-1) * rows).sum(dim=(2, 3))  # (B, T, d)
