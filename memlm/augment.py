@@ -151,6 +151,12 @@ def chunk_text(tokenizer, text: str, max_tokens: int) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
+def trains_text(documents: Iterable[dict], train_text: bool) -> bool:
+    """Whether an update trains on the documents' text: always when asked, else only when no document
+    supplies facts (facts are then taught through their QA forms). One rule for every updater."""
+    return train_text or not any(d.get("facts") for d in documents)
+
+
 def fact_key(doc_id: str | None, i: int) -> str:
     return f"{doc_id}#{i}"
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .augment import AugmentSettings, build_stream, document_facts
+from .augment import AugmentSettings, build_stream, document_facts, trains_text
 from .delta import SlotDelta
 from .evaluation import format_question, greedy_complete, is_answered
 from .updater import UpdateSettings, batch_loss, facts_stop_fn, learn_documents
@@ -58,7 +58,7 @@ def _stream(tokenizer, documents, s):
         paraphrases=s.paraphrases,
         question_rewrites=s.question_rewrites,
         seed=s.seed,
-        text_examples=s.train_text or not any(d.get("facts") for d in documents),
+        text_examples=trains_text(documents, s.train_text),
     )
     stream = build_stream(tokenizer, documents, batch_size=s.batch_size, settings=aug)
     if not stream.examples:

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .augment import AugmentSettings, build_stream, document_facts
+from .augment import AugmentSettings, build_stream, document_facts, trains_text
 from .delta import LayerDelta, SlotDelta
 from .selection import count_accesses, select_slots
 
@@ -471,7 +471,7 @@ def learn_documents(
         paraphrases=s.paraphrases,
         question_rewrites=s.question_rewrites,
         seed=s.seed,
-        text_examples=s.train_text or not any(d.get("facts") for d in documents),
+        text_examples=trains_text(documents, s.train_text),
     )
     stream = build_stream(tokenizer, documents, batch_size=s.batch_size, settings=aug)
     if not stream.examples:
