@@ -56,8 +56,9 @@ class BenchConfig:
     heldout_tokens: int = 4096  # tokens of held-out text for perplexity
     seed: int = 0  # fact generator and update seed
     # grids: each method gets the same number of configurations (6)
-    sparse_t: list[int] = field(default_factory=lambda: [1000, 2000])
-    sparse_lr: list[float] = field(default_factory=lambda: [300.0, 1000.0, 3000.0])
+    sparse_t: list[int] = field(default_factory=lambda: [2000, 4000])
+    # SGD lr before the updater's IDF scaling of each row's step (UpdateSettings.idf_lr_power)
+    sparse_lr: list[float] = field(default_factory=lambda: [3000.0, 10000.0, 30000.0])
     sparse_optimizer: str = "sgd"  # the lr grid's optimizer (benchmarks/tune_sparse.py compared both)
     full_lr: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3])
     lora_rank: list[int] = field(default_factory=lambda: [4, 16])
@@ -66,8 +67,9 @@ class BenchConfig:
     pareto_t: list[int] = field(default_factory=lambda: [100, 500, 2000, 8000])
     pareto_lr_factors: list[float] = field(default_factory=lambda: [1.0])
     # ablations at the chosen sparse setting: selection all / tf / random (the paper's), plus stop slots
-    # (UpdateSettings.max_df) and the row-local Adam the updater used to default to
-    ablations: list[str] = field(default_factory=lambda: ["all", "tf", "random", "stop", "adam"])
+    # (UpdateSettings.max_df), the plain SGD step without IDF scaling, and the row-local Adam the updater
+    # first defaulted to
+    ablations: list[str] = field(default_factory=lambda: ["all", "tf", "random", "stop", "noidf", "adam"])
     steps: int = 40  # maximum steps per update, every method (early stopping usually ends sooner)
 
     @classmethod
@@ -82,8 +84,8 @@ class BenchConfig:
             dev_probe_facts=32,
             eval_every=8,
             heldout_tokens=1024,
-            sparse_t=[1000, 2000],
-            sparse_lr=[1000.0],
+            sparse_t=[2000, 4000],
+            sparse_lr=[10000.0],
             full_lr=[1e-4, 1e-3],
             lora_rank=[8],
             lora_lr=[3e-3, 3e-2],
@@ -567,7 +569,9 @@ def benchmark(
         "tf": ("memory, TF-only", {"method": "tf"}),
         "random": ("memory, random-t", {"method": "random"}),
         "stop": ("TF-IDF + stop slots (df <= 5%)", {"max_df": 0.05}),
-        "adam": ("TF-IDF, row-local Adam lr 1", {"optimizer": "adam", "lr": 1.0}),
+        # without the IDF scaling the tuning stream's matching lr was a tenth (docs/internals.md)
+        "noidf": ("TF-IDF, no IDF step scaling", {"idf_lr_power": 0.0, "lr": sp["lr"] / 10}),
+        "adam": ("TF-IDF, row-local Adam lr 1", {"optimizer": "adam", "lr": 1.0, "idf_lr_power": 0.0}),
     }
     for m in cfg.ablations:
         name, change = variants[m]

@@ -251,6 +251,35 @@ def test_max_row_change_bounds_every_row_and_keeps_the_rest_identical():
         UpdateSettings(max_row_change=0)
 
 
+def test_idf_lr_power_scales_each_rows_step_by_its_idf():
+    """One SGD step: a row's change with idf_lr_power=1 is its plain change times idf/idf_max."""
+    import math
+
+    from memlm.selection import idf
+
+    settings = UpdateSettings(top_t=16, steps=1, lr=50.0, early_stop=False, idf_lr_power=0.0)
+    plain_model, soft_model = tiny_random_model(seed=4), tiny_random_model(seed=4)
+    snapshot = tiny_random_model(seed=4)
+    bg = fake_background(plain_model)
+    plain = sparse_update(plain_model, random_batches(), bg, settings)
+    soft = sparse_update(soft_model, random_batches(), bg, settings.replace(idf_lr_power=1.0))
+    checked = 0
+    for layer, ld in soft.layers.items():
+        ref = plain.layers[layer]
+        assert torch.equal(ld.indices, ref.indices)  # same rows move (no row has df = num_docs here)
+        scale = (idf(bg.df[layer][ld.indices], bg.num_docs) / math.log(bg.num_docs + 1)).float()
+        torch.testing.assert_close(ld.new_rows - ld.old_rows, (ref.new_rows - ref.old_rows) * scale[:, None])
+        assert bool((scale < 0.99).any())  # the check can tell the two apart
+        checked += ld.indices.numel()
+    assert checked > 0
+    selected = {layer: ld.indices for layer, ld in soft.layers.items()}
+    assert_only_selected_rows_changed(soft_model, state_hashes(snapshot, exclude=selected), soft)
+    with pytest.raises(ValueError, match="idf_lr_power"):
+        UpdateSettings(idf_lr_power=-1)
+    with pytest.raises(ValueError, match="background"):
+        sparse_update(tiny_random_model(seed=4), random_batches(), None, settings.replace(method="tf", idf_lr_power=1))
+
+
 def test_replay_rehearsal_keeps_the_invariants(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
