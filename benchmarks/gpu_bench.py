@@ -74,8 +74,7 @@ def build(device: str) -> tuple[MemoryLMForCausalLM, BackgroundStats]:
     n_docs = 5000
     # skewed like a real table: most slots rarely read, a few read by much of the background
     df = {
-        i: (torch.rand(cfg.memory_size, generator=g) ** 6 * n_docs).long()
-        for i in model.config.memory_layers
+        i: (torch.rand(cfg.memory_size, generator=g) ** 6 * n_docs).long() for i in model.config.memory_layers
     }
     return model, BackgroundStats(df=df, num_docs=n_docs)
 
@@ -86,7 +85,11 @@ def fact_batch(vocab: int, device: str) -> dict[str, torch.Tensor]:
     ids = torch.randint(2, vocab, (16, 24), generator=g)
     labels = torch.full_like(ids, -100)
     labels[:, -4:] = ids[:, -4:]
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": labels.to(device),
+    }
 
 
 def update_figures(device: str) -> dict:
@@ -121,9 +124,16 @@ def read_figures() -> list[dict]:
         for shape, bags in (("decode b8", 8), ("prefill 8x128", 8 * 128)):
             idx = torch.randint(0, cfg.memory_size, (bags, k), device="cuda", generator=g)
             w = torch.rand(bags, k, device="cuda", generator=g).to(dtype)
-            ref_fn = lambda: F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")  # noqa: E731
-            tri_fn = lambda: fused.bag(idx, table, w)  # noqa: E731
-            ok = torch.allclose(tri_fn().float(), ref_fn().float(), atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=2e-2)
+
+            def ref_fn(idx=idx, table=table, w=w):
+                return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+
+            def tri_fn(idx=idx, table=table, w=w):
+                return fused.bag(idx, table, w)
+
+            ok = torch.allclose(
+                tri_fn().float(), ref_fn().float(), atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=2e-2
+            )
             ref, tri = cuda_ms(ref_fn), cuda_ms(tri_fn)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "shape": shape, "bags": bags, "k": k,
                          "embedding_bag_ms": ref, "triton_ms": tri, "speedup": ref / tri, "match": ok})  # fmt: skip
@@ -142,8 +152,9 @@ def decode_figures() -> list[dict]:
             out = {}
             for mode in ("torch", "triton"):
                 os.environ["MEMFIT_MEMORY_KERNEL"] = mode
+
                 # drop the new token after each call so every timed step sees 64 cached tokens
-                def one(cache=cache):
+                def one(cache=cache, step=step):
                     model(step, cache=cache, use_cache=True, logits_to_keep=1)
                     cache.crop(-1)
 
@@ -162,8 +173,13 @@ def main() -> int:
         print("no CUDA device: this benchmark needs one", file=sys.stderr)
         return 2
     res: dict = {
-        "machine": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-                    "host": platform.node(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},  # fmt: skip
+        "machine": {
+            "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "host": platform.node(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },  # fmt: skip
         "model": "default preset shapes, random weights",
     }
     cuda_u = update_figures("cuda")

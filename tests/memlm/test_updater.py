@@ -277,7 +277,9 @@ def test_idf_lr_power_scales_each_rows_step_by_its_idf():
     with pytest.raises(ValueError, match="idf_lr_power"):
         UpdateSettings(idf_lr_power=-1)
     with pytest.raises(ValueError, match="background"):
-        sparse_update(tiny_random_model(seed=4), random_batches(), None, settings.replace(method="tf", idf_lr_power=1))
+        sparse_update(
+            tiny_random_model(seed=4), random_batches(), None, settings.replace(method="tf", idf_lr_power=1)
+        )
 
 
 def test_replay_rehearsal_keeps_the_invariants(tiny_model_dir):
