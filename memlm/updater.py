@@ -28,6 +28,8 @@ gradient; the row-local Adam moves every selected coordinate by ~lr, which at th
 wrecked every selected row. Two optional levers exist: `max_df` ("stop slots": never select slots read
 by more than that share of the background) and `max_row_change` (cap each row's change relative to its
 norm); both removed the forgetting on the tuning stream but also the learning (docs/internals.md).
+The default keeps those rows but scales each selected row's step by its IDF (`idf_lr_power`): at equal
+learning it halved the perplexity damage on the tuning stream.
 """
 
 from __future__ import annotations
