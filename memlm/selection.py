@@ -102,7 +102,7 @@ def select_slots(
 
 
 def idf(df: torch.Tensor, num_docs: int) -> torch.Tensor:
-    """log((num_docs + 1) / (df + 1)) per slot (float64), for reports and plots."""
+    """log((num_docs + 1) / (df + 1)) per slot (float64): reports, plots and the updater's IDF-scaled steps."""
     return torch.full(df.shape, math.log(num_docs + 1), dtype=torch.float64) - torch.log(
         df.to(torch.float64) + 1
     )
