@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: print a table, write JSON (+ PNG)")
     p.add_argument("which", choices=["continual", "update", "serve", "swap"])
     p.add_argument("--quick", action="store_true", help="minutes, CI smoke (tiny model if no default)")
-    p.add_argument("--small", action="store_true", help="continual: default model, short streams (~15 min)")
+    p.add_argument("--small", action="store_true", help="continual: default model, short streams (~5 min)")
     p.add_argument("--out", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--resume", action="store_true")

@@ -74,7 +74,7 @@ class BenchConfig:
 
     @classmethod
     def small(cls) -> BenchConfig:
-        """The default model in ~15 minutes on 2 cores: same methods and grids, shorter streams."""
+        """The default model in ~5 minutes on 2 cores: same methods and grids, shorter streams."""
         return cls(
             test_facts=24,
             short_facts=12,
