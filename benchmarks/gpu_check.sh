@@ -7,7 +7,8 @@
 # Needs a CUDA build of torch: PYTHON (default .venv/bin/python) must see the GPU. On the lent device
 # machines, whose python3 holds torch with CUDA, run it as
 #   PYTHON=python3 PYTHONPATH=$PWD:/tmp/site bash benchmarks/gpu_check.sh "$OUT"
-# after installing transformers 5.24 and platformdirs wheels to /tmp/site (../.library/device/README.md).
+# after installing wheels of transformers 5.24, platformdirs and regex (transformers 5.24 needs a newer
+# regex than that image has) to /tmp/site (../.library/device/README.md).
 # Steps:
 #   1. device report (torch, CUDA, GPU name, memory);
 #   2. pytest -m gpu tests/memlm/test_gpu.py tests/memlm/test_fused.py: memory read on CUDA == CPU
