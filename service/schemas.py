@@ -236,6 +236,11 @@ class VersionOut(BaseModel):
     job_id: str | None = None
     documents: list[str] = Field(default_factory=list)
     slots_changed: int = 0
+    reach: float | None = Field(
+        None,
+        description="share of the gate's probe prompts (prompt + greedy answer under the parent) that read "
+        "a memory row this version changed; probes outside it answer bit-identically (None: not measured)",
+    )
     evaluation: dict[str, Any] = Field(default_factory=dict)
     active: bool = False
     state: VersionState
@@ -251,6 +256,7 @@ class VersionOut(BaseModel):
                     "job_id": "j_3f2a9c0d1e2b4a5c",
                     "documents": ["doc-42"],
                     "slots_changed": 500,
+                    "reach": 0.05,
                     "evaluation": {"learning": 1.0, "forgetting": 0.0},
                     "active": True,
                     "state": "active",

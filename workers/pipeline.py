@@ -157,6 +157,9 @@ class Reference:
 
     answered: list[bool]  # per base-answered probe fact (in Pipeline.probe order)
     perplexity: float
+    # per probe fact, {memory layer: slot ids} its prompt + greedy answer reads (memlm.reach); None: not
+    # measured yet
+    reads: list | None = None
 
 
 @dataclass
@@ -245,6 +248,16 @@ class Pipeline:
         ref = Reference(list(ans), ppl)
         self._refs[v] = ref
         return ref
+
+    def probe_reads(self, v: int) -> list:
+        """The memory reads of every probe text under version `v` (cached with its Reference)."""
+        ref = self.reference(v)
+        if ref.reads is None:
+            from memlm.reach import probe_reads
+
+            self.at_version(v)
+            ref.reads = probe_reads(self.model, self.tokenizer, self.probe) if self.probe else []
+        return ref.reads
 
     # -- one job ---------------------------------------------------------------------------------
     def run_job(
@@ -342,6 +355,8 @@ class Pipeline:
             parent = store.active()
             phase.set("loading", parent=parent, attempt=attempt)
             ref = self.reference(parent)  # also moves the training copy to the parent
+            parent_reads = self.probe_reads(parent)
+            self.at_version(parent)
             phase.check()
 
             t0 = time.perf_counter()
@@ -362,7 +377,7 @@ class Pipeline:
                 phase.check()
                 t0 = time.perf_counter()
                 phase.set("evaluation", parent=parent, attempt=attempt)
-                evaluation = self._evaluate(documents, ref, parent)
+                evaluation = self._evaluate(documents, ref, parent, delta, parent_reads)
                 t_eval += time.perf_counter() - t0
             finally:
                 delta.revert(tables)  # the training copy is back at `parent` exactly
@@ -384,6 +399,7 @@ class Pipeline:
                         evaluation["rebased"] = {"from": parent, "onto": store.manifest(v)["parent"]}
                         parent = store.manifest(v)["parent"]
                         evaluation["_answered"] = None  # figures measured on the old parent: not a reference
+                        evaluation["_reads"] = None
             except RebaseConflict as e:
                 t_pub += time.perf_counter() - t0
                 log.info("job %s: %s; retraining from the new active version", job.job_id, e)
@@ -399,8 +415,9 @@ class Pipeline:
             )
             status = "succeeded" if gate["passed"] else "rejected"
             answered_after = evaluation.pop("_answered", None)
+            reads_after = evaluation.pop("_reads", None)
             if status == "succeeded" and answered_after is not None and evaluation["perplexity"] is not None:
-                self._refs[v] = Reference(answered_after, evaluation["perplexity"])
+                self._refs[v] = Reference(answered_after, evaluation["perplexity"], reads_after)
             error = (
                 None if gate["passed"] else "rejected by the evaluation gate: " + "; ".join(gate["reasons"])
             )
@@ -429,7 +446,7 @@ class Pipeline:
         )
 
     def _publish(self, job, delta, parent, documents, us, evaluation, state, rebase: bool) -> int:
-        ev = {k: v for k, v in evaluation.items() if not k.startswith("_")}
+        ev = {k: v for k, v in evaluation.items() if not k.startswith("_")}  # _answered, _reads: caches
         ev["probe_answered"] = evaluation.get("_answered")
         return self.store.publish(
             delta,
@@ -445,10 +462,14 @@ class Pipeline:
             rebase=rebase and state == "active",
         )
 
-    def _evaluate(self, documents: list[dict], parent_ref: Reference, parent: int) -> dict[str, Any]:
+    def _evaluate(
+        self, documents: list[dict], parent_ref: Reference, parent: int, delta=None, parent_reads=None
+    ) -> dict[str, Any]:
         """Evaluate the training copy (parent + delta applied): learning, retention vs parent and base,
-        perplexity change, and the gate's decision with the figures."""
+        perplexity change, the reach (memlm.reach: share of probe texts that read a changed row), and
+        the gate's decision with the figures."""
         from memlm.evaluation import answered, evaluate_update
+        from memlm.reach import delta_rows, probe_reads, reach_report, reached
 
         facts = [
             {
@@ -473,6 +494,14 @@ class Pipeline:
         )
         t0 = time.perf_counter()
         after = answered(self.model, self.tokenizer, self.probe) if self.probe else []
+        reach, reads_after = None, None
+        if delta is not None and parent_reads is not None:
+            changed = delta_rows(delta)
+            reach = reach_report(parent_reads, changed)
+            hits = reached(parent_reads, changed)
+            # a probe outside the reach reads exactly what it read under the parent; re-read the others
+            fresh = iter(probe_reads(self.model, self.tokenizer, [f for f, h in zip(self.probe, hits) if h]))
+            reads_after = [next(fresh) if h else r for r, h in zip(parent_reads, hits)]
         n_base = len(self.probe)
         base_ref = self._refs[0]
         retention_base = (sum(after) / n_base) if n_base else 1.0
@@ -516,6 +545,7 @@ class Pipeline:
             "perplexity_change": ppl_change,
             "perplexity_change_base": ppl_change_base,
             "probe_facts": n_base,
+            "reach": reach,
             "new_facts": len(facts),
             "parent": parent,
             "seconds": round(res.seconds + time.perf_counter() - t0, 4),
@@ -530,6 +560,7 @@ class Pipeline:
                 },
             },
             "_answered": list(after),
+            "_reads": reads_after,
         }
 
 

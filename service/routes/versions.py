@@ -33,6 +33,7 @@ VersionId = Annotated[int, Path(ge=0, le=10**15, description="version id (the ba
 def version_out(m: dict[str, Any]) -> VersionOut:
     slots = m.get("slots_changed") or {}
     state = m.get("state", "retained")
+    reach = (m.get("evaluation") or {}).get("reach")
     return VersionOut(
         id=int(m["id"]),
         parent=m.get("parent"),
@@ -40,6 +41,7 @@ def version_out(m: dict[str, Any]) -> VersionOut:
         job_id=m.get("job_id"),
         documents=list(m.get("documents") or []),
         slots_changed=int(slots.get("total", 0)) if isinstance(slots, dict) else int(slots or 0),
+        reach=reach.get("share") if isinstance(reach, dict) else None,
         evaluation={k: v for k, v in (m.get("evaluation") or {}).items() if k != "probe_answered"},
         active=bool(m.get("active")),
         state=state if state in ("active", "retained", "rejected") else "rejected",  # corrupt: never served

@@ -85,6 +85,8 @@ def test_gate_rejects_a_destructive_update_and_keeps_it(gated):
     assert gate["thresholds"]["max_forgetting"] == settings.gate_max_forgetting
     # evaluated within the budget, before publishing
     assert 0 < ev["probe_facts"] <= settings.gate_probe_facts
+    # every slot trained: every probe text reads a changed row
+    assert ev["reach"]["share"] == 1.0 and ev["reach"]["probes"] == ev["probe_facts"]
     assert job.timings["evaluation"] > 0 and job.timings["evaluation"] <= job.timings["total"]
     # the store refuses to activate it without force
     with pytest.raises(StoreError, match="rejected"):
@@ -102,6 +104,32 @@ def test_gate_accepts_a_gentle_update(gated):
     assert ev["forgetting"] <= settings.gate_max_forgetting
     assert ev["forgetting_base"] <= settings.gate_max_forgetting_base
     assert ev["perplexity_change"] <= settings.gate_max_ppl_increase
+    assert ev["reach"]["probes"] == ev["probe_facts"] and 0.0 <= ev["reach"]["share"] <= 1.0
+
+
+def test_reach_in_versions_and_cached_reads_exact(gated):
+    """GET /versions shows each update's reach; the probe reads cached for a new version (parent reads
+    outside the reach, re-read inside it) equal reads measured from scratch at that version."""
+    import torch
+
+    from memlm.reach import probe_reads
+    from service.app import create_app
+
+    store, pipeline, settings = gated
+    res = run(store, pipeline, "gentle-reach", GENTLE)
+    assert res.status == "succeeded", res.evaluation.get("gate")
+    share = store.manifest(res.version)["evaluation"]["reach"]["share"]
+    app = create_app(settings, start_runner=False)
+    with TestClient(app) as client:
+        listed = {v["id"]: v for v in client.get("/versions").json()["versions"]}
+    assert listed[res.version]["reach"] == share
+    assert listed[0]["reach"] is None  # the base changes nothing
+    cached = pipeline._refs[res.version].reads
+    assert cached is not None and len(cached) == len(pipeline.probe)
+    pipeline.at_version(res.version)
+    fresh = probe_reads(pipeline.model, pipeline.tokenizer, pipeline.probe)
+    for a, b in zip(cached, fresh):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_admin_can_activate_a_rejected_version_anyway(gated):
