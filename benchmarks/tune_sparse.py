@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kind": kind, "settings": setting, "learning": f["learning"],
                 "learning_heldout": f["learning_heldout"], "recall_end": f["recall"],
                 "retention": f["retention"], "perplexity_change": f["perplexity_change"],
-                "s_per_update": r["seconds_per_update"], "steps_per_update": r["steps_per_update"],
+                "reach_mean": r["reach_mean"], "s_per_update": r["seconds_per_update"], "steps_per_update": r["steps_per_update"],
                 "distinct_rows": r["distinct_rows_changed"], "wall_s": time.perf_counter() - t0,
             }),
             flush=True,

@@ -39,6 +39,7 @@ import torch
 from .augment import TRAINING_QUESTION_TEMPLATES
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
 from .evaluation import answered, perplexity
+from .reach import delta_rows, probe_reads, reach_report, reached
 from .updater import UpdateSettings, learn_documents
 
 # ---- configuration ----------------------------------------------------------------------------------
@@ -185,6 +186,7 @@ class Learner:
     def __init__(self, spec: MethodSpec, model, ctx: Context, seed: int):
         self.spec, self.model, self.ctx, self.seed = spec, model, ctx, seed
         self.touched: set[tuple[int, int]] = set()  # (layer, slot) rows changed so far (memory methods)
+        self.reads: list | None = None  # memory reads of each probe text at the current state (memlm.reach)
         self.retriever = BM25Retriever() if spec.kind == "retrieval" else None
         self.lora = None
         if spec.kind == "lora":
@@ -198,18 +200,29 @@ class Learner:
             s = UpdateSettings(**{"steps": self.ctx.cfg.steps, **self.spec.settings}).replace(
                 seed=self.seed + index
             )
+            if self.reads is None:
+                self.reads = probe_reads(self.model, tok, self.ctx.probe)
             delta = learn_documents(self.model, tok, [doc], self.ctx.background, s)
             for layer, ld in delta.layers.items():
                 changed = (ld.new_rows != ld.old_rows).any(-1)
                 self.touched.update((layer, int(i)) for i in ld.indices[changed].tolist())
             r = delta.report
-            return {"seconds": r["seconds"], "steps": r["steps"], "rows_changed": r["rows_changed"]}
+            reach = reach_report(self.reads, delta_rows(delta))
+            # probes outside the reach read what they read before; re-read only the reached ones
+            hits = reached(self.reads, delta_rows(delta))
+            fresh = iter(probe_reads(self.model, tok, [f for f, h in zip(self.ctx.probe, hits) if h]))
+            self.reads = [next(fresh) if h else old for old, h in zip(self.reads, hits)]
+            return {"seconds": r["seconds"], "steps": r["steps"], "rows_changed": r["rows_changed"],
+                    "reach": reach["share"]}  # fmt: skip
+        # dense methods change weights every probe reads: reach 1 by construction
         if kind == "full":
             r = full_finetune(self.model, tok, [doc], _dense(self.spec.settings, self.ctx.cfg))
-            return {"seconds": r["seconds"], "steps": r["steps"], "params_changed": r["params_trained"]}
+            return {"seconds": r["seconds"], "steps": r["steps"], "params_changed": r["params_trained"],
+                    "reach": 1.0}  # fmt: skip
         if kind == "lora":
             r = self.lora.learn(tok, [doc])
-            return {"seconds": r["seconds"], "steps": r["steps"], "params_changed": r["params_trained"]}
+            return {"seconds": r["seconds"], "steps": r["steps"], "params_changed": r["params_trained"],
+                    "reach": 1.0}  # fmt: skip
         if kind == "retrieval":
             t0 = time.perf_counter()
             self.retriever.add([doc])
@@ -396,6 +409,7 @@ def run_stream(
         "seconds_per_update": _mean(r["seconds"] for r in records),
         "steps_per_update": _mean(r["steps"] for r in records),
         "rows_changed_per_update": _mean(r.get("rows_changed") for r in records),
+        "reach_mean": _mean(r.get("reach") for r in records),
         "distinct_rows_changed": len(learner.touched),
         "params_changed": records[0].get("params_changed") if records else None,
         "wall_seconds": time.perf_counter() - t_run,
@@ -418,6 +432,7 @@ def at_update(result: dict, n: int) -> dict:
         "learning_heldout": _mean(r["learned_heldout"] for r in recs),
         "seconds_per_update": _mean(r["seconds"] for r in recs),
         "rows_changed_per_update": _mean(r.get("rows_changed") for r in recs),
+        "reach_mean": _mean(r.get("reach") for r in recs),
     }
 
 
@@ -776,13 +791,13 @@ def table_row(r: dict, final: dict | None = None) -> str:
     return (
         f"| {r['spec']['name']} | {t} | {lr} | {_pct(learning)} | {_pct(heldout)} | {_pct(f.get('recall'))} | "
         f"{_pct(f.get('retention'))} | {_pct(f.get('forgetting'))} | {_pct(f.get('perplexity_change'), True)} | "
-        f"{sec:.2f} | {_rows_label(r)} |"
+        f"{_pct(f.get('reach_mean', r.get('reach_mean')))} | {sec:.2f} | {_rows_label(r)} |"
     )
 
 
 HEADER = (
     "| method | t | lr | learning | held-out learning | recall at end | retention | forgetting | "
-    "perplexity change | s / update | rows changed |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "perplexity change | reach | s / update | rows changed |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -809,6 +824,9 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
         "wording). Recall at end: share of all the stream's facts still answered after the last update. "
         "Retention: share of the base-answered probe facts still answered at the end; forgetting = 1 - "
         "retention (retention before = 1 on that set). Perplexity change: held-out text, relative to the base. "
+        "Reach: mean share of the probe prompts (prompt + greedy answer before the update) that read a memory "
+        "row the update changed (memlm.reach); a probe outside it answers bit-identically. 100% for the dense "
+        "methods by construction. "
         "s / update: training time of one single-fact update, early-stop checks included.",
         "",
         f"## Main stream: {main['sparse']['facts']} facts, one per update",

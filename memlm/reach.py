@@ -37,7 +37,9 @@ def ids_reads(model, sequences: Sequence[Sequence[int]]) -> list[dict[int, torch
             continue
         x = torch.tensor([list(ids)], dtype=torch.long, device=device)
         res = model(x, use_cache=False)
-        out.append({layer: torch.unique(idx.reshape(-1).cpu()) for layer, idx in zip(layers, res.memory_indices)})
+        out.append(
+            {layer: torch.unique(idx.reshape(-1).cpu()) for layer, idx in zip(layers, res.memory_indices)}
+        )
     return out
 
 
@@ -53,7 +55,9 @@ def probe_texts(model, tokenizer, facts: Sequence[dict], key: str = "question") 
     return [p + a for p, a in zip(prompts, answers)]
 
 
-def probe_reads(model, tokenizer, facts: Sequence[dict], key: str = "question") -> list[dict[int, torch.Tensor]]:
+def probe_reads(
+    model, tokenizer, facts: Sequence[dict], key: str = "question"
+) -> list[dict[int, torch.Tensor]]:
     """`text_reads` of the probe texts under the model as it is now (call it on the parent version)."""
     return text_reads(model, tokenizer, probe_texts(model, tokenizer, facts, key))
 
@@ -79,7 +83,9 @@ def reach_report(reads: Sequence[Mapping[int, torch.Tensor]], changed: Mapping[i
     hits = reached(reads, changed)
     sets = {int(layer): idx.reshape(-1).cpu().long() for layer, idx in changed.items()}
     depth = [
-        sum(int(torch.isin(slots, sets[int(layer)]).sum()) for layer, slots in r.items() if int(layer) in sets)
+        sum(
+            int(torch.isin(slots, sets[int(layer)]).sum()) for layer, slots in r.items() if int(layer) in sets
+        )
         for r in reads
     ]
     n = len(hits)

@@ -54,6 +54,10 @@ def test_run_stream_three_facts(ctx, stream, spec):
     if spec.kind == "sparse":
         assert 0 < res["rows_changed_per_update"] <= 16
         assert res["distinct_rows_changed"] >= res["rows_changed_per_update"]
+        assert all(0.0 <= r["reach"] <= 1.0 for r in res["records"])
+        assert res["reach_mean"] == pytest.approx(sum(r["reach"] for r in res["records"]) / len(stream))
+    if spec.kind in ("full", "lora"):
+        assert res["reach_mean"] == 1.0
     if spec.kind == "retrieval":
         assert final["perplexity_change"] == 0.0
         assert res["retrieval"]["prompt_tokens_added"] > 0

@@ -12,7 +12,10 @@ from .test_updater import fake_background, random_batches, tiny_random_model
 
 def _probes(n: int, seed: int = 5) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 128, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(2, 128, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 @torch.no_grad()
@@ -21,7 +24,9 @@ def _logits(model, seqs):
 
 
 def test_outside_reach_bit_identical_inside_changed():
-    model = tiny_random_model(memory_layers=(0, 2))  # two memory layers: the second's reads depend on the first
+    model = tiny_random_model(
+        memory_layers=(0, 2)
+    )  # two memory layers: the second's reads depend on the first
     probes = _probes(200)
     reads = ids_reads(model, probes)  # under the parent
     before = _logits(model, probes)
@@ -76,7 +81,9 @@ def test_pretrained_update_reach(tiny_model_dir):
     before = _logits(model, ids)
     doc = {"id": "z", "text": "The capital of Zorbania is Quillton.",
            "facts": [{"question": "What is the capital of Zorbania?", "answer": "Quillton"}]}  # fmt: skip
-    delta = learn_documents(model, tok, [doc], background, UpdateSettings(top_t=8, steps=10, early_stop=False))
+    delta = learn_documents(
+        model, tok, [doc], background, UpdateSettings(top_t=8, steps=10, early_stop=False)
+    )
     rep = reach_report(reads, delta_rows(delta))
     assert rep["probes"] == 40 and 0.0 <= rep["share"] <= 1.0
     after = _logits(model, ids)
