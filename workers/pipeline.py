@@ -468,8 +468,8 @@ class Pipeline:
         """Evaluate the training copy (parent + delta applied): learning, retention vs parent and base,
         perplexity change, the reach (memlm.reach: share of probe texts that read a changed row), and
         the gate's decision with the figures."""
-        from memlm.evaluation import answered, evaluate_update
-        from memlm.reach import delta_rows, probe_reads, reach_report, reached
+        from memlm.evaluation import evaluate_update, format_question, greedy_complete, is_answered
+        from memlm.reach import delta_rows, reach_report, reached, text_reads
 
         facts = [
             {
@@ -493,14 +493,21 @@ class Pipeline:
             budget=budget,
         )
         t0 = time.perf_counter()
-        after = answered(self.model, self.tokenizer, self.probe) if self.probe else []
+        prompts = [format_question(f["question"]) for f in self.probe]
+        completions = greedy_complete(self.model, self.tokenizer, prompts) if prompts else []
+        after = [is_answered(c, f["answer"]) for c, f in zip(completions, self.probe)]
         reach, reads_after = None, None
         if delta is not None and parent_reads is not None:
             changed = delta_rows(delta)
             reach = reach_report(parent_reads, changed)
             hits = reached(parent_reads, changed)
-            # a probe outside the reach reads exactly what it read under the parent; re-read the others
-            fresh = iter(probe_reads(self.model, self.tokenizer, [f for f, h in zip(self.probe, hits) if h]))
+            # a probe outside the reach reads exactly what it read under the parent; re-read the others,
+            # with the greedy answers just generated (the same text memlm.reach.probe_texts builds)
+            fresh = iter(
+                text_reads(
+                    self.model, self.tokenizer, [p + c for p, c, h in zip(prompts, completions, hits) if h]
+                )
+            )
             reads_after = [next(fresh) if h else r for r, h in zip(parent_reads, hits)]
         n_base = len(self.probe)
         base_ref = self._refs[0]
