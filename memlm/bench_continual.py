@@ -39,7 +39,7 @@ import torch
 from .augment import TRAINING_QUESTION_TEMPLATES
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
 from .evaluation import answered, perplexity
-from .reach import delta_rows, probe_reads, reach_report, reached
+from .reach import delta_rows, merge_reads, probe_reads, reach_report, reached
 from .updater import UpdateSettings, learn_documents
 
 # ---- configuration ----------------------------------------------------------------------------------
@@ -210,8 +210,8 @@ class Learner:
             reach = reach_report(self.reads, delta_rows(delta))
             # probes outside the reach read what they read before; re-read only the reached ones
             hits = reached(self.reads, delta_rows(delta))
-            fresh = iter(probe_reads(self.model, tok, [f for f, h in zip(self.ctx.probe, hits) if h]))
-            self.reads = [next(fresh) if h else old for old, h in zip(self.reads, hits)]
+            fresh = probe_reads(self.model, tok, [f for f, h in zip(self.ctx.probe, hits) if h])
+            self.reads = merge_reads(self.reads, hits, fresh)
             return {"seconds": r["seconds"], "steps": r["steps"], "rows_changed": r["rows_changed"],
                     "reach": reach["share"]}  # fmt: skip
         # dense methods change weights every probe reads: reach 1 by construction

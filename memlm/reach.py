@@ -97,6 +97,13 @@ def reach_report(reads: Sequence[Mapping[int, torch.Tensor]], changed: Mapping[i
     }
 
 
+def merge_reads(reads: Sequence, hits: Sequence[bool], fresh: Sequence) -> list:
+    """Reads after an update: a probe outside the reach reads what it read before; `fresh` holds the
+    re-read reads of the reached probes, in order."""
+    it = iter(fresh)
+    return [next(it) if h else r for r, h in zip(reads, hits)]
+
+
 def delta_rows(delta) -> dict[int, torch.Tensor]:
     """{memory layer: slot ids} a SlotDelta writes."""
     return {int(layer): ld.indices for layer, ld in delta.layers.items()}

@@ -356,7 +356,7 @@ class Pipeline:
             phase.set("loading", parent=parent, attempt=attempt)
             ref = self.reference(parent)  # also moves the training copy to the parent
             parent_reads = self.probe_reads(parent)
-            self.at_version(parent)
+            self.at_version(parent)  # a cached Reference does not move the copy: train on the parent
             phase.check()
 
             t0 = time.perf_counter()
@@ -469,7 +469,7 @@ class Pipeline:
         perplexity change, the reach (memlm.reach: share of probe texts that read a changed row), and
         the gate's decision with the figures."""
         from memlm.evaluation import evaluate_update, format_question, greedy_complete, is_answered
-        from memlm.reach import delta_rows, reach_report, reached, text_reads
+        from memlm.reach import delta_rows, merge_reads, reach_report, reached, text_reads
 
         facts = [
             {
@@ -503,12 +503,8 @@ class Pipeline:
             hits = reached(parent_reads, changed)
             # a probe outside the reach reads exactly what it read under the parent; re-read the others,
             # with the greedy answers just generated (the same text memlm.reach.probe_texts builds)
-            fresh = iter(
-                text_reads(
-                    self.model, self.tokenizer, [p + c for p, c, h in zip(prompts, completions, hits) if h]
-                )
-            )
-            reads_after = [next(fresh) if h else r for r, h in zip(parent_reads, hits)]
+            texts = [p + c for p, c, h in zip(prompts, completions, hits) if h]
+            reads_after = merge_reads(parent_reads, hits, text_reads(self.model, self.tokenizer, texts))
         n_base = len(self.probe)
         base_ref = self._refs[0]
         retention_base = (sum(after) / n_base) if n_base else 1.0
