@@ -19,6 +19,13 @@ one decoding step plus its prefill, not a whole batch. Requests of another versi
 in: when one waits at the head of the queue the running batch stops admitting and drains. Pieces of
 text go to each request's `emit` as they are decoded.
 
+No request can stop serving: a row that cannot be built (or sampled) fails only its own request;
+whatever escapes a wave fails that wave's requests and the thread goes on; a decoding thread that
+dies anyway is recorded and started again by `check_decoders` (before each submit, and by /readyz,
+which answers 503 when it found one dead). Admission control: at most `settings.max_waiting`
+requests wait (`submit` answers 503 + Retry-After past it); a request past its `deadline` or
+`cancelled` (client gone) is dropped from the queue, or its row stops at the next step.
+
 The other methods are blocking; the routes call them through `Engine.executor` (tokenising) or a
 thread (store reads), never on the event loop.
 """
@@ -66,6 +73,17 @@ class Prepared:
     params: SamplingParams
     admitted_at: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # time.monotonic() after which the engine stops decoding it (None: no deadline); the route that
+    # submitted it answers the client at the same moment (service/routes/generate.py)
+    deadline: float | None = None
+    timeout_s: float | None = None  # the setting the deadline came from (named in its error)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (time.monotonic() if now is None else now) >= self.deadline
+
+    def gone(self) -> bool:
+        """Cancelled (client gone, caller stopped) or past its deadline: not worth decoding."""
+        return self.cancelled.is_set() or self.expired()
 
 
 @dataclass
@@ -203,6 +221,26 @@ class _Row:
         if len(self.text) > self.emitted:
             self._send(Delta(self.text[self.emitted :]))
             self.emitted = len(self.text)
+        self._record()
+        self._send(
+            Delta(
+                "",
+                done=True,
+                finish_reason=self.finish_reason,
+                prompt_tokens=len(self.req.prompt_ids),
+                completion_tokens=len(self.generated),
+            )
+        )
+
+    def stop(self, error: BaseException) -> None:
+        """Stop decoding (client gone, deadline passed): the tokens count, the request gets `error`."""
+        if self.done:
+            return
+        self.done = True
+        self._record()
+        self._send(error)
+
+    def _record(self) -> None:
         m = self.engine.metrics
         n = len(self.generated)
         if m is not None:
@@ -213,15 +251,6 @@ class _Row:
             m.generation_length.observe(n)
             if self.t_first is not None and n > 1:
                 m.per_token.observe((now - self.t_first) / (n - 1))
-        self._send(
-            Delta(
-                "",
-                done=True,
-                finish_reason=self.finish_reason,
-                prompt_tokens=len(self.req.prompt_ids),
-                completion_tokens=n,
-            )
-        )
 
     def fail(self, error: BaseException) -> None:
         if self.done:
@@ -241,14 +270,14 @@ class Engine:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.generation_workers, thread_name_prefix="memfit-generate"
         )
-        # threads that wait on a request's pieces for the event loop (cheap: they block on a queue)
-        self.waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="memfit-stream")
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.eos_id = tokenizer.eos_token_id
         self._chain_cache: tuple[int, frozenset[int]] | None = None
         self._swap_listeners: list[Callable[[SwapResult], None]] = []
         self.last_follow_error: str | None = None
         self.max_batch_size = int(getattr(settings, "max_batch_size", 1) or 1)
+        # admission control: at most this many requests wait for a decoding slot (503 past it)
+        self.max_waiting = int(getattr(settings, "max_waiting", 0) or 0) or None
         self._pending: list[tuple[Prepared, Callable[[Any], None]]] = []
         self._pending_cond = threading.Condition()
         self._closed = False
@@ -258,12 +287,11 @@ class Engine:
         self.decode_rows = 0  # rows decoded, summed over decoding steps (/ decode_steps = mean batch)
         self.joined = 0  # requests admitted into an already running batch
         self.active_waves = 0  # waves decoding now
-        self._decoders = [
-            threading.Thread(target=self._decode_loop, name=f"memfit-decode-{i}", daemon=True)
-            for i in range(settings.generation_workers)
-        ]
-        for t in self._decoders:
-            t.start()
+        self.rejected = 0  # requests refused because max_waiting requests were waiting
+        self.decoder_restarts = 0  # decoding threads found dead and started again
+        self.decoder_deaths: list[str] = []  # why each decoding thread died (the last 20)
+        self._decoders_lock = threading.Lock()
+        self._decoders = [self._start_decoder(i) for i in range(settings.generation_workers)]
 
     @classmethod
     def from_store(cls, store: Store, settings, metrics=None, device: str = "cpu") -> Engine:
@@ -283,7 +311,40 @@ class Engine:
             except Exception:
                 pass
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.waiters.shutdown(wait=False, cancel_futures=True)
+
+    # -- decoding threads --------------------------------------------------------------------------
+    def _start_decoder(self, i: int) -> threading.Thread:
+        t = threading.Thread(target=self._decoder_main, name=f"memfit-decode-{i}", daemon=True)
+        t.start()
+        return t
+
+    def _decoder_main(self) -> None:
+        """A decoding thread; what kills it is recorded for /readyz (and it is started again)."""
+        try:
+            self._decode_loop()
+        except BaseException as e:
+            name = threading.current_thread().name
+            self.decoder_deaths = [*self.decoder_deaths[-19:], f"{name}: {type(e).__name__}: {e}"]
+            log.critical("decoding thread %s died", name, exc_info=True)
+
+    def check_decoders(self) -> list[str]:
+        """Restart every decoding thread that is dead; returns one line per thread found dead (empty
+        when all were alive). Called by /readyz, which then answers 503, and before each submit, so
+        that a request never waits on a queue that nothing takes from."""
+        if self._closed:
+            return []
+        dead: list[str] = []
+        with self._decoders_lock:
+            for i, t in enumerate(self._decoders):
+                if t.is_alive():
+                    continue
+                why = next((d for d in reversed(self.decoder_deaths) if d.startswith(t.name + ":")), None)
+                dead.append(f"{t.name} was dead ({why or 'exited'}); restarted")
+                self._decoders[i] = self._start_decoder(i)
+                self.decoder_restarts += 1
+        if dead:
+            log.error("decoding threads restarted: %s", "; ".join(dead))
+        return dead
 
     # -- versions --------------------------------------------------------------------------------
     @property
@@ -408,22 +469,71 @@ class Engine:
     def submit(self, req: Prepared, emit: Callable[[Any], None]) -> None:
         """Queue `req` for decoding. `emit` is called from a decoding thread with each Delta (the last
         has done=True) or with an exception. Concurrent requests of one version are decoded together
-        (up to settings.max_batch_size rows per forward pass)."""
+        (up to settings.max_batch_size rows per forward pass). ApiError 503 (Retry-After) when the
+        engine is closing or settings.max_waiting requests wait already."""
+        self.check_decoders()
         with self._pending_cond:
             if self._closed:
                 raise ApiError(503, "unavailable", "the server is shutting down", None, {"Retry-After": "1"})
+            if self.max_waiting is not None and len(self._pending) >= self.max_waiting:
+                self.rejected += 1
+                raise self.overloaded()
             self._pending.append((req, emit))
             self._pending_cond.notify()
+
+    def overloaded(self) -> ApiError:
+        return ApiError(
+            503,
+            "overloaded",
+            f"{len(self._pending)} generation requests wait for a decoding slot; "
+            f"max_waiting = {self.max_waiting} (MEMFIT_MAX_WAITING): retry later",
+            "MEMFIT_MAX_WAITING",
+            {"Retry-After": "1"},
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a decoding slot."""
+        return len(self._pending)
+
+    def is_full(self) -> bool:
+        return self.max_waiting is not None and len(self._pending) >= self.max_waiting
+
+    def cancel(self, req: Prepared) -> None:
+        """Stop work on `req`: out of the queue if it waits, else its row stops at the next step."""
+        req.cancelled.set()
+        with self._pending_cond:
+            self._pending[:] = [item for item in self._pending if item[0] is not req]
 
     def _take_wave(self) -> list[tuple[Prepared, Callable[[Any], None]]] | None:
         """The oldest pending request and up to max_batch_size - 1 more admitted with its version."""
         with self._pending_cond:
-            while not self._pending and not self._closed:
-                self._pending_cond.wait()
-            if self._closed:
-                return None
+            while True:
+                while not self._pending and not self._closed:
+                    self._pending_cond.wait()
+                if self._closed:
+                    return None
+                self._drop_gone_locked()
+                if self._pending:
+                    break
             version = self._pending[0][0].version
             return self._take_locked(version, self.max_batch_size)
+
+    def _drop_gone_locked(self) -> None:
+        """Under _pending_cond: drop waiting requests that were cancelled or ran past their deadline;
+        each gets a final error (its caller has usually answered already and ignores it)."""
+        if not any(item[0].gone() for item in self._pending):
+            return
+        keep = []
+        for req, emit in self._pending:
+            if not req.gone():
+                keep.append((req, emit))
+                continue
+            try:
+                emit(deadline_error(req) if req.expired() else cancelled_error())
+            except Exception:
+                pass
+        self._pending[:] = keep
 
     def _take_locked(self, version: int, room: int) -> list[tuple[Prepared, Callable[[Any], None]]]:
         """Under _pending_cond: remove and return up to `room` pending requests of `version`."""
@@ -444,21 +554,45 @@ class Engine:
         if room <= 0 or not self._pending:  # unlocked peek: a miss only delays a join by one step
             return []
         with self._pending_cond:
+            self._drop_gone_locked()
             if self._closed or not self._pending or self._pending[0][0].version != version:
                 return []
             return self._take_locked(version, room)
+
+    def _rows(self, items: list[tuple[Prepared, Callable[[Any], None]]]) -> list[_Row]:
+        """The decoding rows of `items`. A request whose row cannot be built (e.g. a seed that
+        torch.Generator refuses) gets the error alone; the others go on."""
+        rows = []
+        for req, emit in items:
+            try:
+                rows.append(_Row(self, req, emit))
+            except Exception as e:
+                log.exception("a generation request could not start")
+                try:
+                    emit(
+                        ApiError(
+                            500,
+                            "generation_failed",
+                            f"generation could not start for this request: {type(e).__name__}: {e}",
+                        )
+                    )
+                except Exception:
+                    pass
+        return rows
 
     def _decode_loop(self) -> None:
         while True:
             wave = self._take_wave()
             if wave is None:
                 return
-            rows = [_Row(self, req, emit) for req, emit in wave]
-            seen = list(rows)  # every row the wave decoded, joiners included
+            seen: list[_Row] = []  # every row the wave decoded, joiners included
             self.waves += 1
             self.active_waves += 1
             try:
-                self._decode(rows, seen)
+                rows = self._rows(wave)
+                seen.extend(rows)
+                if rows:
+                    self._decode(rows, seen)
             except BaseException as e:  # reported to every unfinished request of the wave
                 log.exception("generation failed")
                 for row in seen:
@@ -513,7 +647,13 @@ class Engine:
             if r.done:
                 nxt.append(pad)
                 continue
-            token = _sample(logits[i], r.req.params, r.gen)
+            try:
+                token = _sample(logits[i], r.req.params, r.gen)
+            except Exception as e:  # this row's sampling failed: it alone ends in the error
+                log.exception("sampling failed for one row")
+                r.fail(e)
+                nxt.append(pad)
+                continue
             nxt.append(token)
             r.push(token)
         return torch.tensor(nxt, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
@@ -552,17 +692,22 @@ class Engine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         cache, mask, nxt = self._prefill(rows, version, device, pad)  # mask: (B, S) cached positions
         while True:
-            for r in rows:
-                if not r.done and r.req.cancelled.is_set():
-                    r.finish()
+            now = time.monotonic()
+            for r in rows:  # a row whose client is gone, or past its deadline, stops here
+                if r.done:
+                    continue
+                if r.req.cancelled.is_set():
+                    r.stop(cancelled_error())
+                elif r.req.expired(now):
+                    r.stop(deadline_error(r.req))
             keep = [i for i, r in enumerate(rows) if not r.done]
             if len(keep) < len(rows):
                 if keep:
                     mask, nxt = self._select(cache, mask, nxt, keep)
                 rows = [rows[i] for i in keep]
             joiners = self._take_joiners(version, self.max_batch_size - len(rows))
-            if joiners:
-                new = [_Row(self, req, emit) for req, emit in joiners]
+            new = self._rows(joiners) if joiners else []
+            if new:
                 self.joined += len(new)
                 seen.extend(new)
                 c2, m2, n2 = self._prefill(new, version, device, pad)
@@ -625,6 +770,26 @@ class Engine:
             prompt_tokens=final.prompt_tokens,
             completion_tokens=final.completion_tokens,
         )
+
+
+def deadline_error(req: Prepared) -> ApiError:
+    """503 for a generation that ran past MEMFIT_REQUEST_TIMEOUT_S (its row has stopped)."""
+    t = req.timeout_s
+    what = f" within request_timeout_s = {t:g} s" if t is not None else " before its deadline"
+    return ApiError(
+        503,
+        "deadline_exceeded",
+        f"the generation did not finish{what}; it was stopped (ask for fewer tokens, or retry later)",
+        "MEMFIT_REQUEST_TIMEOUT_S",
+        {"Retry-After": "1"},
+    )
+
+
+def cancelled_error() -> ApiError:
+    """The request's client went away (nginx's 499); nobody reads this answer."""
+    return ApiError(
+        499, "client_disconnected", "the client closed the connection; the generation was stopped"
+    )
 
 
 def retry_after_seconds(wait_s: float) -> str:

@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.errors import ID_PATTERN
 
+# Static upper bounds of integer request fields: a value past one is a 422 naming the field, never a
+# value that a later step refuses (torch.Generator().manual_seed(2**64) raises, in a decoding thread).
+MAX_INT64 = 2**63 - 1  # seeds and version ids
+MAX_TOKENS = 1_000_000  # max_new_tokens / max_tokens (the running limit is max_new_tokens_limit)
+MAX_TOP_K = 1_000_000  # above any vocabulary
+MAX_TOP_T = 10_000_000  # memory slots (the route checks the model's own memory size)
+
 JobStatus = Literal["queued", "running", "succeeded", "rejected", "failed", "cancelled"]
 VersionState = Literal["active", "retained", "rejected"]
 
@@ -61,7 +68,9 @@ class UpdateOverrides(_Strict):
 
     model_config = ConfigDict(extra="allow")
 
-    top_t: int | None = Field(None, ge=1, description="memory slots trained (paper: 500 for facts)")
+    top_t: int | None = Field(
+        None, ge=1, le=MAX_TOP_T, description="memory slots trained (paper: 500 for facts)"
+    )
     steps: int | None = Field(None, ge=1, le=10_000, description="optimizer steps")
     lr: float | None = Field(None, gt=0, le=1000, description="learning rate (plain SGD; paper: 2 to 5)")
 
@@ -160,18 +169,23 @@ class Usage(BaseModel):
 class GenerateRequest(_Strict):
     prompt: str = Field(min_length=1, description="text to continue")
     max_new_tokens: int = Field(
-        32, ge=1, description="tokens to generate at most (bounded by max_new_tokens_limit)"
+        32, ge=1, le=MAX_TOKENS, description="tokens to generate at most (bounded by max_new_tokens_limit)"
     )
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    top_k: int = Field(0, ge=0, description="0 = no top-k cut")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k cut")
     stop: list[str] = Field(default_factory=list, description="stop sequences (not included in the text)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed (reproducible output)")
+    seed: int | None = Field(None, ge=0, le=MAX_INT64, description="sampling seed (reproducible output)")
     stream: bool = Field(False, description="server-sent events: {token} events, then {done: true, ...}")
     min_version: int | None = Field(
-        None, ge=0, description="wait (bounded) until this version is in this replica's active chain"
+        None,
+        ge=0,
+        le=MAX_INT64,
+        description="wait (bounded) until this version is in this replica's active chain",
     )
-    version: int | None = Field(None, ge=0, description="serve with this retained version (row overlay)")
+    version: int | None = Field(
+        None, ge=0, le=MAX_INT64, description="serve with this retained version (row overlay)"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -325,18 +339,26 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(description="'memfit' (the active version) or 'memfit@N' (retained version N)")
     prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool | None = False
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_INT64)
     echo: bool | None = False
-    logprobs: int | None = Field(None, le=0, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     suffix: str | None = Field(None, max_length=0, description="not supported")
     user: str | None = None
+    # memfit extras (the openai client's extra_body)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="memfit: top-k cut (0 or null = none)")
+    version: int | None = Field(
+        None, ge=0, le=MAX_INT64, description="memfit: serve with this retained version (as model memfit@N)"
+    )
+    min_version: int | None = Field(
+        None, ge=0, le=MAX_INT64, description="memfit: wait (bounded) until this version is served here"
+    )
 
 
 class CompletionChoice(BaseModel):

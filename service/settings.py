@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     follow_interval_s: float = Field(0.25, gt=0, description="how often the active pointer is polled")
     generation_workers: int = Field(2, ge=1, description="threads running model work")
     max_batch_size: int = Field(16, ge=1, description="requests decoded together")
+    # admission control: requests over these get a 503 with Retry-After instead of piling up
+    max_waiting: int = Field(
+        256, ge=1, description="generation requests waiting for a decoding slot above this -> 503"
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a generation still running this long after admission is stopped (503)"
+    )
     shutdown_grace_s: int = Field(
         5, ge=0, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
     )

@@ -8,11 +8,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.deps import EngineDep, SettingsDep
-from service.engine import Completion, Delta, Engine, Prepared, SamplingParams, retry_after_seconds
+from service.engine import (
+    Completion,
+    Delta,
+    Engine,
+    Prepared,
+    SamplingParams,
+    cancelled_error,
+    deadline_error,
+    retry_after_seconds,
+)
 from service.errors import ApiError
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from service.security import Principal, require_role
@@ -109,6 +118,8 @@ async def admit(
     """Resolve `version` / `min_version` and tokenise: the request is then bound to one version."""
     if version is not None and min_version is not None:
         raise ApiError(422, "invalid_request", "give either version or min_version, not both", version_field)
+    if engine.is_full():  # before tokenising; submit() checks again
+        raise engine.overloaded()
     if version is not None:
         await asyncio.to_thread(_check_pinnable, engine, version, version_field)
     loop = asyncio.get_running_loop()
@@ -136,11 +147,23 @@ def _check_pinnable(engine: Engine, version: int, field: str) -> None:
         raise
 
 
-async def stream_deltas(engine: Engine, prepared: Prepared) -> AsyncIterator[Delta]:
-    """Run `engine.stream` (batched decoding; this thread only waits for the pieces) and hand the
-    pieces to the event loop as they come."""
+_DISCONNECTED = object()  # queued by the disconnect watcher
+
+
+def open_stream(
+    engine: Engine, settings: Settings, prepared: Prepared, request: Request | None = None
+) -> AsyncIterator[Delta]:
+    """Submit `prepared` for decoding now (so that a full queue is a real 503 with Retry-After, before
+    any response starts) and return the async iterator of its pieces.
+
+    The decoding thread hands each piece to the event loop directly (no thread waits per request).
+    The iterator ends the generation, and the engine stops decoding its row, when the client
+    disconnects (`request` is watched for http.disconnect: 499), when settings.request_timeout_s has
+    passed since admission (503 deadline_exceeded), or when the caller stops iterating."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
+    prepared.timeout_s = settings.request_timeout_s
+    prepared.deadline = time.monotonic() + settings.request_timeout_s
 
     def put(item: Any) -> None:
         try:
@@ -148,31 +171,61 @@ async def stream_deltas(engine: Engine, prepared: Prepared) -> AsyncIterator[Del
         except RuntimeError:  # the loop is gone (server shutting down)
             prepared.cancelled.set()
 
-    def work() -> None:
-        try:
-            for d in engine.stream(prepared):
-                put(d)
-                if prepared.cancelled.is_set():
-                    break
-        except BaseException as e:  # handed to the request, which reports it
-            put(e)
+    engine.submit(prepared, put)  # ApiError 503 past settings.max_waiting
+    return _deltas(engine, prepared, queue, request)
 
-    loop.run_in_executor(engine.waiters, work)
+
+async def _deltas(
+    engine: Engine, prepared: Prepared, queue: asyncio.Queue[Any], request: Request | None
+) -> AsyncIterator[Delta]:
+    m = engine.metrics
+    watcher = asyncio.create_task(_watch_disconnect(request, queue)) if request is not None else None
+    if m is not None:
+        m.generation_running.inc()
     try:
         while True:
-            item = await queue.get()
+            left = (prepared.deadline or 0) - time.monotonic()
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=max(left, 0.0))
+            except TimeoutError:
+                raise deadline_error(prepared) from None
+            if item is _DISCONNECTED:
+                raise cancelled_error()
             if isinstance(item, BaseException):
                 raise item
             yield item
             if item.done:
                 return
-    finally:
-        prepared.cancelled.set()  # client gone or done: its row stops at the next decoding step
+    except Exception as e:  # counted unless the request was at fault or its client left (4xx)
+        if m is not None and not (isinstance(e, ApiError) and e.status < 500):
+            m.generation_errors.inc()
+        raise
+    finally:  # done, client gone, deadline or caller stopped: the row stops at the next step
+        engine.cancel(prepared)
+        if watcher is not None:
+            watcher.cancel()
+        if m is not None:
+            m.generation_running.dec()
 
 
-async def complete(engine: Engine, prepared: Prepared) -> Completion:
+async def _watch_disconnect(request: Request, queue: asyncio.Queue[Any]) -> None:
+    """Queue _DISCONNECTED once the client has gone (the body was read already, so the next ASGI
+    message is http.disconnect, sent when the connection closes or the response is complete)."""
+    try:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                queue.put_nowait(_DISCONNECTED)
+                return
+    except Exception:  # no receive channel: nothing to watch
+        return
+
+
+async def complete(
+    engine: Engine, settings: Settings, prepared: Prepared, request: Request | None = None
+) -> Completion:
     parts: list[str] = []
-    async for d in stream_deltas(engine, prepared):
+    async for d in open_stream(engine, settings, prepared, request):
         if d.done:
             return Completion(
                 text="".join(parts),
@@ -183,6 +236,13 @@ async def complete(engine: Engine, prepared: Prepared) -> Completion:
             )
         parts.append(d.text)
     raise RuntimeError("generation ended without a final event")
+
+
+def stream_error(e: BaseException) -> dict[str, Any]:
+    """The in-band error event of a stream whose status line was sent already."""
+    if isinstance(e, ApiError):
+        return {"code": e.code, "message": e.message, "field": e.field}
+    return {"code": "internal_error", "message": f"generation failed: {type(e).__name__}", "field": None}
 
 
 def sse(obj: Any) -> bytes:
@@ -208,11 +268,14 @@ def sse(obj: Any) -> bytes:
         422: {"model": ErrorResponse, "description": "invalid field or limit exceeded"},
         503: {
             "model": ErrorResponse,
-            "description": "min_version not served within min_version_wait_s (Retry-After)",
+            "description": "min_version not served within min_version_wait_s, max_waiting requests "
+            "waiting already, or the generation ran past request_timeout_s (Retry-After)",
         },
     },
 )
-async def generate(body: GenerateRequest, engine: EngineDep, settings: SettingsDep, _: ReadDep):
+async def generate(
+    request: Request, body: GenerateRequest, engine: EngineDep, settings: SettingsDep, _: ReadDep
+):
     max_new = body.max_new_tokens
     if "max_new_tokens" not in body.model_fields_set:  # the default never exceeds the server's limit
         max_new = min(max_new, settings.max_new_tokens_limit)
@@ -228,7 +291,7 @@ async def generate(body: GenerateRequest, engine: EngineDep, settings: SettingsD
     prepared = await admit(engine, settings, body.prompt, params, body.version, body.min_version)
     headers = {"X-Memfit-Version": str(prepared.version)}
     if not body.stream:
-        c = await complete(engine, prepared)
+        c = await complete(engine, settings, prepared, request)
         out = GenerateResponse(
             text=c.text,
             version=c.version,
@@ -237,9 +300,11 @@ async def generate(body: GenerateRequest, engine: EngineDep, settings: SettingsD
         )
         return JSONResponse(out.model_dump(), headers=headers)
 
+    deltas = open_stream(engine, settings, prepared, request)  # 503 here when the queue is full
+
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for d in stream_deltas(engine, prepared):
+            async for d in deltas:
                 if d.done:
                     yield sse(
                         {
@@ -255,15 +320,7 @@ async def generate(body: GenerateRequest, engine: EngineDep, settings: SettingsD
                 elif d.text:
                     yield sse({"token": d.text})
         except Exception as e:  # the status line is sent already: report in-band
-            yield sse(
-                {
-                    "error": {
-                        "code": "internal_error",
-                        "message": f"generation failed: {type(e).__name__}",
-                        "field": None,
-                    }
-                }
-            )
+            yield sse({"error": stream_error(e)})
 
     headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -1,4 +1,5 @@
-"""GET /healthz (process alive), GET /readyz (model loaded, store readable), GET /metrics."""
+"""GET /healthz (process alive), GET /readyz (model loaded, store readable, decoding threads alive),
+GET /metrics."""
 
 from __future__ import annotations
 
@@ -46,13 +47,18 @@ def _readiness(request: Request) -> Ready:
             redis = "ok"
         except Exception as e:
             redis = f"unreachable: {type(e).__name__}"
+    # a dead decoding thread leaves its queue untaken: not ready (check_decoders restarts it, so the
+    # next probe is green again unless it keeps dying)
+    dead = engine.check_decoders() if engine is not None else []
+    if dead:
+        detail = "decoding thread died: " + "; ".join(dead)
     if engine is not None and engine.last_follow_error and detail is None:
         detail = engine.last_follow_error
     runner_error = getattr(getattr(state, "dispatcher", None), "last_error", None)
     if runner_error and detail is None:  # serving works; updates do not (reported, not fatal)
         detail = f"update runner: {runner_error}"
     return Ready(
-        ready=engine is not None and store_ok,
+        ready=engine is not None and store_ok and not dead,
         model_loaded=engine is not None,
         store_readable=store_ok,
         active_version=engine.version if engine is not None else active,
@@ -65,7 +71,7 @@ def _readiness(request: Request) -> Ready:
 @router.get(
     "/readyz",
     response_model=Ready,
-    summary="Ready to serve: model loaded and store readable (Redis reported, not required)",
+    summary="Ready to serve: model loaded, store readable, decoding threads alive (Redis reported, not required)",
     responses={503: {"description": "not ready", "model": Ready}},
 )
 async def readyz(request: Request, _: HealthDep):

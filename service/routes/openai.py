@@ -1,7 +1,8 @@
 """OpenAI-compatible /v1/completions and /v1/models (works with the official `openai` client).
 
-Model names: "memfit" is the active version; "memfit@N" pins retained version N. Extra fields
-`min_version` / `version` are accepted (the client's `extra_body`). The answering version is in the
+Model names: "memfit" is the active version; "memfit@N" pins retained version N. The memfit fields
+`min_version` / `version` / `top_k` are accepted (the client's `extra_body`; declared and bounded in
+the schema, other unknown fields are ignored). The answering version is in the
 `X-Memfit-Version` header and in `system_fingerprint` ("memfit-v{N}").
 """
 
@@ -20,7 +21,7 @@ from model_store import StoreError
 from service.deps import EngineDep, SettingsDep, StoreDep
 from service.engine import SamplingParams
 from service.errors import ApiError
-from service.routes.generate import admit, check_limits, complete, sse, stream_deltas
+from service.routes.generate import admit, check_limits, complete, open_stream, sse, stream_error
 from service.schemas import CompletionRequest, CompletionResponse, ModelCard, ModelList
 from service.security import Principal, require_role
 
@@ -100,16 +101,15 @@ async def completions(
         max_tokens = min(max_tokens, settings.max_new_tokens_limit)
     check_limits(settings, prompt, max_tokens, stop, names=("prompt", "max_tokens", "stop"))
     pinned = parse_model(body.model)
-    extra = body.model_extra or {}
-    version = _opt_int(extra.get("version"), "version")
+    version = body.version
     if pinned is not None:
         version = pinned
-    min_version = _opt_int(extra.get("min_version"), "min_version")
+    min_version = body.min_version
     params = SamplingParams(
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=_opt_int(extra.get("top_k"), "top_k") or 0,
+        top_k=body.top_k or 0,
         stop=stop,
         seed=body.seed,
     )
@@ -121,7 +121,7 @@ async def completions(
     fingerprint = f"memfit-v{prepared.version}"
     headers = {"X-Memfit-Version": str(prepared.version)}
     if not body.stream:
-        c = await complete(engine, prepared)
+        c = await complete(engine, settings, prepared, request)
         out = {
             "id": cid,
             "object": "text_completion",
@@ -150,9 +150,11 @@ async def completions(
             obj["usage"] = usage
         return sse(obj)
 
+    deltas = open_stream(engine, settings, prepared, request)  # 503 here when the queue is full
+
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for d in stream_deltas(engine, prepared):
+            async for d in deltas:
                 if d.done:
                     usage = {
                         "prompt_tokens": d.prompt_tokens,
@@ -162,27 +164,13 @@ async def completions(
                     yield chunk("", d.finish_reason, usage)
                 elif d.text:
                     yield chunk(d.text, None)
-        except Exception as e:
-            yield sse(
-                {
-                    "error": {
-                        "code": "internal_error",
-                        "message": f"generation failed: {type(e).__name__}",
-                        "type": "server_error",
-                    }
-                }
+        except Exception as e:  # the status line is sent already: report in-band
+            error = stream_error(e)
+            error["type"] = (
+                "server_error" if not isinstance(e, ApiError) or e.status >= 500 else "invalid_request_error"
             )
+            yield sse({"error": error})
         yield b"data: [DONE]\n\n"
 
     headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-def _opt_int(value, field: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ApiError(
-            422, "invalid_request", f"{field} must be a non-negative integer, got {value!r}", field
-        )
-    return value

@@ -123,15 +123,20 @@ def test_running_generations_and_in_flight_while_streaming(live):
     seen: dict[str, float] = {}
     gate = threading.Event()
 
-    real_stream = engine._stream
+    real_submit = engine.submit
 
-    def slow_stream(req):  # hold the request open after its first piece
-        for i, piece in enumerate(real_stream(req)):
-            yield piece
-            if i == 0:
+    def slow_submit(req, emit):  # hold the request open after its first piece
+        pieces = []
+
+        def held(item):
+            emit(item)
+            pieces.append(item)
+            if len(pieces) == 1:
                 gate.wait(30)
 
-    engine._stream = slow_stream
+        real_submit(req, held)
+
+    engine.submit = slow_submit
     try:
 
         def read():
@@ -154,7 +159,7 @@ def test_running_generations_and_in_flight_while_streaming(live):
         gate.set()
         t.join(30)
     finally:
-        engine._stream = real_stream
+        engine.submit = real_submit
         gate.set()
     assert seen.get("running") == 1
     assert seen.get("in_flight", 0) >= 2  # the stream and this scrape
