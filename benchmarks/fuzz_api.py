@@ -1,11 +1,16 @@
 """Fuzz the HTTP API with schemathesis: >= 1,000 generated requests over every operation of
 /openapi.json (valid and invalid by the schema), in-process, with an admin API key configured.
 
+Then the boundary pass (tests/service/fuzz_boundaries.py): every integer and number field of every
+operation (body, nested, query and path) gets each boundary value (2**63 - 1, 2**63, 2**64, -1,
+-(2**63) - 1, 1e300, NaN, Infinity, a 5,000-digit literal, ...), streaming and not; a 422 must name
+the field, and every numeric field must have both bounds in the document.
+
 Prints the number of cases per operation and per status code, server errors (any 5xx other than a
 declared 503 with Retry-After) and answers the OpenAPI document does not declare (status, content
 type, body schema), each with its request. Exit status 1 when any was found.
 
-    .venv/bin/python benchmarks/fuzz_api.py [--per-op 30] [--seed 0] [--model DIR]
+    .venv/bin/python benchmarks/fuzz_api.py [--per-op 30] [--seed 0] [--model DIR] [--no-boundaries]
 
 Model: --model, else the tiny preset from the test cache (.pytest_cache/memfit-tiny), built when absent.
 """
@@ -34,33 +39,56 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    ap.add_argument("--no-boundaries", action="store_true", help="skip the boundary-value pass")
     args = ap.parse_args()
 
     from tests.faults.fuzzing import run_fuzz
+    from tests.service.fuzz_boundaries import BOUNDARY_VALUES, run_boundary_fuzz
 
     model = args.model or tiny_model()
     with tempfile.TemporaryDirectory(prefix="memfit-fuzz-") as tmp:
         report = run_fuzz(model, Path(tmp), per_op=args.per_op, seed=args.seed)
-    print(report.summary())
-    print("cases per operation:")
-    for op, n in sorted(report.by_operation.items()):
-        print(f"  {n:5d}  {op}")
+    runs = {"schemathesis": report}
+    unbounded: list[str] = []
+    if not args.no_boundaries:
+        with tempfile.TemporaryDirectory(prefix="memfit-fuzz-bounds-") as tmp:
+            runs["boundaries"], unbounded = run_boundary_fuzz(model, Path(tmp), BOUNDARY_VALUES)
+    for name, r in runs.items():
+        print(f"== {name}")
+        print(r.summary())
+        print("cases per operation:")
+        for op, n in sorted(r.by_operation.items()):
+            print(f"  {n:5d}  {op}")
+    if unbounded:
+        print("numeric fields without a minimum or a maximum:", *unbounded, sep="\n  ")
+    total = sum(r.cases for r in runs.values())
+    errors = sum(r.server_errors for r in runs.values())
+    failures = sum(len(r.failures) for r in runs.values())
+    print(f"total: {total} requests, {errors} server errors, {failures} check failures")
     if args.out:
         args.out.write_text(
             json.dumps(
                 {
-                    "cases": report.cases,
-                    "seconds": round(report.seconds, 2),
-                    "server_errors": report.server_errors,
-                    "declared_503": report.retry_later,
-                    "failures": report.failures,
-                    "by_status": dict(report.by_status),
-                    "by_operation": dict(report.by_operation),
+                    "cases": total,
+                    "server_errors": errors,
+                    "unbounded_fields": unbounded,
+                    "runs": {
+                        name: {
+                            "cases": r.cases,
+                            "seconds": round(r.seconds, 2),
+                            "server_errors": r.server_errors,
+                            "declared_503": r.retry_later,
+                            "failures": r.failures,
+                            "by_status": dict(r.by_status),
+                            "by_operation": dict(r.by_operation),
+                        }
+                        for name, r in runs.items()
+                    },
                 },
                 indent=2,
             )
         )
-    return 1 if report.failures or report.server_errors else 0
+    return 1 if failures or errors or unbounded else 0
 
 
 if __name__ == "__main__":

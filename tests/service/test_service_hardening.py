@@ -340,3 +340,24 @@ def test_client_disconnect_stops_its_row(server):
         wait_until(lambda: metric(c, "memfit_generation_requests_running") == 0, what="row stopped")
         assert metric(c, "memfit_generation_tokens_total") - before < 100
         assert c.get("/readyz").status_code == 200
+
+
+# ---- boundary fuzzing -----------------------------------------------------------------------------
+
+
+def test_boundary_fuzz_every_numeric_field(tiny_model_dir, tmp_path):
+    """Found from /openapi.json alone (so a new field cannot be left out): every integer and number
+    field of every operation has both bounds (before: seed, max_new_tokens, top_k, version ids, ...
+    had no maximum), and boundary values in each of them answer 4xx naming the field or 2xx, never
+    a 5xx. The long run (all of BOUNDARY_VALUES, with the schemathesis run): benchmarks/fuzz_api.py."""
+    from tests.service.fuzz_boundaries import SMALL_SET, plan, run_boundary_fuzz
+
+    spec = create_app(Settings(model=tiny_model_dir, store=tmp_path / "unused"), start_runner=False).openapi()
+    cases, unbounded = plan(spec, SMALL_SET)
+    assert unbounded == [], unbounded
+    report, _ = run_boundary_fuzz(tiny_model_dir, tmp_path, SMALL_SET)
+    print(report.summary())
+    assert report.cases == len(cases) >= 150, report.summary()
+    assert {"POST /generate", "POST /v1/completions", "POST /ingest", "GET /jobs"} <= set(report.by_operation)
+    assert report.server_errors == 0 and report.failures == [], report.summary()
+    assert report.by_status[422] > report.cases // 2, report.summary()
