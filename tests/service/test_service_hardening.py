@@ -186,11 +186,7 @@ def test_a_row_that_cannot_start_fails_alone(tiny_model_dir, tmp_path):
                 engine._pending_cond.notify_all()
             first, failed, last = (_collect(q) for q in qs)
             assert isinstance(failed, ApiError) and failed.status == 500, failed
-            assert (
-                "seed" in failed.message
-                or "Generator" in failed.message
-                or failed.code == "generation_failed"
-            )
+            assert failed.code == "generation_failed", failed
             assert not isinstance(first, BaseException) and first.done
             assert not isinstance(last, BaseException) and last.done
             if joining:
