@@ -4,6 +4,12 @@ Every error body is ``{"error": {"code": "...", "message": "...", "field": "..."
 (CONTRACTS.md). Routes raise :class:`ApiError`; :func:`install_error_handlers` renders it, FastAPI's
 and Starlette's ``HTTPException`` (404, 405, ...), request validation errors (422, naming the field)
 and oversized bodies (413, naming the limit) in that format, and never lets bad input become a 500.
+
+Under ``/v1`` (the OpenAI-compatible routes) the same errors take OpenAI's shape, which the official
+client reads into ``APIStatusError.message/.type/.param/.code``:
+``{"error": {"message", "type", "param", "code", "field"}}`` -- ``param`` is the field at fault
+(``field`` repeats it, so a client of the memfit shape keeps working) and ``type`` follows the status
+(:func:`openai_error_type`).
 """
 
 from __future__ import annotations
@@ -74,10 +80,60 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
     return {"error": {"code": code, "message": message, "field": field}}
 
 
+def openai_error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error"
+    )
+
+
+def openai_error_body(status: int, code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body (``field`` kept next to ``param``: the same value)."""
+    return {
+        "error": {
+            "message": message,
+            "type": openai_error_type(status),
+            "param": field,
+            "code": code,
+            "field": field,
+        }
+    }
+
+
+def is_openai_path(scope: Mapping[str, Any]) -> bool:
+    """Whether an ASGI scope is a request to the OpenAI-compatible routes (``/v1`` and below)."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path == "/v1" or path.startswith("/v1/")
+
+
 def error_response(
-    status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    openai: bool = False,
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, field), status_code=status, headers=dict(headers or {}))
+    body = openai_error_body(status, code, message, field) if openai else error_body(code, message, field)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _respond(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The error response in the shape of the route family of ``request``."""
+    return error_response(status, code, message, field, headers, openai=is_openai_path(request.scope))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +195,7 @@ def _field_from_loc(loc: Sequence[Any]) -> str | None:
 
 async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    return _respond(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
 
 
 async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -163,14 +219,14 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
         message = f"no route {request.method} {request.url.path}"
     elif status == 405 and message == "Method Not Allowed":
         message = f"method {request.method} not allowed on {request.url.path}"
-    return error_response(status, code, message, field, getattr(exc, "headers", None))
+    return _respond(request, status, code, message, field, getattr(exc, "headers", None))
 
 
 async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if not errors:
-        return error_response(422, "invalid_request", "invalid request")
+        return _respond(request, 422, "invalid_request", "invalid request")
     first = errors[0]
     field = _field_from_loc(first.get("loc", ()))
     msg = str(first.get("msg", "invalid value"))
@@ -183,13 +239,14 @@ async def _validation_error_handler(request: Request, exc: Exception) -> JSONRes
         message = f"{field}: {msg}" if field else msg
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return error_response(422, "invalid_request", message, field)
+    return _respond(request, 422, "invalid_request", message, field)
 
 
 async def _redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
     # Distributed mode: the writer lock, the queue and the version events live in Redis. An operation
     # that needs it while it is unreachable did nothing (the lock was never taken), so it can be retried.
-    return error_response(
+    return _respond(
+        request,
         503,
         "redis_unavailable",
         f"Redis is unreachable ({type(exc).__name__}); nothing was changed, retry when it is back",
@@ -200,7 +257,7 @@ async def _redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     # ServerErrorMiddleware still logs the traceback and re-raises after sending this response.
-    return error_response(500, "internal_error", "internal server error")
+    return _respond(request, 500, "internal_error", "internal server error")
 
 
 class BodySizeLimitMiddleware:
@@ -241,7 +298,13 @@ class BodySizeLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > limit:
-                    response = error_response(413, too_large.code, too_large.message, too_large.field)
+                    response = error_response(
+                        413,
+                        too_large.code,
+                        too_large.message,
+                        too_large.field,
+                        openai=is_openai_path(scope),
+                    )
                     await response(scope, receive, send)
                     return
                 break
