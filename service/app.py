@@ -32,7 +32,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.observability import record_job
 from service.routes import dashboard, generate, health, ingest, jobs, openai, versions
-from service.schemas import ErrorResponse
+from service.schemas import ErrorResponse, OpenAIErrorResponse
 from service.settings import Settings
 
 log = logging.getLogger("memfit.service")
@@ -42,13 +42,14 @@ Online knowledge updates for a memory-layer language model.
 
 `POST /ingest` queues documents; an update job teaches them to the model by sparse memory
 finetuning and publishes an immutable version; `POST /generate` (or the OpenAI-compatible
-`/v1/completions`) answers from the active version. Versions can be pinned, awaited
-(`min_version`), rolled back and forward. Errors are `{"error": {"code", "message", "field"}}`.
+`/v1/chat/completions`, `/v1/completions`) answers from the active version. Versions can be pinned,
+awaited (`min_version`), rolled back and forward. Errors are `{"error": {"code", "message", "field"}}`;
+under `/v1` OpenAI's `{"error": {"message", "type", "param", "code"}}`.
 """
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for error answers (the one error body of service/errors.py)."""
+def _errors(*statuses: int, model: type = ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error answers (the error bodies of service/errors.py)."""
     what = {
         400: "invalid JSON or a bad id",
         401: "no or unknown API key (keys configured)",
@@ -59,12 +60,13 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         429: "rate limit of the key, or queue over max_queue_depth (Retry-After)",
         503: "still starting, or a dependency unavailable (Retry-After)",
     }
-    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+    return {s: {"model": model, "description": what[s]} for s in statuses}
 
 
 # What any route can answer (auth, rate limit, body size, validation, start-up); routes with ids add 404.
 ERROR_RESPONSES = _errors(400, 401, 403, 413, 422, 429, 503)
 WITH_NOT_FOUND = {**ERROR_RESPONSES, **_errors(404)}
+OPENAI_ERRORS = _errors(400, 401, 403, 404, 413, 422, 429, 503, model=OpenAIErrorResponse)
 
 
 class StoreSetupError(RuntimeError):
@@ -211,7 +213,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     install_error_handlers(app, settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(generate.router, responses=ERROR_RESPONSES)
-    app.include_router(openai.router, responses=WITH_NOT_FOUND)
+    app.include_router(openai.router, responses=OPENAI_ERRORS)
     app.include_router(ingest.router, responses=ERROR_RESPONSES)
     app.include_router(jobs.router, responses=WITH_NOT_FOUND)
     app.include_router(versions.router, responses=WITH_NOT_FOUND)

@@ -43,6 +43,23 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(..., description="what went wrong, with the numbers and the limit")
+    type: str = Field(
+        ...,
+        description="invalid_request_error, authentication_error, permission_error, rate_limit_error, server_error",
+    )
+    param: str | None = Field(None, description="the request field, header or setting at fault")
+    code: str = Field(..., description="memfit's machine-readable code: limit_exceeded, model_not_found, ...")
+    field: str | None = Field(None, description="the same as param (memfit's own error shape)")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every 4xx/5xx body under /v1: OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: OpenAIErrorDetail
+
+
 # ---- ingest -------------------------------------------------------------------------------------
 
 
@@ -327,6 +344,16 @@ class Ready(BaseModel):
 # ---- OpenAI-compatible ------------------------------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options` (read only when `stream` is true)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = Field(
+        None, description="end the stream with one more chunk: `usage`, and `choices` empty"
+    )
+
+
 class CompletionRequest(BaseModel):
     """The subset of OpenAI's /v1/completions this server honours; unknown fields are ignored."""
 
@@ -344,6 +371,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_INT64)
     echo: bool | None = False
@@ -381,6 +409,120 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
+    system_fingerprint: str | None = Field(None, description="memfit-v{version}: the version that answered")
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def _content_text(v: Any) -> Any:
+    """A message's content as one string: OpenAI's list of parts is accepted when all are text."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        texts = []
+        for i, part in enumerate(v):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {i} is {kind!r}: only text parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ValueError("content must be a string or a list of text parts")
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat; `developer` is read as `system`. Tool messages are not supported."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = Field(
+        None, description='a string, or a list of {"type": "text", "text"} parts (joined)'
+    )
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        return _content_text(v)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's /v1/chat/completions this server honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "memfit",
+                    "messages": [{"role": "user", "content": "Where was Goju Theipouquis born?"}],
+                    "max_tokens": 16,
+                },
+                {
+                    "model": "memfit@3",
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            ]
+        },
+    )
+
+    model: str = Field(description="'memfit' (the active version) or 'memfit@N' (retained version N)")
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="tokens to generate at most (default: max_new_tokens_limit)"
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="the newer name of max_tokens (wins when both are given)"
+    )
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_INT64)
+    presence_penalty: float | None = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
+    frequency_penalty: float | None = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
+    logprobs: bool | None = Field(False, description="not supported (false only)")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported (absent or empty only)")
+    user: str | None = None
+    # memfit extras (the openai client's extra_body)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="memfit: top-k cut (0 or null = none)")
+    version: int | None = Field(
+        None, ge=0, le=MAX_INT64, description="memfit: serve with this retained version (as model memfit@N)"
+    )
+    min_version: int | None = Field(
+        None, ge=0, le=MAX_INT64, description="memfit: wait (bounded) until this version is served here"
+    )
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
     system_fingerprint: str | None = Field(None, description="memfit-v{version}: the version that answered")
 
 

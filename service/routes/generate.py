@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -249,6 +249,31 @@ def sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
+def event_stream(
+    deltas: AsyncIterator[Delta],
+    render: Callable[[Delta], Iterable[Any]],
+    render_error: Callable[[Exception], Any],
+    headers: dict[str, str],
+    end: bytes = b"",
+) -> StreamingResponse:
+    """The `text/event-stream` response of an open stream (`open_stream`): each piece becomes the
+    events `render(delta)` returns (JSON objects); an error once the status line is sent becomes one
+    in-band event, `render_error(e)`; `end` (e.g. `data: [DONE]`) closes the stream either way."""
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for d in deltas:
+                for obj in render(d):
+                    yield sse(obj)
+        except Exception as e:  # the status line is sent already: report in-band
+            yield sse(render_error(e))
+        if end:
+            yield end
+
+    headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
 @router.post(
     "/generate",
     response_model=GenerateResponse,
@@ -302,25 +327,12 @@ async def generate(
 
     deltas = open_stream(engine, settings, prepared, request)  # 503 here when the queue is full
 
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            async for d in deltas:
-                if d.done:
-                    yield sse(
-                        {
-                            "done": True,
-                            "version": prepared.version,
-                            "finish_reason": d.finish_reason,
-                            "usage": {
-                                "prompt_tokens": d.prompt_tokens,
-                                "completion_tokens": d.completion_tokens,
-                            },
-                        }
-                    )
-                elif d.text:
-                    yield sse({"token": d.text})
-        except Exception as e:  # the status line is sent already: report in-band
-            yield sse({"error": stream_error(e)})
+    def render(d: Delta) -> list[dict[str, Any]]:
+        if d.done:
+            usage = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens}
+            return [
+                {"done": True, "version": prepared.version, "finish_reason": d.finish_reason, "usage": usage}
+            ]
+        return [{"token": d.text}] if d.text else []
 
-    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return event_stream(deltas, render, lambda e: {"error": stream_error(e)}, headers)
