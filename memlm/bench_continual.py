@@ -213,7 +213,7 @@ class Learner:
             fresh = probe_reads(self.model, tok, [f for f, h in zip(self.ctx.probe, hits) if h])
             self.reads = merge_reads(self.reads, hits, fresh)
             return {"seconds": r["seconds"], "steps": r["steps"], "rows_changed": r["rows_changed"],
-                    "reach": reach["share"]}  # fmt: skip
+                    "reach": reach["share"], "rows_read_changed": reach["rows_read_changed_mean"]}  # fmt: skip
         # dense methods change weights every probe reads: reach 1 by construction
         if kind == "full":
             r = full_finetune(self.model, tok, [doc], _dense(self.spec.settings, self.ctx.cfg))
@@ -410,6 +410,7 @@ def run_stream(
         "steps_per_update": _mean(r["steps"] for r in records),
         "rows_changed_per_update": _mean(r.get("rows_changed") for r in records),
         "reach_mean": _mean(r.get("reach") for r in records),
+        "rows_read_changed_mean": _mean(r.get("rows_read_changed") for r in records),
         "distinct_rows_changed": len(learner.touched),
         "params_changed": records[0].get("params_changed") if records else None,
         "wall_seconds": time.perf_counter() - t_run,
