@@ -31,11 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: user data dir/models/PRESET)")
     p.add_argument("--force", action="store_true", help="rebuild even if the model exists")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one preset field (repeatable; VALUE is JSON, e.g. --set memory_size=262144)",
+    )
 
     p = sub.add_parser("background", help="compute background slot statistics (the IDF side)")
     p.add_argument("--model", default=None)
     p.add_argument("--to-redis", default=None, metavar="URL", help="also store them in Redis")
     p.add_argument("--unit", choices=["batch", "sequence"], default=None, help="document unit for df")
+    p.add_argument(
+        "--served-facts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="served-format prompts counted in the background (default: the model's preset value)",
+    )
 
     p = sub.add_parser("serve", help="run the API (embedded mode unless MEMFIT_REDIS_URL is set)")
     p.add_argument("--model", default=None)

@@ -217,6 +217,7 @@ def compute_for_model_dir(
     unit: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    served_facts: int | None = None,
 ) -> BackgroundStats:
     """Load a model directory, compute its background statistics (default texts: the corpus's
     background split) and save them beside the model."""
@@ -232,9 +233,11 @@ def compute_for_model_dir(
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
     preset = report.get("preset_settings") or {}
     seq_len = int(preset.get("seq_len", DEFAULT_SEQ_LEN))
-    if texts is None:  # what `memfit pretrain` counted: the corpus's background split + format-matched facts
+    if served_facts is not None:
+        preset = {**preset, "background_served_facts": served_facts}
+    if texts is None:  # what `memfit pretrain` counted: the background split + format-matched facts + served
         from memlm.data import build_corpus
-        from memlm.pretrain import format_matched_background
+        from memlm.pretrain import background_texts
 
         seed = int(report.get("seed", seed))
         corpus = build_corpus(
@@ -243,9 +246,7 @@ def compute_for_model_dir(
             max_probe=preset.get("max_probe"),
             **({"probe_cities": int(preset["probe_cities"])} if "probe_cities" in preset else {}),
         )
-        texts = corpus.background + format_matched_background(
-            int(preset.get("background_matched_facts", 0)), seed
-        )
+        texts = background_texts(corpus, preset, seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = load_tokenizer(model_dir)
     stats = compute_background(
@@ -257,5 +258,6 @@ def compute_for_model_dir(
         base_id=model_base_id(model_dir),
         progress=progress,
     )
+    stats.meta["served_facts"] = int(preset.get("background_served_facts", 0) or 0)
     stats.save(model_dir)
     return stats

@@ -99,8 +99,13 @@ class ProductKeyMemory(nn.Module):
             if fused.wanted(self.values.weight):  # opt-in Triton kernel (CUDA, inference only)
                 y = fused.bag(bags, self.values.weight, weights.reshape(B * T, -1)).view(B, T, d)
             else:
+                # values.sparse (set by pretraining): a sparse gradient that holds only the rows read
                 y = F.embedding_bag(
-                    bags, self.values.weight, per_sample_weights=weights.reshape(B * T, -1), mode="sum"
+                    bags,
+                    self.values.weight,
+                    per_sample_weights=weights.reshape(B * T, -1),
+                    mode="sum",
+                    sparse=self.values.sparse,
                 ).view(B, T, d)
         else:
             rows = overlay_rows(self.values.weight, indices, overlay)  # (B, T, H, k, d)

@@ -70,6 +70,14 @@ class Preset:
     # (row norm 1.01 after the 16-minute build) and updates had to move them far enough to break every
     # fact sharing their slots; at 30x (tiny preset, 6 invented facts, t=64, Adam lr 1) learning went
     # 0% -> 100% at 7% forgetting
+    # train the value tables with sparse gradients and a lazy Adam that touches only the rows a batch read
+    # (torch.optim.SparseAdam); the dense AdamW step over a 262,144 x 256 table is what made larger memories
+    # several times slower per step. False: the dense AdamW of the first default builds.
+    sparse_values: bool = False
+    # served-format prompts of further invented facts in the background ("Question: {rewrite}\nAnswer: {a}",
+    # the rewrites the updater trains on): slots every question reads at its fixed prefix get the df of
+    # the served format's real share instead of the few hundred QA forms above (see served_background)
+    background_served_facts: int = 0
     background_matched_facts: int = 400  # invented-entity facts in the pretraining templates added to the
     # background text, so slots read by the question/statement templates get a high df (low IDF)
     grad_clip: float = 1.0
@@ -124,6 +132,40 @@ PRESETS: dict[str, Preset] = {
     # the default model: <= 20 minutes on 2 CPU cores including evaluation and background statistics
     "default": Preset(name="default"),
 }
+
+
+def preset_with(name: str, assignments: list[str]) -> Preset:
+    """The preset `name` with fields overridden by "FIELD=VALUE" strings (VALUE parsed as JSON, else
+    taken as a string): one command line reproduces an experiment's model. Unknown fields or values of
+    the wrong type raise ValueError naming the field."""
+    import dataclasses
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[name]
+    fields = {f.name: f for f in dataclasses.fields(Preset)}
+    changes: dict = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        if key not in fields or key == "name":
+            raise ValueError(
+                f"--set {key}: not a preset field (fields: {', '.join(k for k in fields if k != 'name')})"
+            )
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        current = getattr(base, key)
+        expected = type(current) if current is not None else None
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is not None and not isinstance(value, expected) and value is not None:
+            raise ValueError(f"--set {key}: expected {expected.__name__}, got {raw!r}")
+        changes[key] = value
+    return dataclasses.replace(base, **changes) if changes else base
 
 
 def _threads() -> int:
@@ -248,13 +290,41 @@ def format_matched_background(n: int, seed: int) -> list[str]:
     if n <= 0:
         return []
     from .data.corpus import fact_texts
-    from .data.invented import invented_facts
+    from .data.invented import unmeasured_facts
     from .data.templates import INVENTED_RELATIONS
 
     texts: list[str] = []
-    for f in invented_facts(n, seed=10_000 + seed):
+    for f in unmeasured_facts(n, seed=10_000 + seed):
         texts.extend(fact_texts(INVENTED_RELATIONS[f["relation"]], f["subject"], f["answer"]))
     return texts
+
+
+def served_background(n: int, seed: int) -> list[str]:
+    """`n` question-answer texts in the served format, one per invented fact (a seed of its own, disjoint
+    from the benchmark and tuning streams), each question wrapped in one of the training rewrites in turn
+    (memlm.augment.TRAINING_QUESTION_TEMPLATES). Background statistics only: never trained on."""
+    if n <= 0:
+        return []
+    from .augment import TRAINING_QUESTION_TEMPLATES
+    from .data.invented import unmeasured_facts
+    from .evaluation import format_question
+
+    wraps = TRAINING_QUESTION_TEMPLATES
+    return [
+        f"{format_question(wraps[i % len(wraps)].format(q=f['question']))} {f['answer']}\n"
+        for i, f in enumerate(unmeasured_facts(n, seed=30_000 + seed))
+    ]
+
+
+def background_texts(corpus, p: Preset | dict, seed: int) -> list[str]:
+    """The texts the background statistics count: the corpus's background split, format-matched facts and
+    served-format prompts (sizes from the preset, or from a saved report's preset_settings dict)."""
+    get = (lambda k: int(p.get(k, 0) or 0)) if isinstance(p, dict) else (lambda k: int(getattr(p, k)))
+    return (
+        corpus.background
+        + format_matched_background(get("background_matched_facts"), seed)
+        + served_background(get("background_served_facts"), seed)
+    )
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float, value_lr_mult: float = 1.0) -> list[dict]:
@@ -274,6 +344,61 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, value_lr_mult: fl
         {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
         {"params": values, "weight_decay": 0.0, "lr_mult": value_lr_mult},
     ]
+
+
+class _Optimizers:
+    """AdamW on the dense parameters; with `sparse_values`, SparseAdam (lazy: a row's moments and value
+    change only in steps that read it) on the memory value tables. One object with the optimizer
+    interface the training loop uses (param_groups, zero_grad, step)."""
+
+    def __init__(self, model: torch.nn.Module, p: Preset):
+        groups = _param_groups(model, p.weight_decay, p.memory_value_lr_mult)
+        self.sparse = None
+        if p.sparse_values:
+            for m in model.memory_modules().values():
+                m.values.sparse = True
+            values = groups.pop()  # the value tables (no weight decay either way)
+            self.sparse = torch.optim.SparseAdam(
+                [{"params": values["params"], "lr_mult": values["lr_mult"]}],
+                lr=p.lr,
+                betas=(0.9, 0.95),
+                eps=1e-8,
+            )
+        self.dense = torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.param_groups = self.dense.param_groups + (self.sparse.param_groups if self.sparse else [])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        if self.sparse is not None:
+            self.sparse.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.dense.step()
+        if self.sparse is not None:
+            self.sparse.step()
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float) -> float:
+    """clip_grad_norm_ for a mix of dense and sparse gradients: one global L2 norm over both (a sparse
+    gradient is coalesced first, so a row read twice counts once with its summed gradient)."""
+    grads = []
+    for prm in params:
+        if prm.grad is None:
+            continue
+        if prm.grad.is_sparse:
+            prm.grad = prm.grad.coalesce()
+            grads.append(prm.grad._values())
+        else:
+            grads.append(prm.grad)
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = max_norm / (float(total) + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return float(total)
 
 
 def _lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
@@ -360,7 +485,7 @@ def pretrain(
 def _summary(report: dict) -> dict:
     keys = ["preset", "params_total", "params_memory", "seconds_total", "seconds_train", "tokens_seen",
             "final_loss", "probe_accuracy", "probe_accuracy_heldout", "heldout_perplexity",
-            "generation_tokens_per_s"]  # fmt: skip
+            "generation_tokens_per_s", "memory_usage", "model_dir_bytes"]  # fmt: skip
     return {k: report[k] for k in keys if k in report}
 
 
@@ -395,9 +520,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     model = MemoryLMForCausalLM(config).to(dev)
     params_total = sum(t.numel() for t in model.parameters())
     params_memory = sum(t.numel() for m in model.memory_modules().values() for t in m.parameters())
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, p.weight_decay, p.memory_value_lr_mult), lr=p.lr, betas=(0.9, 0.95), eps=1e-8
-    )
+    optimizer = _Optimizers(model, p)
     use_bf16 = p.bf16 and _bf16_ok(dev)
 
     model.train()
@@ -427,7 +550,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
             loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        clip_grad_norm(model.parameters(), p.grad_clip)
         optimizer.step()
         tokens += x.numel()
         tuner.after_step(time.perf_counter() - t_step)
@@ -461,6 +584,16 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     ppl = perplexity(model, tokenizer, eval_texts, max_length=p.seq_len)
     gen_tps, sample = generation_speed(model, tokenizer, "The capital of France is")
     _, sample_qa = generation_speed(model, tokenizer, "Question: What is the capital of Japan?\nAnswer:", 8)
+    from .data.templates import QA_TEMPLATE
+    from .usage import memory_usage
+
+    usage = memory_usage(
+        model,
+        tokenizer,
+        eval_texts,
+        [QA_TEMPLATE.format(question=f["question"], answer=f["answer"]).rstrip("\n") for f in probe],
+        seq_len=p.seq_len,
+    )
     seconds_eval = time.perf_counter() - t_eval
     _log(progress, f"probe {acc:.1%} (held-out wording {acc_heldout:.1%}), held-out perplexity {ppl:.1f}, "
          f"{gen_tps:.0f} tokens/s")  # fmt: skip
@@ -470,11 +603,12 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     stats = compute_background(
         model,
         tokenizer,
-        corpus.background + format_matched_background(p.background_matched_facts, seed),
+        background_texts(corpus, p, seed),
         unit=p.background_unit,
         seq_len=p.seq_len,
         base_id=base_id,
     )
+    stats.meta["served_facts"] = p.background_served_facts
     stats.save(out)
     seconds_background = time.perf_counter() - t_bg
 
@@ -514,6 +648,10 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         "sample_generation": sample,
         "sample_qa": sample_qa,
         "background": {"unit": stats.unit, "num_docs": stats.num_docs, **stats.meta},
+        # memlm.usage on the held-out texts and the probe QA texts, per memory layer
+        "memory_usage": {str(k): v for k, v in usage.items()},
+        "background_slots_read_share": {str(k): float((df > 0).float().mean()) for k, df in stats.df.items()},
+        "model_dir_bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
         "base_id": base_id,
     }
     report["seconds_total"] = time.perf_counter() - t_start

@@ -27,7 +27,11 @@ def run(args) -> int:
             raise SystemExit("--to-redis needs the distributed mode (workers/)") from exc
 
     # no --unit: the unit the model was built with (training_report.json), else the default
-    stats = compute_for_model_dir(model_dir, unit=args.unit, progress=True)
+    served = getattr(args, "served_facts", None)
+    if served is not None and served < 0:
+        print(f"--served-facts must be >= 0, got {served}", file=sys.stderr)
+        return 2
+    stats = compute_for_model_dir(model_dir, unit=args.unit, progress=True, served_facts=served)
     for layer, df in stats.df.items():
         used = int((df > 0).sum())
         print(

@@ -19,8 +19,13 @@ def run(args) -> int:
             print(json.dumps(_summary(json.loads(report.read_text())), indent=2))
         return 0
 
-    from memlm.pretrain import pretrain
+    from memlm.pretrain import preset_with, pretrain
 
+    try:
+        preset = preset_with(args.preset, getattr(args, "set", None) or [])
+    except ValueError as e:
+        print(f"memfit pretrain: {e}")
+        return 2
     print(f"building the {args.preset} model into {out}", flush=True)
-    pretrain(args.preset, out, seed=args.seed, progress=True)
+    pretrain(preset, out, seed=args.seed, progress=True)
     return 0

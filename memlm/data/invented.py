@@ -117,6 +117,40 @@ def invented_facts(n: int, seed: int = 0, relations: list[str] | None = None) ->
     return out
 
 
+# The measured streams: `memfit bench continual` (seed 0: dev then test facts) and
+# benchmarks/tune_sparse.py (seed 11). Texts that only shape the model or its statistics (pretraining
+# entities, background prompts) must not name any of their entities.
+MEASURED_STREAMS: tuple[tuple[int, int], ...] = ((0, 1000), (11, 200))  # (seed, facts)
+
+
+@lru_cache(maxsize=1)
+def measured_names() -> frozenset[str]:
+    """Every invented name of the measured streams (MEASURED_STREAMS): subjects, and answers other than
+    the shared occupation words."""
+    names: set[str] = set()
+    for seed, n in MEASURED_STREAMS:
+        for f in invented_facts(n, seed=seed):
+            names.add(f["subject"])
+            if f["answer"] not in OCCUPATIONS:
+                names.add(f["answer"])
+    return frozenset(names)
+
+
+def unmeasured_facts(n: int, seed: int) -> list[dict]:
+    """`n` invented facts (generator seed `seed`) none of whose names occurs in a measured stream."""
+    avoid = measured_names()
+    out: list[dict] = []
+    ask = n
+    while len(out) < n:
+        out = [
+            f
+            for f in invented_facts(ask, seed=seed)
+            if f["subject"] not in avoid and f["answer"] not in avoid
+        ]
+        ask += n - len(out) + 8
+    return out[:n]
+
+
 def corrections(n: int, seed: int = 0) -> list[dict]:
     """`n` known capitals from the probe set, each changed to a new value ("old_answer" keeps the truth).
 

@@ -137,3 +137,19 @@ def test_corrections_change_known_capitals():
         assert f["old_answer"] == probe[f["id"]]["answer"]
         assert f["answer"] != f["old_answer"]
         assert f["question"] == probe[f["id"]]["question"]
+
+
+def test_shaping_texts_name_no_entity_of_a_measured_stream():
+    from memlm.data.invented import measured_names, unmeasured_facts
+    from memlm.pretrain import format_matched_background, served_background
+
+    facts = unmeasured_facts(300, seed=30_000)
+    assert len(facts) == 300 and len({f["id"] for f in facts}) == 300
+    assert len({f["relation"] for f in facts}) == 5  # every relation kept (occupation words are shared)
+    assert not {n for f in facts for n in (f["subject"], f["answer"])} & measured_names()
+    assert unmeasured_facts(300, seed=30_000) == facts  # deterministic
+    import re
+
+    named = re.compile("|".join(rf"\b{re.escape(n)}\b" for n in sorted(measured_names())))
+    for text in served_background(300, 0) + format_matched_background(100, 0):
+        assert not named.search(text), text

@@ -122,3 +122,76 @@ def test_thread_tuner_keeps_the_faster_setting(monkeypatch):
         assert trials <= 6  # a lost trial stops after one step and backs off
     finally:
         torch.set_num_threads(before)
+
+
+def test_preset_overrides_are_typed_and_named():
+    p = pretrain_mod.preset_with("tiny", ["memory_size=4096", "fact_fraction=1", "probe_cities=20"])
+    assert (p.memory_size, p.fact_fraction, p.probe_cities) == (4096, 1.0, 20)
+    assert p.hidden_size == pretrain_mod.PRESETS["tiny"].hidden_size  # untouched fields stay
+    assert pretrain_mod.preset_with("tiny", []) is pretrain_mod.PRESETS["tiny"]
+    with pytest.raises(ValueError, match="bogus"):
+        pretrain_mod.preset_with("tiny", ["bogus=1"])
+    with pytest.raises(ValueError, match="memory_size"):
+        pretrain_mod.preset_with("tiny", ["memory_size=big"])
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        pretrain_mod.preset_with("tiny", ["memory_size"])
+
+
+def test_cli_pretrain_set_builds_the_overridden_preset(tmp_path, capsys):
+    from memfit.cli import main
+
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "m"), "--set", "oops=1"]) == 2
+    assert "oops" in capsys.readouterr().out and not (tmp_path / "m").exists()
+    out = tmp_path / "m"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--set", "max_steps=5"]) == 0
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["preset_settings"]["max_steps"] == 5
+
+
+def test_clip_grad_norm_matches_torch_on_dense_and_counts_sparse_rows_once():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(torch.randn(4))
+    a.grad, b.grad = torch.randn(5, 3) * 10, torch.randn(4) * 10
+    a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    a2.grad, b2.grad = a.grad.clone(), b.grad.clone()
+    total = pretrain_mod.clip_grad_norm([a, b], 1.0)
+    ref = torch.nn.utils.clip_grad_norm_([a2, b2], 1.0)
+    assert total == pytest.approx(float(ref), rel=1e-5)
+    assert torch.allclose(a.grad, a2.grad, atol=1e-6) and torch.allclose(b.grad, b2.grad, atol=1e-6)
+    # a sparse gradient with a repeated row: its norm is that of the summed (dense) gradient
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([2, 2, 7])).sum().backward()
+    dense_norm = float(torch.linalg.vector_norm(emb.weight.grad.to_dense()))
+    assert pretrain_mod.clip_grad_norm([emb.weight], 100.0) == pytest.approx(dense_norm, rel=1e-6)
+
+
+def test_sparse_values_train_only_the_rows_read(tmp_path):
+    """With sparse_values, a pretraining step leaves every value row no token read bit-identical, and
+    the rows that were read move (SparseAdam is lazy)."""
+    import dataclasses
+
+    from memlm.modeling import MemoryLMForCausalLM
+
+    p = dataclasses.replace(pretrain_mod.PRESETS["tiny"], sparse_values=True, memory_size=4096)
+    torch.manual_seed(0)
+    model = MemoryLMForCausalLM(p.model_config())
+    opt = pretrain_mod._Optimizers(model, p)
+    assert opt.sparse is not None
+    for g in opt.param_groups:
+        g["lr"] = 1e-2 * g["lr_mult"]
+    ((layer, mem),) = model.memory_modules().items()
+    before = mem.values.weight.detach().clone()
+    x = torch.randint(2, p.vocab_size, (2, 16))
+    out = model(input_ids=x, labels=x)
+    read = torch.unique(out.memory_indices[0])
+    opt.zero_grad()
+    out.loss.backward()
+    assert mem.values.weight.grad.is_sparse
+    pretrain_mod.clip_grad_norm(model.parameters(), 1.0)
+    opt.step()
+    after = mem.values.weight.detach()
+    untouched = torch.ones(p.memory_size, dtype=torch.bool)
+    untouched[read] = False
+    assert torch.equal(after[untouched], before[untouched])
+    assert not torch.equal(after[read], before[read])
