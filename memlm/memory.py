@@ -59,6 +59,10 @@ class ProductKeyMemory(nn.Module):
         self.eps = config.rms_norm_eps
 
         self.query = nn.Linear(d, self.num_heads * config.memory_key_dim, bias=False)
+        self.query_bn = (
+            nn.BatchNorm1d(self.num_heads * config.memory_key_dim) if config.memory_query_bn else None
+        )
+        self.bn_update = False  # pretraining sets it: batch statistics and running-statistic updates
         # (H, 2, sqrt(N), key_dim/2): per head, two sub-key tables
         self.subkeys = nn.Parameter(torch.empty(self.num_heads, 2, self.num_subkeys, self.half_dim))
         self.values = nn.Embedding(self.num_slots, d)
@@ -74,7 +78,20 @@ class ProductKeyMemory(nn.Module):
         """Top-k slots and their softmax weights per head: both (B, T, H, k)."""
         B, T, _ = x.shape
         H, k, n = self.num_heads, self.topk, self.num_subkeys
-        q = self.query(x).view(B, T, H, 2, self.half_dim)  # (B, T, H, 2, dk/2)
+        q = self.query(x)  # (B, T, H * dk)
+        if self.query_bn is not None:
+            bn = self.query_bn
+            q = F.batch_norm(
+                q.reshape(B * T, -1),
+                bn.running_mean,
+                bn.running_var,
+                bn.weight,
+                bn.bias,
+                training=self.bn_update and self.training,
+                momentum=bn.momentum,
+                eps=bn.eps,
+            ).view(B, T, -1)
+        q = q.view(B, T, H, 2, self.half_dim)  # (B, T, H, 2, dk/2)
         if self.query_norm:
             q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
         # sub-scores against each half's sub-keys: (B, T, H, 2, n)

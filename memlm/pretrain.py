@@ -51,6 +51,8 @@ class Preset:
     memory_heads: int = 4
     memory_topk: int = 32
     memory_key_dim: int = 128
+    memory_query_norm: bool = True  # RMS norm of each head's query
+    memory_query_bn: bool = False  # BatchNorm over the query features (spreads slot usage)
     max_position_embeddings: int = 512
     # data
     max_wiki: int | None = None  # Wikipedia leads kept (None: all)
@@ -98,6 +100,8 @@ class Preset:
             memory_heads=self.memory_heads,
             memory_topk=self.memory_topk,
             memory_key_dim=self.memory_key_dim,
+            memory_query_norm=self.memory_query_norm,
+            memory_query_bn=self.memory_query_bn,
             pad_token_id=1,
             bos_token_id=0,
             eos_token_id=0,
@@ -353,6 +357,8 @@ class _Optimizers:
 
     def __init__(self, model: torch.nn.Module, p: Preset):
         groups = _param_groups(model, p.weight_decay, p.memory_value_lr_mult)
+        for m in model.memory_modules().values():
+            m.bn_update = True  # query BatchNorm (if any) learns its statistics during pretraining only
         self.sparse = None
         if p.sparse_values:
             for m in model.memory_modules().values():
@@ -572,6 +578,8 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     )
 
     torch.set_num_threads(tuner.current)
+    for m in model.memory_modules().values():
+        m.bn_update = False
     model.eval()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -124,3 +124,27 @@ def test_left_padding_matches_unpadded():
         padded = model(x, attention_mask=mask).logits[0, -1]
         alone = model(x[:1, 2:]).logits[0, -1]
     assert torch.allclose(padded, alone, atol=1e-5)
+
+
+def test_query_batchnorm_learns_only_while_pretraining(tmp_path):
+    """memory_query_bn: batch statistics (and running-statistic updates) only with bn_update set, as
+    pretraining does; train mode alone (a sparse update, a LoRA step) reads with the running statistics,
+    so nothing but the value rows changes what a query reads. The statistics survive save/load."""
+    torch.manual_seed(0)
+    model = MemoryLMForCausalLM(tiny_config(memory_query_bn=True))
+    (mem,) = model.memory_modules().values()
+    x = torch.randint(2, 101, (2, 9))
+    model.eval()
+    ref = model(x).logits
+    model.train()
+    assert torch.equal(model(x).logits, ref)  # train mode without bn_update: running statistics
+    assert torch.equal(mem.query_bn.running_mean, torch.zeros_like(mem.query_bn.running_mean))
+    mem.bn_update = True
+    model(x)
+    assert not torch.equal(mem.query_bn.running_mean, torch.zeros_like(mem.query_bn.running_mean))
+    mem.bn_update = False
+    model.eval()
+    after = model(x).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert torch.equal(loaded(x).logits, after)
