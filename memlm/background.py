@@ -131,6 +131,18 @@ def chunk_texts(tokenizer, texts: Sequence[str], seq_len: int) -> list[list[int]
     return seqs
 
 
+def pad_right(batch: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences -> (ids, attention mask), both (B, T) int64, right-padded with `pad`; the mask
+    is 1 at real tokens only, so positions count real tokens."""
+    T = max(len(s) for s in batch)
+    ids = torch.full((len(batch), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for b, s in enumerate(batch):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+    return ids, mask
+
+
 def count_accesses(
     indices: torch.Tensor, attention_mask: torch.Tensor, num_slots: int, unit: str
 ) -> tuple[torch.Tensor, int]:
@@ -183,13 +195,7 @@ def compute_background(
 
         batches = tqdm(batches, total=math.ceil(len(seqs) / batch_size), desc="background", unit="batch")
     for start in batches:
-        batch = seqs[start : start + batch_size]
-        T = max(len(s) for s in batch)
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for b, s in enumerate(batch):  # right padding; positions count real tokens only
-            ids[b, : len(s)] = torch.tensor(s)
-            mask[b, : len(s)] = 1
+        ids, mask = pad_right(seqs[start : start + batch_size], pad)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         for layer, indices in zip(modules, out.memory_indices):
             inc, docs = count_accesses(indices, mask, modules[layer].num_slots, unit)

@@ -20,20 +20,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .background import chunk_texts
+from .background import chunk_texts, pad_right
 
 
 @torch.no_grad()
 def _pass(model, seqs: list[list[int]], pad: int, batch_size: int, on_batch) -> None:
     device = next(model.parameters()).device
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start : start + batch_size]
-        T = max(len(s) for s in batch)
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for b, s in enumerate(batch):
-            ids[b, : len(s)] = torch.tensor(s)
-            mask[b, : len(s)] = 1
+        ids, mask = pad_right(seqs[start : start + batch_size], pad)
         on_batch(ids.to(device), mask.to(device))
 
 
