@@ -354,7 +354,19 @@ class StreamOptions(BaseModel):
     )
 
 
-class CompletionRequest(BaseModel):
+class _MemfitExtras(BaseModel):
+    """memfit's fields on the OpenAI requests (the openai client's extra_body), one definition for both."""
+
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="memfit: top-k cut (0 or null = none)")
+    version: int | None = Field(
+        None, ge=0, le=MAX_INT64, description="memfit: serve with this retained version (as model memfit@N)"
+    )
+    min_version: int | None = Field(
+        None, ge=0, le=MAX_INT64, description="memfit: wait (bounded) until this version is served here"
+    )
+
+
+class CompletionRequest(_MemfitExtras):
     """The subset of OpenAI's /v1/completions this server honours; unknown fields are ignored."""
 
     model_config = ConfigDict(
@@ -379,14 +391,6 @@ class CompletionRequest(BaseModel):
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     suffix: str | None = Field(None, max_length=0, description="not supported")
     user: str | None = None
-    # memfit extras (the openai client's extra_body)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="memfit: top-k cut (0 or null = none)")
-    version: int | None = Field(
-        None, ge=0, le=MAX_INT64, description="memfit: serve with this retained version (as model memfit@N)"
-    )
-    min_version: int | None = Field(
-        None, ge=0, le=MAX_INT64, description="memfit: wait (bounded) until this version is served here"
-    )
 
 
 class CompletionChoice(BaseModel):
@@ -451,7 +455,7 @@ class ChatMessage(BaseModel):
         return _content_text(v)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_MemfitExtras):
     """The subset of OpenAI's /v1/chat/completions this server honours; unknown fields are ignored."""
 
     model_config = ConfigDict(
@@ -494,14 +498,6 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported (absent or empty only)")
     user: str | None = None
-    # memfit extras (the openai client's extra_body)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="memfit: top-k cut (0 or null = none)")
-    version: int | None = Field(
-        None, ge=0, le=MAX_INT64, description="memfit: serve with this retained version (as model memfit@N)"
-    )
-    min_version: int | None = Field(
-        None, ge=0, le=MAX_INT64, description="memfit: wait (bounded) until this version is served here"
-    )
 
 
 class ChatMessageOut(BaseModel):
