@@ -47,6 +47,9 @@ class Preset:
     num_hidden_layers: int = 4  # memory in layer 2; 6 layers learn more slowly per CPU second
     num_attention_heads: int = 8
     intermediate_size: int = 1024
+    # the block whose FFN is the memory (None: the middle one, layer 2 of 4). A later block's query has
+    # passed more attention layers, so it carries more of the context (the entity) at the answer position
+    memory_layer: int | None = None
     memory_size: int = 65536  # 256 x 256 product keys
     memory_heads: int = 4
     memory_topk: int = 32
@@ -96,6 +99,7 @@ class Preset:
             num_attention_heads=self.num_attention_heads,
             intermediate_size=self.intermediate_size,
             max_position_embeddings=self.max_position_embeddings,
+            memory_layers=None if self.memory_layer is None else [self.memory_layer],
             memory_size=self.memory_size,
             memory_heads=self.memory_heads,
             memory_topk=self.memory_topk,
@@ -138,6 +142,10 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# the type a field whose default is None takes when set (--set memory_layer=3)
+_NONE_DEFAULT_TYPES: dict[str, type] = {"memory_layer": int, "max_wiki": int, "max_probe": int}
+
+
 def preset_with(name: str, assignments: list[str]) -> Preset:
     """The preset `name` with fields overridden by "FIELD=VALUE" strings (VALUE parsed as JSON, else
     taken as a string): one command line reproduces an experiment's model. Unknown fields or values of
@@ -163,10 +171,11 @@ def preset_with(name: str, assignments: list[str]) -> Preset:
         except json.JSONDecodeError:
             value = raw
         current = getattr(base, key)
-        expected = type(current) if current is not None else None
+        expected = type(current) if current is not None else _NONE_DEFAULT_TYPES.get(key)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if expected is not None and not isinstance(value, expected) and value is not None:
+        wrong_bool = expected is int and isinstance(value, bool)
+        if expected is not None and value is not None and (wrong_bool or not isinstance(value, expected)):
             raise ValueError(f"--set {key}: expected {expected.__name__}, got {raw!r}")
         changes[key] = value
     return dataclasses.replace(base, **changes) if changes else base

@@ -137,6 +137,17 @@ def test_preset_overrides_are_typed_and_named():
         pretrain_mod.preset_with("tiny", ["memory_size"])
 
 
+def test_memory_layer_field_places_the_memory():
+    assert pretrain_mod.PRESETS["default"].model_config().memory_layers == [2]  # the middle of 4
+    p = pretrain_mod.preset_with("default", ["memory_layer=3"])
+    assert p.memory_layer == 3 and p.model_config().memory_layers == [3]
+    for bad in ("memory_layer=true", "memory_layer=last"):
+        with pytest.raises(ValueError, match="memory_layer"):
+            pretrain_mod.preset_with("default", [bad])
+    with pytest.raises(ValueError, match="memory layer 4"):  # the config names the bad layer
+        pretrain_mod.preset_with("default", ["memory_layer=4"]).model_config()
+
+
 def test_cli_pretrain_set_builds_the_overridden_preset(tmp_path, capsys):
     from memfit.cli import main
 
