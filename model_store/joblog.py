@@ -57,6 +57,7 @@ class Job:
     report: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
     body_sha256: str | None = None
+    request_id: str | None = None  # X-Request-ID of the ingest (service/logs.py): the worker logs it
     attempts: int = 0
     seq: int = 0  # creation order in the log
 
@@ -138,6 +139,7 @@ class JobLog:
         settings: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         body_sha256: str | None = None,
+        request_id: str | None = None,
     ) -> Job:
         """Record the documents, then the job, both fsynced, before returning the queued Job.
 
@@ -179,6 +181,7 @@ class JobLog:
                 updated_at=now,
                 idempotency_key=idempotency_key,
                 body_sha256=body_sha256,
+                request_id=request_id,
             )
             append_jsonl(self.documents_path, doc_records)
             d = job.to_dict()

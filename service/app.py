@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from model_store import Store
 from service.engine import Engine
 from service.errors import install_error_handlers
+from service.logs import RequestIdMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.observability import record_job
 from service.routes import dashboard, generate, health, ingest, jobs, openai, versions
@@ -212,6 +213,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.state.dispatcher = None
     install_error_handlers(app, settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost of ours: every line of a request carries its id
     app.include_router(generate.router, responses=ERROR_RESPONSES)
     app.include_router(openai.router, responses=OPENAI_ERRORS)
     app.include_router(ingest.router, responses=ERROR_RESPONSES)

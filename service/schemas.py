@@ -141,6 +141,7 @@ class JobOut(BaseModel):
     created_at: float | None = None
     updated_at: float | None = None
     attempts: int = 0
+    request_id: str | None = Field(None, description="X-Request-ID of the ingest that created the job")
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,6 +80,12 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: int = Field(
         5, ge=0, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
+    )
+
+    # logs (service/logs.py)
+    log_level: str = Field("INFO", description="root log level: DEBUG, INFO, WARNING, ERROR")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line (request_id, job_id, version); text: classic"
     )
 
     # security

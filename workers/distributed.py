@@ -459,8 +459,18 @@ class CeleryDispatcher:
 
     def send(self, job_id: str) -> None:
         """Publish the task, then mark the job as enqueued (raises when Redis is unreachable)."""
+        from service.logs import current_request_id
+
+        rid = current_request_id()  # the ingest's X-Request-ID: the worker logs the job under it
         self.app.send_task(
-            TASK_NAME, args=[job_id], queue=self.queue, retry=False, ignore_result=True, task_id=None
+            TASK_NAME,
+            args=[job_id],
+            kwargs={"request_id": rid} if rid else {},
+            headers={"memfit_request_id": rid} if rid else None,
+            queue=self.queue,
+            retry=False,
+            ignore_result=True,
+            task_id=None,
         )
         self.r.set(marker_key(job_id), str(time.time()), ex=self.marker_ttl_s)
         self.enqueued += 1

@@ -428,6 +428,7 @@ class Pipeline:
                 v,
                 parent,
                 timings["total"],
+                extra={"version": v},
             )
             done = jobs.update(
                 job.job_id,

@@ -220,7 +220,11 @@ class UpdateRunner:
                 return own() or all_cancelled(self.store, members)
         else:
             cancel = own
-        return self.pipeline.run_job(run_id, should_cancel=cancel, on_phase=self._set_phase)
+        from service.logs import log_context
+
+        # every line logged for this job carries its id and the X-Request-ID of its ingest
+        with log_context(job_id=run_id, request_id=getattr(current, "request_id", None)):
+            return self.pipeline.run_job(run_id, should_cancel=cancel, on_phase=self._set_phase)
 
     def _set_phase(self, phase: str) -> None:
         self.current_phase = phase

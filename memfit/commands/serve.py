@@ -7,8 +7,6 @@ first (`make run` relies on this). A store whose base differs from an explicit -
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -44,11 +42,10 @@ def usage_lines(base: str) -> list[str]:
 
 
 def run(args) -> int:
-    logging.basicConfig(
-        level=os.environ.get("MEMFIT_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from service.logs import configure_logging
+
     settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
     if settings.redis_url:
         try:
             import workers.distributed  # noqa: F401  (lazy: only the distributed mode needs Celery)
@@ -103,7 +100,9 @@ def run(args) -> int:
         app,
         host=host,
         port=settings.port,
-        log_level=os.environ.get("MEMFIT_LOG_LEVEL", "info").lower(),
+        log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to the JSON handler of configure_logging
+        access_log=False,  # service.logs.RequestIdMiddleware logs each request (with its X-Request-ID)
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0

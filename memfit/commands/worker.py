@@ -12,7 +12,6 @@ Device: `MEMFIT_DEVICE` (e.g. cuda, cuda:1, cpu), else CUDA when available.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -51,11 +50,10 @@ def _open_store(settings, model_given: bool):
 
 
 def run(args) -> int:
-    logging.basicConfig(
-        level=os.environ.get("MEMFIT_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from service.logs import configure_logging
+
     settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
     if not settings.redis_url:
         print(
             "memfit worker: MEMFIT_REDIS_URL is not set. The worker runs the distributed mode's updates "
@@ -116,7 +114,7 @@ def run(args) -> int:
         "--concurrency=1",
         f"--queues={settings.celery_queue}",
         f"--hostname=memfit-{os.getpid()}@{socket.gethostname()}",
-        f"--loglevel={os.environ.get('MEMFIT_LOG_LEVEL', 'INFO').upper()}",
+        f"--loglevel={settings.log_level.upper()}",
         "--without-gossip",
         "--without-mingle",
     ]

@@ -20,6 +20,7 @@ from model_store import IdempotencyConflict
 from model_store.joblog import new_job_id
 from service.deps import DispatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
 from service.errors import ApiError
+from service.logs import current_request_id
 from service.schemas import ErrorResponse, IngestRequest, IngestResponse
 from service.security import Principal, require_role
 from service.settings import Settings
@@ -162,7 +163,12 @@ async def ingest(
         # create_job repeats the key lookup under the job log's lock: concurrent retries get one job
         mine = new_job_id()
         job = jobs.create_job(
-            mine, documents, settings=overrides, idempotency_key=idempotency_key, body_sha256=digest
+            mine,
+            documents,
+            settings=overrides,
+            idempotency_key=idempotency_key,
+            body_sha256=digest,
+            request_id=current_request_id(),  # the worker logs under the ingest's X-Request-ID
         )
         return job, job.job_id != mine
 

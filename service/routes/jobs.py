@@ -35,6 +35,7 @@ def job_out(job: Job) -> JobOut:
         created_at=job.created_at,
         updated_at=job.updated_at,
         attempts=job.attempts,
+        request_id=getattr(job, "request_id", None),
     )
 
 
