@@ -165,11 +165,24 @@ class _Row:
         self.t_first: float | None = None
         self.t_prev = 0.0
         self.done = False
+        self.running = False  # counted in memfit_generation_requests_running
 
     def start(self) -> None:
         m = self.engine.metrics
         if m is not None:
             m.queue_time.observe(time.perf_counter() - self.req.admitted_at)
+            if not self.running:
+                self.running = True
+                m.generation_running.inc()
+
+    def _ended(self, reason: str) -> None:
+        """The row leaves the batch: out of the running gauge, counted by finish reason."""
+        m = self.engine.metrics
+        if m is not None:
+            if self.running:
+                self.running = False
+                m.generation_running.dec()
+            m.generation_finished.labels(reason).inc()
 
     def _send(self, item: Any) -> None:
         try:
@@ -218,6 +231,7 @@ class _Row:
         if self.done:
             return
         self.done = True
+        self._ended(self.finish_reason)
         if len(self.text) > self.emitted:
             self._send(Delta(self.text[self.emitted :]))
             self.emitted = len(self.text)
@@ -237,6 +251,7 @@ class _Row:
         if self.done:
             return
         self.done = True
+        self._ended(stopped_reason(error))
         self._record()
         self._send(error)
 
@@ -256,6 +271,7 @@ class _Row:
         if self.done:
             return
         self.done = True
+        self._ended("error")
         self._send(error)
 
 
@@ -292,6 +308,8 @@ class Engine:
         self.decoder_deaths: list[str] = []  # why each decoding thread died (the last 20)
         self._decoders_lock = threading.Lock()
         self._decoders = [self._start_decoder(i) for i in range(settings.generation_workers)]
+        if metrics is not None and hasattr(metrics, "generation_waiting"):
+            metrics.generation_waiting.set_function(lambda: float(len(self._pending)))
 
     @classmethod
     def from_store(cls, store: Store, settings, metrics=None, device: str = "cpu") -> Engine:
@@ -503,7 +521,11 @@ class Engine:
         """Stop work on `req`: out of the queue if it waits, else its row stops at the next step."""
         req.cancelled.set()
         with self._pending_cond:
+            before = len(self._pending)
             self._pending[:] = [item for item in self._pending if item[0] is not req]
+            dropped = before - len(self._pending)
+        if dropped and self.metrics is not None:  # it never reached a decoding row
+            self.metrics.generation_finished.labels("cancelled").inc(dropped)
 
     def _take_wave(self) -> list[tuple[Prepared, Callable[[Any], None]]] | None:
         """The oldest pending request and up to max_batch_size - 1 more admitted with its version."""
@@ -529,8 +551,11 @@ class Engine:
             if not req.gone():
                 keep.append((req, emit))
                 continue
+            error = deadline_error(req) if req.expired() else cancelled_error()
+            if self.metrics is not None:
+                self.metrics.generation_finished.labels(stopped_reason(error)).inc()
             try:
-                emit(deadline_error(req) if req.expired() else cancelled_error())
+                emit(error)
             except Exception:
                 pass
         self._pending[:] = keep
@@ -568,6 +593,8 @@ class Engine:
                 rows.append(_Row(self, req, emit))
             except Exception as e:
                 log.exception("a generation request could not start")
+                if self.metrics is not None:
+                    self.metrics.generation_finished.labels("error").inc()
                 try:
                     emit(
                         ApiError(
@@ -726,19 +753,17 @@ class Engine:
             nxt = self._sample_rows(rows, logits, device, pad)
 
     def stream(self, req: Prepared) -> Iterator[Delta]:
-        """Blocking iterator over a request's Deltas (the last has done=True); counts it as running."""
+        """Blocking iterator over a request's Deltas (the last has done=True). The decoding rows
+        count themselves in memfit_generation_requests_running (not the time spent waiting)."""
         m = self.metrics
         if m is None:
             yield from self._stream(req)
             return
-        m.generation_running.inc()
         try:
             yield from self._stream(req)
         except Exception:
             m.generation_errors.inc()
             raise
-        finally:  # also when the client goes away and the generator is closed
-            m.generation_running.dec()
 
     def _stream(self, req: Prepared) -> Iterator[Delta]:
         q: queue.Queue[Any] = queue.Queue()
@@ -783,6 +808,16 @@ def deadline_error(req: Prepared) -> ApiError:
         "MEMFIT_REQUEST_TIMEOUT_S",
         {"Retry-After": "1"},
     )
+
+
+def stopped_reason(error: BaseException) -> str:
+    """The finish-reason label of a row stopped with `error`: deadline, cancelled or error."""
+    code = getattr(error, "code", None)
+    if code == "deadline_exceeded":
+        return "deadline"
+    if code == "client_disconnected":
+        return "cancelled"
+    return "error"
 
 
 def cancelled_error() -> ApiError:

@@ -14,7 +14,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -32,6 +35,7 @@ disable_created_metrics()  # no *_created series: they double the scrape for no 
 
 SLOT_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 100_000, 1_000_000)
 JOB_STATES = ("queued", "running", "succeeded", "rejected", "failed", "cancelled")
+FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
 
 
 class _JobStateCollector(Collector):
@@ -147,9 +151,25 @@ class Metrics:
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
+        # vLLM's num_requests_running / num_requests_waiting: rows in a decoding batch now, and
+        # admitted requests still waiting for one (the engine sets the waiting gauge's function)
         self.generation_running = Gauge(
-            "memfit_generation_requests_running", "Generation requests being decoded", registry=r
+            "memfit_generation_requests_running", "Generation requests being decoded now", registry=r
         )
+        self.generation_waiting = Gauge(
+            "memfit_generation_requests_waiting",
+            "Generation requests admitted and waiting for a decoding slot (MEMFIT_MAX_WAITING bounds it)",
+            registry=r,
+        )
+        self.generation_finished = Counter(
+            "memfit_generation_finished_total",
+            "Generation requests that ended, by finish reason: stop (EOS or a stop sequence), length "
+            "(max tokens or the context), cancelled (client gone), deadline (MEMFIT_REQUEST_TIMEOUT_S), error",
+            ["finish_reason"],
+            registry=r,
+        )
+        for reason in FINISH_REASONS:
+            self.generation_finished.labels(reason)
         self.swap_pause = Histogram(
             "memfit_swap_pause_seconds",
             "Time readers were blocked by a hot swap (the row copy under the write lock)",
@@ -182,6 +202,12 @@ class Metrics:
         r.register(self._jobs)
         self.start_time = Gauge("memfit_process_start_time_seconds", "Unix time the app started", registry=r)
         self.start_time.set(time.time())
+        # prometheus_client's standard collectors (what its default registry carries): process_* (CPU
+        # seconds, resident and virtual memory, open fds, start time; Linux /proc), python_info and
+        # python_gc_*; standard names, so the usual node/process dashboards work unchanged
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     def set_job_source(self, source: Any) -> None:
         self._jobs.source = source

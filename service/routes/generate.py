@@ -180,9 +180,7 @@ async def _deltas(
 ) -> AsyncIterator[Delta]:
     m = engine.metrics
     watcher = asyncio.create_task(_watch_disconnect(request, queue)) if request is not None else None
-    if m is not None:
-        m.generation_running.inc()
-    try:
+    try:  # the decoding row counts itself as running (service.engine), not this wait
         while True:
             left = (prepared.deadline or 0) - time.monotonic()
             try:
@@ -204,8 +202,6 @@ async def _deltas(
         engine.cancel(prepared)
         if watcher is not None:
             watcher.cancel()
-        if m is not None:
-            m.generation_running.dec()
 
 
 async def _watch_disconnect(request: Request, queue: asyncio.Queue[Any]) -> None:

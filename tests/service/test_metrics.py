@@ -166,6 +166,82 @@ def test_running_generations_and_in_flight_while_streaming(live):
     assert scrape(client)("memfit_generation_requests_running") == 0
 
 
+def test_process_and_platform_collectors(live):
+    """prometheus_client's standard process, platform and GC collectors are on the app's registry."""
+    _, client = live
+    s = scrape(client)
+    assert s("process_cpu_seconds_total") > 0
+    assert s("process_resident_memory_bytes") > 10_000_000  # the model is loaded
+    assert s("process_open_fds") > 0 and s("process_start_time_seconds") > 0
+    assert s.has("python_info", implementation="CPython")
+    assert s.has("python_gc_collections_total", generation="0")
+
+
+def test_finish_reasons_are_counted(live):
+    _, client = live
+    a = scrape(client)
+    r = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 2})
+    assert r.status_code == 200 and r.json()["finish_reason"] == "length"
+    stops = [" ", "e", "a", "o", "i", "n", "\n", ","]  # one of these comes within 24 tokens
+    r = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 24, "stop": stops})
+    assert r.status_code == 200 and r.json()["finish_reason"] == "stop", r.json()
+    b = scrape(client)
+    name = "memfit_generation_finished_total"
+
+    def d(reason: str) -> float:
+        return b(name, finish_reason=reason) - a(name, finish_reason=reason)
+
+    assert d("length") == 1 and d("stop") == 1
+    assert d("cancelled") == d("deadline") == d("error") == 0
+    for reason in ("stop", "length", "cancelled", "deadline", "error"):  # exported before they happen
+        assert b.has("memfit_generation_finished_total", finish_reason=reason)
+
+
+def test_waiting_requests_are_a_gauge_apart_from_running(tiny_model_dir, tmp_path):
+    """vLLM's num_requests_waiting: with the one decoding thread held by a request, a second request
+    waits (waiting 1, running 1); a waiting request that is cancelled counts as `cancelled`."""
+    from service.engine import SamplingParams
+
+    settings = Settings(model=tiny_model_dir, store=tmp_path / "store", generation_workers=1)
+    app = create_app(settings, start_runner=False)
+    with TestClient(app) as client:
+        engine = app.state.engine
+        gate = threading.Event()
+        first_piece = threading.Event()
+
+        def held(item):  # runs on the decoding thread: it stops there until the gate opens
+            if not first_piece.is_set():
+                first_piece.set()
+                gate.wait(60)
+
+        params = SamplingParams(max_new_tokens=3)
+        engine.submit(engine.prepare(PROMPT, params), held)
+        try:
+            assert first_piece.wait(60)
+            waiting = engine.prepare(PROMPT, params)
+            engine.submit(waiting, lambda item: None)
+            second = engine.prepare(PROMPT, params)
+            engine.submit(second, lambda item: None)
+            s = scrape(client)
+            assert s("memfit_generation_requests_running") == 1
+            assert s("memfit_generation_requests_waiting") == 2
+            engine.cancel(second)  # gone before it was decoded
+            s = scrape(client)
+            assert s("memfit_generation_requests_waiting") == 1
+            assert s("memfit_generation_finished_total", finish_reason="cancelled") == 1
+        finally:
+            gate.set()
+        assert engine.wait_idle(60)
+        s = scrape(client)
+        assert s("memfit_generation_requests_running") == 0
+        assert s("memfit_generation_requests_waiting") == 0
+        assert (
+            s("memfit_generation_finished_total", finish_reason="length")
+            + s("memfit_generation_finished_total", finish_reason="stop")
+            == 2
+        )
+
+
 def test_generation_failures_move(live, monkeypatch):
     app, client = live
     import service.engine as engine_module
