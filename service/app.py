@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from model_store import Store
+from service.device import resolve_device
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.logs import RequestIdMiddleware
@@ -116,6 +117,7 @@ def _make_dispatcher(app: FastAPI, store: Store, engine: Engine, settings: Setti
             ) from None
         return distributed.create_dispatcher(store=store, engine=engine, settings=settings, metrics=metrics)
 
+    from workers.pipeline import Pipeline
     from workers.runner import UpdateRunner
 
     def on_published(result, job) -> None:
@@ -131,7 +133,10 @@ def _make_dispatcher(app: FastAPI, store: Store, engine: Engine, settings: Setti
                 metrics.job_duration.labels(phase).observe(float(value))
         record_job(metrics, result, store, durations=False)  # published / rejected / slots changed
 
-    runner = UpdateRunner(store, settings, on_published=on_published, on_finished=on_finished)
+    pipeline = Pipeline(store, settings, device=app.state.device)  # MEMFIT_DEVICE, like serving
+    runner = UpdateRunner(
+        store, settings, pipeline=pipeline, on_published=on_published, on_finished=on_finished
+    )
     runner.start()
     return runner
 
@@ -171,9 +176,11 @@ async def _follow(app: FastAPI, engine: Engine, interval: float) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
+    device = resolve_device(settings.device)  # DeviceUnavailable: MEMFIT_DEVICE=cuda without a GPU
+    app.state.device = device
     store = await asyncio.to_thread(open_store, settings)
     app.state.store = store
-    engine = await asyncio.to_thread(Engine.from_store, store, settings, metrics)
+    engine = await asyncio.to_thread(Engine.from_store, store, settings, metrics, device)
     app.state.engine = engine
     metrics.set_job_source(lambda: _job_counts(store))
     metrics.set_knowledge_source(store, settings, lambda: engine.version)
@@ -183,7 +190,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dispatcher = LogOnlyDispatcher(store)
     app.state.dispatcher = dispatcher
     follower = asyncio.create_task(_follow(app, engine, settings.follow_interval_s))
-    log.info("memfit ready: store %s, active version %d", store.root, engine.version)
+    log.info("memfit ready: store %s, active version %d, device %s", store.root, engine.version, device)
     try:
         yield
     finally:
@@ -211,6 +218,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.state.store = None
     app.state.engine = None
     app.state.dispatcher = None
+    app.state.device = None  # resolved from settings.device at start-up
     install_error_handlers(app, settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost of ours: every line of a request carries its id

@@ -127,7 +127,7 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None
         return int(logits.argmax())
     # float64 and the max subtracted first: a tiny temperature (1e-300 is a valid float > 0) makes the
     # best token's logit 0 and the others -inf, i.e. greedy, instead of inf/inf = nan (a 500)
-    logits = logits.double()
+    logits = logits.detach().to("cpu", torch.float64)  # the row's CPU generator samples (any device)
     logits = (logits - logits.max()) / p.temperature
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]

@@ -339,6 +339,9 @@ class Ready(BaseModel):
     active_version: int | None = None
     mode: Literal["embedded", "distributed"] = "embedded"
     redis: str | None = Field(None, description="'ok', an error, or null when not configured")
+    device: str | None = Field(
+        None, description="where the model runs (MEMFIT_DEVICE resolved): cpu, cuda, cuda:N"
+    )
     detail: str | None = None
 
 

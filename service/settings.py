@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         9101, ge=0, le=65535, description="Celery worker: /metrics HTTP port for Prometheus (0: off)"
     )
 
+    # serving and embedded updates (service/device.py; `memfit worker` reads it too)
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="model device: cpu, cuda, cuda:N, or auto (CUDA when available); cuda absent -> error",
+    )
+
     # serving
     follow_interval_s: float = Field(0.25, gt=0, description="how often the active pointer is polled")
     generation_workers: int = Field(2, ge=1, description="threads running model work")

@@ -57,6 +57,14 @@ def run(args) -> int:
             )
             return 2
 
+    from service.device import DeviceUnavailable, resolve_device
+
+    try:  # before anything loads: MEMFIT_DEVICE=cuda on a machine without one is a clear error
+        device = resolve_device(settings.device)
+    except DeviceUnavailable as e:
+        print(f"memfit serve: {e}", file=sys.stderr)
+        return 2
+
     from service.security import check_bind
 
     host, warning = check_bind(settings, args.host, args.insecure)
@@ -88,7 +96,10 @@ def run(args) -> int:
     except StoreSetupError as e:
         print(f"memfit serve: {e}", file=sys.stderr)
         return 2
-    print(f"store {store.root} (active version {store.active()}), base model {store.base_dir}", flush=True)
+    print(
+        f"store {store.root} (active version {store.active()}), base model {store.base_dir}, device {device}",
+        flush=True,
+    )
 
     import uvicorn
 

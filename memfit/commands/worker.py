@@ -7,7 +7,8 @@ and then consumes `settings.celery_queue` with the solo pool: one update at a ti
 process (so the model is loaded once, and no CUDA context crosses a fork). Run more worker processes
 (or machines) for more throughput; `--concurrency` > 1 is refused for that reason.
 
-Device: `MEMFIT_DEVICE` (e.g. cuda, cuda:1, cpu), else CUDA when available.
+Device: `MEMFIT_DEVICE` (cpu, cuda, cuda:N, or auto: CUDA when available; service/device.py), read
+through Settings; a CUDA device asked for and absent stops the worker with a clear error.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ def run(args) -> int:
         print(f"memfit worker: {e}", file=sys.stderr)
         return 2
 
+    from service.device import DeviceUnavailable, resolve_device
+
+    try:
+        device = resolve_device(settings.device)
+    except DeviceUnavailable as e:
+        print(f"memfit worker: {e}", file=sys.stderr)
+        return 2
+
     store = _open_store(settings, "model" in settings.model_fields_set)
 
     import redis
@@ -91,7 +100,7 @@ def run(args) -> int:
     from workers.celery_app import get_app
     from workers.distributed import WorkerRuntime, set_worker_runtime
 
-    runtime = WorkerRuntime(settings, store)
+    runtime = WorkerRuntime(settings, store, device=device)
     try:
         runtime.load()
     except (BackgroundMismatch, FileNotFoundError) as e:
@@ -103,7 +112,7 @@ def run(args) -> int:
     instrument(runtime.pipeline, runtime.store)  # job metrics on this worker's own /metrics
     start_server(settings)  # MEMFIT_WORKER_METRICS_PORT (docs/observability.md)
     print(
-        f"memfit worker pid {os.getpid()}: store {store.root} at version {store.active()}, "
+        f"memfit worker pid {os.getpid()}: store {store.root} at version {store.active()} on {device}, "
         f"queue {settings.celery_queue} on {settings.redis_url}",
         flush=True,
     )

@@ -64,6 +64,7 @@ def _readiness(request: Request) -> Ready:
         active_version=engine.version if engine is not None else active,
         mode="distributed" if settings.redis_url else "embedded",
         redis=redis,
+        device=getattr(state, "device", None),
         detail=detail,
     )
 
