@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({
                 "kind": kind, "settings": setting, "learning": f["learning"],
                 "learning_heldout": f["learning_heldout"], "recall_end": f["recall"],
-                "retention": f["retention"], "perplexity_change": f["perplexity_change"],
+                "retention": f["retention"], "retention_by_relation": f.get("retention_by_relation"),
+                "perplexity_change": f["perplexity_change"],
                 "reach_mean": r["reach_mean"], "rows_read_changed": r["rows_read_changed_mean"],
                 "rows_per_update": r["rows_changed_per_update"], "s_per_update": r["seconds_per_update"], "steps_per_update": r["steps_per_update"],
                 "distinct_rows": r["distinct_rows_changed"], "wall_s": time.perf_counter() - t0,

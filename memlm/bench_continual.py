@@ -38,6 +38,7 @@ import torch
 
 from .augment import TRAINING_QUESTION_TEMPLATES
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
+from .data.templates import CAPITAL, CITY_COUNTRY
 from .evaluation import answered, perplexity
 from .reach import delta_rows, merge_reads, probe_reads, reach_report, reached
 from .updater import UpdateSettings, learn_documents
@@ -49,7 +50,7 @@ from .updater import UpdateSettings, learn_documents
 class BenchConfig:
     test_facts: int = 500  # facts in the main stream (full FT, LoRA, sparse TF-IDF)
     short_facts: int = 100  # facts for ablations, retrieval and the Pareto grid (first of the test stream)
-    dev_facts: int = 20  # facts of the dev stream the grids are chosen on (disjoint from the test stream)
+    dev_facts: int = 50  # facts of the dev stream the grids are chosen on (disjoint from the test stream)
     corrections: int = 50  # corrections stream length
     probe_facts: int = 200  # base-answered probe facts checked for retention along the stream
     dev_probe_facts: int = 100  # probe facts checked at the end of each dev run
@@ -151,7 +152,9 @@ class Context:
         base = self.load()
         hits = answered(base, self.tokenizer, probe_all)
         self.probe_known = [f for f, h in zip(probe_all, hits) if h]
-        self.probe = self.probe_known[: cfg.probe_facts]
+        # the relations in turn, so that the probe checked along the stream holds both the capitals (the
+        # relation a fifth of the stream shares) and the other relation, not only the first in the file
+        self.probe = interleave_relations(self.probe_known)[: cfg.probe_facts]
         self.base_perplexity = self.ppl(base)
         self.base_probe_accuracy = sum(hits) / len(hits) if hits else float("nan")
 
@@ -244,6 +247,17 @@ def _dense(settings: dict, cfg: BenchConfig) -> DenseSettings:
     return DenseSettings(**{"steps": cfg.steps, **settings})
 
 
+def interleave_relations(facts: Sequence[dict]) -> list[dict]:
+    """The facts with their relations taken in turn (each relation's own order kept)."""
+    groups: dict[str, list[dict]] = {}
+    for f in facts:
+        groups.setdefault(str(f.get("relation")), []).append(f)
+    out: list[dict] = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        out.extend(g[i] for g in groups.values() if i < len(g))
+    return out
+
+
 def _mean(xs) -> float:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -257,12 +271,16 @@ def evaluate_state(
     recall_h = learner.answered(facts_so_far, key="heldout_question") if facts_so_far else []
     ret = learner.answered(probe) if probe else []
     retention = _mean(ret) if ret else 1.0
+    by_relation: dict[str, list[bool]] = {}
+    for f, hit in zip(probe, ret):
+        by_relation.setdefault(str(f.get("relation")), []).append(hit)
     out = {
         "updates": len(facts_so_far),
         "recall": _mean(recall) if recall else None,
         "recall_heldout": _mean(recall_h) if recall_h else None,
         "retention": retention,
         "forgetting": 1.0 - retention,  # retention_before = 1 on the base-answered probe
+        "retention_by_relation": {r: _mean(h) for r, h in sorted(by_relation.items())},
     }
     if with_ppl:
         ppl = learner.perplexity()
@@ -665,7 +683,9 @@ def benchmark(
         "corrections": {m: _corrections_summary(r) for m, r in corr_results.items()},
         "seconds_total": time.perf_counter() - t_start,
     }
-    results["aims"] = aims(results)
+    results["commit"] = git_commit()
+    results["aims"], results["baselines"] = aims(results)
+    results["targets"] = targets(results)
     write_outputs(out, results, {m: r for m, r in main.items()}, ablation)
     return results
 
@@ -705,27 +725,75 @@ def _corrections_summary(r: dict) -> dict:
     }
 
 
-def aims(res: dict) -> dict:
-    """The project's targets, measured (not asserted): value, target, met."""
+# probe (a), the relation a fifth of the stream shares, and (b), another relation (docs/benchmark.md)
+SAME_RELATION, OTHER_RELATION = CAPITAL.name, CITY_COUNTRY.name
+
+
+def _forgetting(run: dict, relation: str) -> float | None:
+    kept = run["final"].get("retention_by_relation", {}).get(relation)
+    return None if kept is None else 1.0 - kept
+
+
+def _method_aims(run: dict) -> dict:
+    """One method's figures on the main stream, under the keys docs/benchmark.md fixes."""
+    f = run["final"]
+    kept = f.get("retention_by_relation", {})
+    return {
+        "learning": run.get("learning"),
+        "learning_heldout": run.get("learning_heldout"),
+        "recall_at_end": f.get("recall"),
+        "retention_same_relation": kept.get(SAME_RELATION),
+        "retention_other_relation": kept.get(OTHER_RELATION),
+        "perplexity_change": f.get("perplexity_change"),
+        "reach_mean": run.get("reach_mean"),
+        "seconds_per_update": run.get("seconds_per_update"),
+    }
+
+
+def _forgetting_ratio(sparse: dict, base: dict) -> float | None:
+    """Sparse forgetting / baseline forgetting, averaged over the two probes (a) and (b)."""
+    ratios = [_ratio(_forgetting(sparse, r), _forgetting(base, r)) for r in (SAME_RELATION, OTHER_RELATION)]
+    ratios = [x for x in ratios if x is not None]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def aims(res: dict) -> tuple[dict, dict]:
+    """results.json's `aims` (sparse TF-IDF on the main stream) and `baselines` (full FT, LoRA): the
+    same keys for each, fractions as 0..1; the forgetting ratios only for sparse."""
     m = res["main"]
-    f, lo, sp = m["full"], m["lora"], m["sparse"]
-    ff, fl, fs = (x["final"].get("forgetting") for x in (f, lo, sp))
+    sparse = _method_aims(m["sparse"]) | {
+        "forgetting_ratio_vs_full": _forgetting_ratio(m["sparse"], m["full"]),
+        "forgetting_ratio_vs_lora": _forgetting_ratio(m["sparse"], m["lora"]),
+    }
+    return sparse, {name: _method_aims(m[name]) for name in ("full", "lora")}
+
+
+def targets(res: dict) -> dict:
+    """Each line of the knowledge issue's "Done means", measured (not asserted): value, target, met."""
+    a, full = res["aims"], res["baselines"]["full"]
     out: dict[str, dict] = {}
 
     def put(name, value, target, met):
         out[name] = {"value": value, "target": target, "met": bool(met) if value is not None else None}
 
-    ratio = sp["learning"] / f["learning"] if f["learning"] else None
-    put("sparse learning / full FT learning", ratio, ">= 0.9", ratio is not None and ratio >= 0.9)
-    put("sparse forgetting / full FT forgetting", _ratio(fs, ff), "<= 0.1", _le(_ratio(fs, ff), 0.1))
-    put("sparse forgetting / LoRA forgetting", _ratio(fs, fl), "<= 1/6", _le(_ratio(fs, fl), 1 / 6))
-    ret = sp["final"].get("retention")
-    put(f"sparse retention after {sp['facts']} updates", ret, ">= 0.95", ret is not None and ret >= 0.95)
-    pc = sp["final"].get("perplexity_change")
-    put("sparse perplexity change", pc, "<= +2%", pc is not None and pc <= 0.02)
+    def at_least(x, y):
+        return x is not None and x >= y
+
+    put("sparse learning right after the update", a["learning"], ">= 0.9", at_least(a["learning"], 0.9))
+    ratio = _ratio(a["learning"], full["learning"])
+    put("sparse learning / full FT learning", ratio, ">= 0.9", at_least(ratio, 0.9))
+    put("recall of the stream at the end", a["recall_at_end"], ">= 0.7", at_least(a["recall_at_end"], 0.7))
+    for key, floor in (("retention_other_relation", 0.95), ("retention_same_relation", 0.8)):
+        put(key.replace("_", " "), a[key], f">= {floor}", at_least(a[key], floor))
+    pc = a["perplexity_change"]
+    put("held-out perplexity change", pc, "<= +5%", _le(pc, 0.05))
+    for r in (SAME_RELATION, OTHER_RELATION):
+        fr = _ratio(_forgetting(res["main"]["sparse"], r), _forgetting(res["main"]["full"], r))
+        put(f"forgetting / full FT forgetting ({r})", fr, "<= 0.2", _le(fr, 0.2))
+    put("mean reach per update", a["reach_mean"], "<= 0.1", _le(a["reach_mean"], 0.1))
     ab = res["ablations"]
     at = (res.get("sparse_at_short") or res["main_at_short"]["sparse"]).get("forgetting")
-    for name in ("tf", "random"):
+    for name in ("tf", "all"):
         if name in ab:
             other = ab[name]["final"].get("forgetting")
             put(
@@ -734,11 +802,29 @@ def aims(res: dict) -> dict:
                 "tfidf < other",
                 None not in (at, other) and at < other,
             )
-    c = res["corrections"].get("sparse", {}).get("corrected")
-    put("sparse corrections", c, ">= 0.9", c is not None and c >= 0.9)
-    s = sp["seconds_per_update"]
-    put("sparse seconds per single-fact update", s, "< 2", s is not None and s < 2)
+    s = a["seconds_per_update"]
+    put("sparse seconds per single-fact update", s, "<= 2", _le(s, 2))
     return out
+
+
+def git_commit() -> str | None:
+    """The commit the run used (None outside a git checkout); "+dirty" when the tree had changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _ratio(a, b):
@@ -896,17 +982,21 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
             )
     lines += [
         "",
-        "## Aims (measured, not asserted)",
+        "## Targets: the knowledge issue's Done-means lines (measured, not asserted)",
         "",
         "| aim | measured | target | met |",
         "|---|---|---|---|",
     ]
-    for name, a in res["aims"].items():
+    for name, a in res["targets"].items():
         v = a["value"]
         vs = ", ".join(_num(x) for x in v) if isinstance(v, list) else _num(v)
-        lines.append(f"| {name} | {vs} | {a['target']} | {'yes' if a['met'] else 'no'} |")
+        lines.append(f"| {name} | {vs} | {a['target']} | {_met(a['met'])} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _met(met: bool | None) -> str:
+    return "n/a" if met is None else ("yes" if met else "no")
 
 
 def plots(out: Path, main: dict, ablation: dict, pareto: list[dict], short_facts: int) -> list[str]:

@@ -117,4 +117,15 @@ def test_benchmark_end_to_end_micro(tiny_model_dir, tmp_path):
     assert set(data["main"]) == {"full", "lora", "sparse"}
     assert data["machine"]["cpus"] >= 1 and data["command"] == "test"
     assert "| sparse TF-IDF |" in (tmp_path / "results.md").read_text()
-    assert res["aims"]
+    keys = {"learning", "learning_heldout", "recall_at_end", "retention_same_relation",
+            "retention_other_relation", "perplexity_change", "reach_mean", "seconds_per_update"}  # fmt: skip
+    assert set(data["aims"]) == keys | {"forgetting_ratio_vs_full", "forgetting_ratio_vs_lora"}
+    assert set(data["baselines"]) == {"full", "lora"} and set(data["baselines"]["full"]) == keys
+    assert data["commit"] is None or len(data["commit"].split("+")[0]) == 40
+    final = data["main"]["sparse"]["final"]
+    kept = final["retention_by_relation"]
+    assert data["aims"]["retention_same_relation"] == kept["capital"]
+    assert data["aims"]["retention_other_relation"] == kept["city_country"]  # the tiny model knows cities
+    assert data["aims"]["recall_at_end"] == final["recall"]
+    assert all(0 <= v <= 1 for v in kept.values())
+    assert res["targets"]["mean reach per update"]["value"] == data["aims"]["reach_mean"]
