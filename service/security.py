@@ -3,7 +3,9 @@
 Keys come from ``MEMFIT_API_KEYS`` (a JSON object ``{"key": "role"}``) and/or
 ``MEMFIT_API_KEYS_FILE`` (lines ``<sha256-hex of the key> <role>``, ``#`` comments). Only sha256
 digests are kept in memory; a presented key is hashed and compared with every stored digest in
-constant time. Clients send ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+constant time. Clients send ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; a browser that
+logged in at ``/dashboard/login`` sends the ``memfit_session`` cookie instead, which grants the read
+role on GET/HEAD requests only (service/sessions.py).
 
 With no keys configured every request is allowed, and :func:`check_bind` keeps ``memfit serve`` on
 localhost unless ``--insecure`` is given.
@@ -37,6 +39,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import ApiError, validate_id, validate_version_id
+from service.sessions import COOKIE_NAME, SessionSigner
 from service.settings import Settings, get_settings
 
 __all__ = [
@@ -214,6 +217,12 @@ class KeyStore:
             except ValueError:
                 pass  # keep serving with the old keys; the operator sees the error at the next start
 
+    def role_of_key_id(self, key_id: str) -> str | None:
+        """The role of the configured key whose digest starts with `key_id` (a dashboard session's
+        key), or None once that key is gone; the lowest role if two keys share the prefix."""
+        roles = [role for digest, role in self.digests.items() if digest.startswith(key_id)]
+        return min(roles, key=ROLE_RANK.__getitem__) if roles and len(key_id) >= 12 else None
+
     def lookup(self, key: str) -> str | None:
         """The role of ``key``, or None. Constant-time over every stored digest."""
         presented = hash_key(key)
@@ -236,6 +245,36 @@ def get_keystore(request: Request) -> KeyStore:
             raise ApiError(500, "misconfigured", f"API key configuration: {e}") from None
         state.keystore = store
     return store
+
+
+def get_sessions(request: Request) -> SessionSigner:
+    """The app's dashboard session signer (service/sessions.py), made on first use."""
+    state = request.app.state
+    signer = getattr(state, "sessions", None)
+    if signer is None:
+        settings = getattr(state, "settings", None) or get_settings()
+        signer = SessionSigner(settings.session_secret, settings.session_ttl_s)
+        state.sessions = signer
+    return signer
+
+
+def _session_principal(request: Request, store: KeyStore, role: str) -> Principal | None:
+    """The read principal of a valid dashboard session cookie on a GET/HEAD that needs at most read;
+    None when there is no cookie or the request is not one a session may make; ApiError 401 for a
+    cookie that is expired, forged, logged out or whose key was removed."""
+    cookie = request.cookies.get(COOKIE_NAME)
+    if not cookie or request.method not in ("GET", "HEAD") or ROLE_RANK[role] > ROLE_RANK["read"]:
+        return None
+    session = get_sessions(request).verify(cookie)
+    if session is None or store.role_of_key_id(session.key_id) is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "the dashboard session has expired or is no longer valid: log in again at /dashboard/login",
+            field="Cookie",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return Principal(key_id=session.key_id, role="read", authenticated=True)
 
 
 def _presented_key(request: Request) -> str | None:
@@ -267,6 +306,11 @@ def authenticate(request: Request, role: str) -> Principal:
         return principal
     key = _presented_key(request)
     if key is None:
+        session = _session_principal(request, store, role)
+        if session is not None:
+            _rate_limit(store, session.key_id)
+            request.state.principal = session
+            return session
         raise ApiError(
             401,
             "unauthorized",
@@ -286,6 +330,13 @@ def authenticate(request: Request, role: str) -> Principal:
     key_id = hash_key(key)[:12]
     if ROLE_RANK[granted] < ROLE_RANK[role]:
         raise ApiError(403, "forbidden", f"this API key has role '{granted}'; this endpoint needs '{role}'")
+    _rate_limit(store, key_id)
+    principal = Principal(key_id=key_id, role=granted, authenticated=True)
+    request.state.principal = principal
+    return principal
+
+
+def _rate_limit(store: KeyStore, key_id: str) -> None:
     wait = store.limiter.acquire(key_id)
     if wait > 0:
         retry_after = max(1, math.ceil(wait))
@@ -297,9 +348,6 @@ def authenticate(request: Request, role: str) -> Principal:
             field="rate_limit_per_minute",
             headers={"Retry-After": str(retry_after)},
         )
-    principal = Principal(key_id=key_id, role=granted, authenticated=True)
-    request.state.principal = principal
-    return principal
 
 
 # Declared for the OpenAPI schema only (the "Authorize" button of /docs and each operation's
