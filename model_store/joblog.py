@@ -59,6 +59,9 @@ class Job:
     body_sha256: str | None = None
     request_id: str | None = None  # X-Request-ID of the ingest (service/logs.py): the worker logs it
     attempts: int = 0
+    # starts since the job was last put in the queue (created, retried, or handed back by a stopping
+    # runner): every start but the last died with its process (workers.pipeline: MEMFIT_MAX_ATTEMPTS)
+    deliveries: int = 0
     seq: int = 0  # creation order in the log
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,11 +123,16 @@ class JobLog:
             if found is None:
                 return
             job = found
+            before = job.status
             for k, v in (rec.get("fields") or {}).items():
                 if k in UPDATABLE:
                     setattr(job, k, v)
-            if rec.get("fields", {}).get("status") == "running":
+            status = rec.get("fields", {}).get("status")
+            if status == "running":
                 job.attempts += 1
+                job.deliveries += 1
+            elif status == "queued" and before != "queued":
+                job.deliveries = 0
             job.updated_at = rec.get("time", job.updated_at)
 
     @property
@@ -186,6 +194,7 @@ class JobLog:
             append_jsonl(self.documents_path, doc_records)
             d = job.to_dict()
             d.pop("seq")
+            d.pop("deliveries")  # folded from the updates, like attempts
             append_jsonl(self.jobs_path, [{"event": "create", "time": now, "job": d}])
             self.refresh()
             return self._jobs[job_id]

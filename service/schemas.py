@@ -19,6 +19,8 @@ MAX_INT64 = 2**63 - 1  # seeds and version ids
 MAX_TOKENS = 1_000_000  # max_new_tokens / max_tokens (the running limit is max_new_tokens_limit)
 MAX_TOP_K = 1_000_000  # above any vocabulary
 MAX_TOP_T = 10_000_000  # memory slots (the route checks the model's own memory size)
+MAX_UPDATE_STEPS = 10_000  # optimizer steps of one job (the job time limit bounds it too)
+MAX_UPDATE_LR = 100_000.0  # 10x the default SGD lr (10000, scaled down per row by its IDF)
 
 JobStatus = Literal["queued", "running", "succeeded", "rejected", "failed", "cancelled"]
 VersionState = Literal["active", "retained", "rejected"]
@@ -81,15 +83,47 @@ class Document(_Strict):
 
 
 class UpdateOverrides(_Strict):
-    """Per-request overrides of the update settings (memlm.updater.UpdateSettings); all optional."""
+    """Per-job overrides of the update settings (memlm.updater.UpdateSettings) that a write key may set.
 
-    model_config = ConfigDict(extra="allow")
+    An allow-list, each field bounded: any other name (including the trainer's internal fields such as
+    `adam_eps`) and any value out of range is a 422 naming `settings.<field>`. The bounds keep one job's
+    memory and compute within what a replica or worker can take (batch_size x max_seq_len tokens per
+    step, paraphrases / question_rewrites / replay multiply the examples); `steps` is bounded again by
+    the job time limit (MEMFIT_TASK_TIME_LIMIT_S). `method` "all" (every slot, the dense baseline) is
+    not offered: it breaks the sparse-update guarantee."""
 
     top_t: int | None = Field(
         None, ge=1, le=MAX_TOP_T, description="memory slots trained (paper: 500 for facts)"
     )
-    steps: int | None = Field(None, ge=1, le=10_000, description="optimizer steps")
-    lr: float | None = Field(None, gt=0, le=1000, description="learning rate (plain SGD; paper: 2 to 5)")
+    steps: int | None = Field(None, ge=1, le=MAX_UPDATE_STEPS, description="optimizer steps")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_UPDATE_LR,
+        description="learning rate (plain SGD; default 10000 with idf_lr_power 1)",
+    )
+    optimizer: Literal["sgd", "adam"] | None = Field(None, description="plain SGD or a row-local Adam")
+    method: Literal["tfidf", "tf", "random"] | None = Field(None, description="slot ranking")
+    batch_size: int | None = Field(None, ge=1, le=64, description="sequences per step")
+    loss_reduction: Literal["sum", "mean"] | None = None
+    early_stop: bool | None = Field(None, description="stop once every fact of the update is answered")
+    check_every: int | None = Field(None, ge=1, le=1000, description="steps between early-stop checks")
+    extra_steps: int | None = Field(None, ge=0, le=1000, description="steps after the early stop fires")
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="clip the rows' gradient norm")
+    max_row_change: float | None = Field(None, gt=0, le=1000, description="cap each row's change / its norm")
+    max_df: float | None = Field(
+        None, gt=0, le=1, description="never select slots read by more of the background"
+    )
+    idf_lr_power: float | None = Field(
+        None, ge=0, le=8, description="row step scaled by (idf / idf_max) ** this"
+    )
+    replay: int | None = Field(None, ge=0, le=256, description="background sequences kept by a KL term")
+    replay_weight: float | None = Field(None, ge=0, le=1000, description="weight of that KL term")
+    seed: int | None = Field(None, ge=0, le=MAX_INT64, description="random-t selection and paraphrase order")
+    max_seq_len: int | None = Field(None, ge=16, le=512, description="tokens per training example")
+    paraphrases: int | None = Field(None, ge=0, le=8, description="model-free paraphrases per chunk")
+    question_rewrites: int | None = Field(None, ge=0, le=16, description="training wordings per fact")
+    train_text: bool | None = Field(None, description="train a document's text too when it has facts")
 
 
 class IngestRequest(_Strict):

@@ -26,12 +26,19 @@ class Settings(BaseSettings):
     # distributed mode
     redis_url: str | None = Field(None, description="set -> distributed mode (Celery on Redis)")
     celery_queue: str = Field("memfit-updates", description="Celery queue of update tasks")
-    task_time_limit_s: int = Field(1800, description="hard time limit of one update task")
+    task_time_limit_s: int = Field(
+        1800,
+        ge=1,
+        description="time limit of one update job, both modes: past it the job fails at a step boundary",
+    )
     visibility_timeout_s: int = Field(3600, description="Redis visibility timeout; above the longest update")
     # 8: on the default model a batch of 5 single-fact jobs learned all 5 in 4.6 s at 1.6% probe
     # forgetting; batches of 32 ran out of steps at ~70% learned and 22-27% forgetting (gate-rejected)
     max_batch_jobs: int = Field(8, ge=1, description="queued jobs merged into one update when they pile up")
     claim_ttl_s: float = Field(60.0, gt=0, description="a dead worker's job claims lapse after this long")
+    max_attempts: int = Field(
+        3, ge=1, description="a job started this many times without finishing (its process died) fails"
+    )
 
     # request limits (each a clear 413/422 naming the limit)
     max_documents_per_request: int = Field(256, ge=1)

@@ -41,8 +41,10 @@ version in the store (`workers.pipeline.find_version_of_job`), checked under the
 
 Every job a worker finishes gets `timings.worker_pid` and `timings.worker_host` (written right after
 the pipeline's final update): the update ran in that process. Celery's hard/soft time limits are not
-enforced by the solo pool, so the runtime also cancels a job at a step boundary after
-`settings.task_time_limit_s - min(60, limit / 4)` seconds (`workers.celery_app.soft_limit_s`).
+enforced by the solo pool, so the runtime fails a job at a step boundary after
+`settings.task_time_limit_s - min(60, limit / 4)` seconds (`workers.celery_app.soft_limit_s`). A job
+that keeps killing its worker (every delivery dies with the process) fails on the delivery after
+`settings.max_attempts` starts (workers.pipeline) instead of coming back forever.
 """
 
 from __future__ import annotations
@@ -276,18 +278,14 @@ class WorkerRuntime:
         return gather(self.store, leader, max(1, int(self.settings.max_batch_jobs)) - 1, take)
 
     def _deadline_cancel(self, extra=None):
+        """Past the soft limit the job fails (workers.pipeline.JobTimedOut) at a step boundary, before
+        Celery's hard limit would kill the process (the solo pool enforces neither)."""
         from workers.celery_app import soft_limit_s
+        from workers.pipeline import time_limited
 
-        hard = float(self.settings.task_time_limit_s)
-        deadline = time.monotonic() + soft_limit_s(int(hard))
-
-        def should_cancel() -> bool:
-            if time.monotonic() > deadline:
-                log.error("job exceeded MEMFIT_TASK_TIME_LIMIT_S=%s: cancelling it", hard)
-                return True
-            return bool(extra and extra())
-
-        return should_cancel
+        hard = int(self.settings.task_time_limit_s)
+        soft = soft_limit_s(hard)
+        return time_limited(soft, extra, f"MEMFIT_TASK_TIME_LIMIT_S={hard} less a {hard - soft} s margin")
 
     def _stamp(self, job_id: str, extra: dict[str, Any] | None = None) -> None:
         """Record this worker's pid/host in the finished job's timings."""

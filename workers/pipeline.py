@@ -23,6 +23,9 @@ and the publish run under the store's writer lock. A job found `running` (its pr
 again from the active version: training is deterministic in its inputs and nothing was published.
 
 Cancellation happens at step boundaries: between optimizer steps, before evaluation, before publish.
+So does the time limit (`time_limited`: past it the job fails with JobTimedOut). A job is started at
+most `settings.max_attempts` times in a row (`Job.deliveries`, reset when it is queued again): a job
+whose every start died with its process is failed on the next delivery instead of run again.
 """
 
 from __future__ import annotations
@@ -72,6 +75,27 @@ def crash_hook(point: str, job_id: str) -> None:
 
 class JobCancelled(Exception):
     """Raised at a step boundary when the job was cancelled."""
+
+
+class JobTimedOut(Exception):
+    """Raised at a step boundary when the job ran past its time limit (the job is then `failed`)."""
+
+
+def time_limited(
+    limit_s: float, should_cancel: Callable[[], bool] | None = None, why: str = ""
+) -> Callable[[], bool]:
+    """A `should_cancel` for `Pipeline.run_job` that raises JobTimedOut once `limit_s` seconds have
+    passed (checked at step boundaries: between optimizer steps, before evaluation, before publish);
+    `why` names the setting in the error."""
+    deadline = time.monotonic() + float(limit_s)
+    why = why or f"MEMFIT_TASK_TIME_LIMIT_S={limit_s:g}"
+
+    def check() -> bool:
+        if time.monotonic() > deadline:
+            raise JobTimedOut(f"the update ran past its time limit of {limit_s:g} s ({why})")
+        return bool(should_cancel and should_cancel())
+
+    return check
 
 
 def update_settings_fields() -> set[str]:
@@ -286,6 +310,24 @@ class Pipeline:
         done = self._finish_if_published(job, timings)
         if done is not None:
             return done
+
+        max_attempts = getattr(self.settings, "max_attempts", None)
+        if max_attempts and job.deliveries >= max_attempts:
+            # every earlier start died with its process (a kill, an OOM): starting it again would
+            # take the next worker down too
+            log.error("job %s started %d times without finishing: failing it", job_id, job.deliveries)
+            return _result(
+                jobs.update(
+                    job_id,
+                    status="failed",
+                    error=(
+                        f"started {job.deliveries} times without finishing (the process running it died "
+                        f"each time); gave up after MEMFIT_MAX_ATTEMPTS={max_attempts}. "
+                        "POST /jobs/{id}/retry runs it again"
+                    ),
+                    progress={"phase": "failed"},
+                )
+            )
 
         jobs.update(job_id, status="running", progress={"phase": "loading"}, timings=timings)
         phase = _PhaseReporter(jobs, job_id, should_cancel, on_phase)

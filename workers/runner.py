@@ -9,6 +9,11 @@ wakes the thread early, a poll every `poll_s` catches jobs queued by other proce
 Batching: jobs that pile up while an update runs are merged into one update (workers.batching, at
 most `settings.max_batch_jobs` jobs; same update settings, no document in common).
 
+Time limit: a job still running `settings.task_time_limit_s` after it started fails at the next step
+boundary (`workers.pipeline.JobTimedOut`), as in the distributed mode. A job left `running` by a
+process that died is started again by the next one, at most `settings.max_attempts` times in a row
+(then it fails); a runner that is stopped hands its job back to the queue, which resets that count.
+
 Cancel: a queued job becomes `cancelled` at once; a running one is flagged (in memory and in the job
 log, so a restart does not lose it) and stops at the next step boundary; a batch stops when every
 member asked. Retry: failed or cancelled -> queued.
@@ -24,7 +29,7 @@ from typing import Any
 
 from model_store import InvalidTransition, Job, Store
 
-from .pipeline import JobResult, Pipeline
+from .pipeline import JobResult, Pipeline, time_limited
 
 log = logging.getLogger("memfit.runner")
 
@@ -151,7 +156,13 @@ class UpdateRunner:
             try:
                 result = self._run(run_id, members)
             except _Stopping:
-                log.info("update runner stopping; job %s stays running and reruns after restart", job.job_id)
+                # handed back to the queue: a deliberate stop is not a start that died with its
+                # process (MEMFIT_MAX_ATTEMPTS counts those); the next process runs it from the start
+                try:
+                    self.store.jobs.update(run_id, status="queued", progress={"phase": "interrupted"})
+                except Exception:
+                    log.exception("update runner: handing job %s back to the queue", run_id)
+                log.info("update runner stopping; job %s is queued again and reruns after restart", run_id)
                 return
             except Exception as e:  # run_job records failures itself; this is a bug or an IO error
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -213,6 +224,9 @@ class UpdateRunner:
                 current.evaluation or {}, current.timings or {}, current.error,
             )  # fmt: skip
         own = self._should_cancel(run_id)
+        limit = getattr(self.settings, "task_time_limit_s", None)
+        if limit:  # the same limit as a Celery task's: a job past it fails at a step boundary
+            own = time_limited(limit, own)
         if members:
             from .batching import all_cancelled
 

@@ -190,3 +190,65 @@ def test_killed_worker_job_redelivered_and_done_once(redis_server, tiny_model_di
     assert fresh.jobs.get(job_ids[2]).timings.get("redelivered") is True
     rep = fresh.verify()
     assert rep["ok"], rep["problems"]
+
+
+MAX_ATTEMPTS = 2
+
+
+def test_job_that_keeps_killing_its_worker_fails_after_max_attempts(redis_server, tiny_model_dir, tmp_path):
+    """Before: a job whose every delivery killed its worker (here the crash hook; in life an OOM or a
+    segfault in training) came back forever: redelivered after each visibility timeout, it took every
+    restarted worker down with it. Now each start is counted in the job log (`Job.deliveries`) before
+    training, and the delivery after MEMFIT_MAX_ATTEMPTS starts fails the job without running it: the
+    worker lives, nothing is published."""
+    from model_store import Store
+    from service.settings import Settings
+    from workers.celery_app import create_app
+    from workers.tasks import UPDATE_TASK
+
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_dir)
+    visibility = 8
+    env = {
+        **ENV,
+        "MEMFIT_HOME": str(tmp_path / "home"),
+        "MEMFIT_REDIS_URL": redis_server.url,
+        "MEMFIT_TASK_TIME_LIMIT_S": str(visibility - 1),
+        "MEMFIT_VISIBILITY_TIMEOUT_S": str(visibility),
+        "MEMFIT_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+    }
+    doc = {"id": "poison", "text": "Goju Theipouquis was born in Peivistead."}
+    job_id = store.jobs.create_job(None, [doc], settings=GENTLE).job_id
+    crash = f"pipeline:training@{job_id}"  # every process that trains this job dies
+    settings = Settings(
+        redis_url=redis_server.url, task_time_limit_s=visibility - 1, visibility_timeout_s=visibility
+    )
+    workers: list[Worker] = []
+    try:
+        for k in range(MAX_ATTEMPTS):
+            w = Worker(tiny_model_dir, root, env, tmp_path / f"poison-{k}.log", crash=crash)
+            workers.append(w)
+            w.wait_ready()
+            if k == 0:
+                create_app(settings).send_task(
+                    UPDATE_TASK, args=[job_id], queue=settings.celery_queue, ignore_result=True
+                )
+            w.wait_killed(timeout=90)  # the redelivered task (visibility timeout) kills it again
+            job = store.jobs.get(job_id)
+            assert job.status == "running" and job.deliveries == k + 1, job
+        last = Worker(tiny_model_dir, root, env, tmp_path / "poison-last.log", crash=crash)
+        workers.append(last)
+        last.wait_ready()
+        job = _wait_status(store, job_id, ("failed",), 90, last)
+        assert "MEMFIT_MAX_ATTEMPTS=2" in job.error and "started 2 times" in job.error, job.error
+        time.sleep(1)
+        assert last.proc.poll() is None, last.log()[-3000:]  # not killed: the job was not run again
+    finally:
+        for w in workers:
+            w.stop()
+    fresh = Store(root)
+    assert fresh.version_ids() == [0] and fresh.active() == 0
+    job = fresh.jobs.get(job_id)
+    assert job.status == "failed" and job.attempts == MAX_ATTEMPTS
+    # a retry starts the count again (the operator's call)
+    assert fresh.jobs.retry(job_id).deliveries == 0

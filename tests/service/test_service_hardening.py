@@ -140,7 +140,15 @@ def test_every_numeric_field_is_bounded(server, path, base, name, value, field):
     "settings,field",
     [({"top_t": v}, "settings.top_t") for v in (2**63, 2**64, -1, 1e300, float("nan"))]
     + [({"steps": v}, "settings.steps") for v in (2**64, -1, float("inf"))]
-    + [({"lr": v}, "settings.lr") for v in (-1, 1e300, float("nan"), float("inf"))],
+    + [({"lr": v}, "settings.lr") for v in (-1, 1e300, float("nan"), float("inf"))]
+    + [
+        ({name: v}, f"settings.{name}")
+        for name in ("batch_size", "max_seq_len", "paraphrases", "question_rewrites", "replay", "extra_steps")
+        for v in (2**63, -1, 10**6)
+    ]
+    + [({"seed": v}, "settings.seed") for v in (2**63, 2**64, -1)]
+    + [({name: v}, f"settings.{name}") for name in ("max_df", "grad_clip") for v in (-1, 1e300, float("nan"))]
+    + [({"adam_eps": 1e-3}, "settings.adam_eps")],  # outside the allow-list
     ids=repr,
 )
 def test_ingest_numeric_overrides_are_bounded(server, settings, field):
@@ -148,6 +156,33 @@ def test_ingest_numeric_overrides_are_bounded(server, settings, field):
     with server.client(timeout=30.0) as c:
         r = c.post("/ingest", content=json.dumps(body), headers={"content-type": "application/json"})
         assert_error(r, 422, field=field)
+
+
+def test_embedded_job_past_the_time_limit_fails(server_factory):
+    """Before: an embedded job had no time limit (only Celery tasks did): 10,000 steps without an
+    early stop kept the update runner busy for minutes. Now MEMFIT_TASK_TIME_LIMIT_S bounds it in
+    both modes: past it the job fails at the next step boundary, naming the setting, and nothing is
+    published; the runner takes the next job."""
+    s = server_factory({"MEMFIT_TASK_TIME_LIMIT_S": "2", "MEMFIT_GATE_ENABLED": "false"})
+    doc = {"text": "Goju Theipouquis was born in Peivistead."}
+    with s.client(timeout=HANG) as c:
+        r = c.post("/ingest", json={"documents": [doc], "settings": {"steps": 10_000, "early_stop": False}})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        t0 = time.monotonic()
+        wait_until(
+            lambda: c.get(f"/jobs/{job_id}").json()["status"] not in ("queued", "running"), 30, "job end"
+        )
+        took = time.monotonic() - t0
+        job = c.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "failed", job
+        assert "MEMFIT_TASK_TIME_LIMIT_S" in job["error"] and "JobTimedOut" in job["error"], job["error"]
+        assert job["version"] is None and took < 20, took
+        assert [v["id"] for v in c.get("/versions").json()["versions"]] == [0]
+        # the runner is free again: the next job is taken at once (it ends, whatever its outcome)
+        r = c.post("/ingest", json={"documents": [doc], "settings": {"steps": 1, "early_stop": False}})
+        nxt = r.json()["job_id"]
+        wait_until(lambda: c.get(f"/jobs/{nxt}").json()["status"] not in ("queued", "running"), 30, "next")
 
 
 # ---- a bad row fails alone; a dead decoding thread --------------------------------------------------

@@ -303,13 +303,63 @@ def test_activate_rejected_version_is_409(app_client):
         ({"documents": [{"text": "a"}], "settings": {"wibble": 1}}, 422, "settings.wibble", None),
         ({"documents": [{"text": "a"}], "settings": {"top_t": 0}}, 422, "settings.top_t", None),
         ({"documents": [{"text": "a"}], "settings": {"top_t": 10**9}}, 422, "settings.top_t", None),
-        ({"documents": [{"text": "a"}], "settings": {"optimizer": "lbfgs"}}, 422, "settings", None),
+        ({"documents": [{"text": "a"}], "settings": {"optimizer": "lbfgs"}}, 422, "settings.optimizer", None),
+        # issue 17: only an allow-list of trainer fields, each bounded (these were all accepted)
+        ({"documents": [{"text": "a"}], "settings": {"adam_eps": 1e-3}}, 422, "settings.adam_eps", None),
+        (
+            {"documents": [{"text": "a"}], "settings": {"adam_betas": [0.5, 0.5]}},
+            422,
+            "settings.adam_betas",
+            None,
+        ),
+        ({"documents": [{"text": "a"}], "settings": {"batch_size": 10**6}}, 422, "settings.batch_size", None),
+        (
+            {"documents": [{"text": "a"}], "settings": {"max_seq_len": 10**6}},
+            422,
+            "settings.max_seq_len",
+            None,
+        ),
+        (
+            {"documents": [{"text": "a"}], "settings": {"paraphrases": 10**4}},
+            422,
+            "settings.paraphrases",
+            None,
+        ),
+        ({"documents": [{"text": "a"}], "settings": {"replay": 10**6}}, 422, "settings.replay", None),
+        (
+            {"documents": [{"text": "a"}], "settings": {"extra_steps": 10**7}},
+            422,
+            "settings.extra_steps",
+            None,
+        ),
+        ({"documents": [{"text": "a"}], "settings": {"method": "all"}}, 422, "settings.method", None),
+        ({"documents": [{"text": "a"}], "settings": {"max_df": 2.0}}, 422, "settings.max_df", None),
         ({"documents": [{"text": "a", "colour": "red"}]}, 422, "documents[0].colour", None),
     ],
 )
 def test_ingest_4xx(app_client, body, status, field, mentions):
     _, c = app_client
     assert_error(c.post("/ingest", json=body), status, field, mentions=mentions)
+
+
+def test_allowed_update_overrides_are_recorded(app_client):
+    """Every allow-listed override, in range, is accepted and recorded with the job as sent."""
+    app, c = app_client
+    jobs = app.state.store.jobs
+    for j in jobs.queued(include_running=False):
+        jobs.cancel(j.job_id)
+    overrides = {
+        "top_t": 8, "steps": 5, "lr": 10000.0, "optimizer": "adam", "method": "tf", "batch_size": 8,
+        "loss_reduction": "mean", "early_stop": False, "check_every": 2, "extra_steps": 1,
+        "grad_clip": 1.0, "max_row_change": 2.0, "max_df": 0.05, "idf_lr_power": 0.5, "replay": 4,
+        "replay_weight": 0.5, "seed": 2**63 - 1, "max_seq_len": 64, "paraphrases": 1,
+        "question_rewrites": 2, "train_text": True,
+    }  # fmt: skip
+    r = c.post("/ingest", json={"documents": [{"text": "Taia exports glass."}], "settings": overrides})
+    assert r.status_code == 202, r.text
+    job = jobs.get(r.json()["job_id"])
+    assert job.settings == overrides
+    jobs.cancel(job.job_id)
 
 
 def test_idempotency_and_queue_limit(app_client):
