@@ -83,6 +83,11 @@ class Preset:
     # the rewrites the updater trains on): slots every question reads at its fixed prefix get the df of
     # the served format's real share instead of the few hundred QA forms above (see served_background)
     background_served_facts: int = 0
+    # facts about invented entities (several attributes' relations, every corpus wording of each) added
+    # to the pretraining facts: a memory that must hold many entities' facts has to key its slots on the
+    # entity, not on the question format (knowledge augmentation: Allen-Zhu & Li, arXiv 2309.14316).
+    # Never an entity of a measured stream; never in the probe.
+    pretrain_invented_facts: int = 0
     background_matched_facts: int = 400  # invented-entity facts in the pretraining templates added to the
     # background text, so slots read by the question/statement templates get a high df (low IDF)
     grad_clip: float = 1.0
@@ -312,6 +317,12 @@ def format_matched_background(n: int, seed: int) -> list[str]:
     return texts
 
 
+def invented_pretraining_texts(n: int, seed: int) -> list[str]:
+    """Every corpus wording (statements and the QA form) of `n` invented facts, a seed of their own
+    (disjoint generator from the background's format-matched and served-format facts)."""
+    return format_matched_background(n, seed + 10_000)  # 20_000 + seed: format_matched uses 10_000 + seed
+
+
 def served_background(n: int, seed: int) -> list[str]:
     """`n` question-answer texts in the served format, one per invented fact (a seed of its own, disjoint
     from the benchmark and tuning streams), each question wrapped in one of the training rewrites in turn
@@ -519,6 +530,9 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     dev = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     corpus = build_corpus(seed, max_wiki=p.max_wiki, max_probe=p.max_probe, probe_cities=p.probe_cities)
+    extra = invented_pretraining_texts(p.pretrain_invented_facts, seed)
+    corpus.fact_texts.extend(extra)
+    corpus.pretrain.extend(extra)
     _log(progress, f"corpus: {len(corpus.pretrain)} pretraining texts ({len(corpus.fact_texts)} fact texts), "
          f"{len(corpus.background)} background, {len(corpus.evaluation)} evaluation, {len(corpus.probe)} probe facts")  # fmt: skip
     tokenizer = build_tokenizer(corpus.pretrain, p.vocab_size, model_max_length=p.max_position_embeddings)

@@ -206,3 +206,16 @@ def test_sparse_values_train_only_the_rows_read(tmp_path):
     untouched[read] = False
     assert torch.equal(after[untouched], before[untouched])
     assert not torch.equal(after[read], before[read])
+
+
+def test_invented_pretraining_facts_are_their_own_and_unmeasured():
+    from memlm.data.invented import measured_names
+
+    texts = pretrain_mod.invented_pretraining_texts(30, seed=0)
+    assert len(texts) >= 30 * 2  # statements and the QA form of each fact
+    assert not set(texts) & set(pretrain_mod.format_matched_background(400, seed=0))
+    assert pretrain_mod.invented_pretraining_texts(0, seed=0) == []
+    import re
+
+    measured = re.compile(r"\b(" + "|".join(map(re.escape, measured_names())) + r")\b")
+    assert not [t for t in texts if measured.search(t)]
