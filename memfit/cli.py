@@ -39,6 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one preset field (repeatable; VALUE is JSON, e.g. --set memory_size=262144)",
     )
 
+    p = sub.add_parser(
+        "retrofit", help="add memory layers to a local Hugging Face model (Llama, Qwen2, GPT-2)"
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="HF_DIR", help="local model directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the retrofitted model is written")
+    p.add_argument("--layers", default=None, help="comma-separated block indices (default: the middle one)")
+    p.add_argument("--mode", choices=["parallel", "replace"], default="parallel")
+    p.add_argument("--slots", type=int, default=16384, help="memory slots per layer (a perfect square)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--key-dim", type=int, default=128)
+    p.add_argument("--no-gate", action="store_true", help="no Memory+ gate")
+    p.add_argument(
+        "--warmup-texts", default=None, metavar="FILE", help="generic text to warm the memory up on"
+    )
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--warmup-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
     p = sub.add_parser("background", help="compute background slot statistics (the IDF side)")
     p.add_argument("--model", default=None)
     p.add_argument("--to-redis", default=None, metavar="URL", help="also store them in Redis")
@@ -109,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMAND_MODULES = {
     "pretrain": "memfit.commands.pretrain",
+    "retrofit": "memfit.commands.retrofit",
     "background": "memfit.commands.background",
     "serve": "memfit.commands.serve",
     "worker": "memfit.commands.worker",

@@ -7,14 +7,20 @@ Two modes:
 
 Slot indices are read with `collect_memory_indices(model)`, a context manager of forward hooks: the
 memory module returns them, nothing is stored on the module. `save_retrofitted` / `load_retrofitted`
-round-trip the result as a normal model directory plus `memfit_retrofit.json`.
+round-trip the result as a normal model directory plus `memfit_retrofit.json` (the list of specs, one
+per memory layer; a single spec object from older files is read too).
+
+`warmup(model, tokenizer, texts, ...)` trains only the new memories (query, keys, values, gate) on
+generic text with every base weight frozen; `max_logit_change(a, b, ids)` measures how far two models'
+outputs are apart (0.0 for a parallel retrofit before any training). The `memfit retrofit` command
+(memfit/commands/retrofit.py) strings these together for a local checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,8 +115,16 @@ def retrofit(model: nn.Module, spec: RetrofitSpec, seed: int = 0) -> nn.Module:
     ref = next(model.parameters())
     memory.to(device=ref.device, dtype=ref.dtype)
     block.mlp = RetrofitMemoryMLP(block.mlp if spec.mode == "parallel" else None, memory)
-    model.config.memfit_retrofit = asdict(spec)
+    model.config.memfit_retrofit = [*retrofit_specs(model.config), asdict(spec)]
     return model
+
+
+def retrofit_specs(config) -> list[dict]:
+    """The specs recorded on a config (a list; one dict from older files becomes a list of one)."""
+    got = getattr(config, "memfit_retrofit", None)
+    if got is None:
+        return []
+    return [dict(x) for x in got] if isinstance(got, list) else [dict(got)]
 
 
 def memory_modules(model: nn.Module) -> dict[int, ProductKeyMemory]:
@@ -138,15 +152,18 @@ def collect_memory_indices(model: nn.Module) -> Iterator[dict[int, list[torch.Te
 def save_retrofitted(model: nn.Module, out_dir: str | Path) -> None:
     out = Path(out_dir)
     model.save_pretrained(out)
-    (out / RETROFIT_FILE).write_text(json.dumps(model.config.memfit_retrofit, indent=2))
+    (out / RETROFIT_FILE).write_text(json.dumps(retrofit_specs(model.config), indent=2))
 
 
 def load_retrofitted(model_dir: str | Path, **kw) -> nn.Module:
     """Load a directory written by `save_retrofitted` (base architecture + memory weights)."""
     path = Path(model_dir)
-    spec = RetrofitSpec(**json.loads((path / RETROFIT_FILE).read_text()))
+    raw = json.loads((path / RETROFIT_FILE).read_text())
+    specs = [RetrofitSpec(**x) for x in (raw if isinstance(raw, list) else [raw])]
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    retrofit(model, spec)
+    model.config.memfit_retrofit = None  # config.json carries the specs too: apply them once
+    for spec in specs:
+        retrofit(model, spec)
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(f)))
@@ -155,3 +172,70 @@ def load_retrofitted(model_dir: str | Path, **kw) -> nn.Module:
     if memory_missing:
         raise ValueError(f"{path}: memory weights missing from the checkpoint: {memory_missing[:4]}")
     return model
+
+
+def max_logit_change(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> float:
+    """The largest absolute difference between the logits of `a` and `b` on `ids` (B, T)."""
+    with torch.no_grad():
+        return float((a(ids).logits.float() - b(ids).logits.float()).abs().max())
+
+
+def warmup(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    max_len: int = 128,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train the retrofitted memories on `texts` (language-model loss) with the base frozen.
+
+    Only the memory modules' parameters get gradients (query, sub-keys, values, gate); every other
+    weight stays bit-identical. Returns the loss of each step; `progress(step, loss)` is called after
+    each one."""
+    memories = list(memory_modules(model).values())
+    if not memories:
+        raise ValueError("the model has no retrofitted memory to warm up")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("no warm-up text")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    params = [p for m in memories for p in m.parameters()]
+    trainable = {id(p) for p in params}
+    was_training = model.training
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    model.train()
+    try:
+        for step in range(steps):
+            pick = torch.randint(len(texts), (min(batch_size, len(texts)),), generator=gen).tolist()
+            enc = tokenizer(
+                [texts[i] for i in pick],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+            )
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step + 1, losses[-1])
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+        model.train(was_training)
+    return losses

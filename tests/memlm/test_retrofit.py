@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import (
@@ -88,3 +90,89 @@ def test_refuses_bad_layer_and_mode():
         retrofit(tiny("llama"), RetrofitSpec(layer=5))
     with pytest.raises(ValueError, match="not 'parallel' or 'replace'"):
         retrofit(tiny("llama"), RetrofitSpec(layer=0, mode="sideways"))
+
+
+# ---- the `memfit retrofit` command over a local checkpoint ------------------------------------
+
+TEXTS = [
+    "The river runs past the old mill and under the stone bridge.",
+    "A small town keeps its market on the square every Saturday morning.",
+    "The library opens at nine and closes at six on weekdays.",
+    "Trains leave the station for the coast twice an hour.",
+] * 4
+
+
+def gpt2_dir(tmp_path, shard: bool = False):
+    """A tiny random GPT-2 with a byte-level BPE tokenizer, saved as a local checkpoint (no download)."""
+    from memlm.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(TEXTS, vocab_size=300, model_max_length=64)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=64, eos_token_id=0)
+    ).eval()
+    src = tmp_path / "gpt2"
+    model.save_pretrained(src, max_shard_size="100KB" if shard else "5GB")
+    tok.save_pretrained(src)
+    return src, model
+
+
+def run_cli(*argv: str) -> int:
+    from memfit.cli import main
+
+    return main(["retrofit", *argv])
+
+
+def base_state(model) -> dict[str, torch.Tensor]:
+    """The base model's weights under their original names (a parallel retrofit wraps the MLP)."""
+    return {k.replace(".mlp.mlp.", ".mlp."): v for k, v in model.state_dict().items() if ".memory." not in k}
+
+
+def test_cli_parallel_retrofit_round_trips_to_the_same_outputs(tmp_path, capsys):
+    src, original = gpt2_dir(tmp_path, shard=True)
+    assert len(list(src.glob("*.safetensors"))) > 1  # a sharded checkpoint loads too
+    out = tmp_path / "out"
+    assert run_cli("--from", str(src), "--out", str(out), "--layers", "0,2", "--slots", "64",
+                   "--heads", "2", "--topk", "4", "--key-dim", "16") == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "largest logit change on random ids: 0" in printed and f"wrote {out}" in printed
+    loaded = load_retrofitted(out).eval()
+    assert sorted(memory_modules(loaded)) == [0, 2]
+    x = torch.randint(0, original.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, original(x).logits)  # identity until trained
+    assert (out / "tokenizer.json").exists()
+
+
+def test_cli_warmup_trains_only_the_memory(tmp_path, capsys):
+    src, original = gpt2_dir(tmp_path)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
+    out = tmp_path / "out"
+    assert run_cli("--from", str(src), "--out", str(out), "--slots", "64", "--heads", "2", "--topk", "4",
+                   "--key-dim", "16", "--warmup-texts", str(texts), "--warmup-steps", "30",
+                   "--warmup-lr", "0.01") == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "warm-up: 30 steps on 4 texts" in printed and "step 30/30" in printed
+    first, last = (float(x) for x in printed.split("warm-up loss ")[1].split()[0:3:2])
+    assert last < first, printed
+    loaded = load_retrofitted(out).eval()
+    (layer,) = memory_modules(loaded)
+    assert layer == 1  # the middle of 3 blocks by default
+    assert memory_modules(loaded)[1].values.weight.abs().sum() > 0  # the memory learned
+    want, got = base_state(original), base_state(loaded)
+    assert want.keys() == got.keys()
+    for k in want:  # every base weight bit-identical
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_cli_refuses_bad_input(tmp_path, capsys):
+    src, _ = gpt2_dir(tmp_path)
+    assert run_cli("--from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")) == 2
+    assert run_cli("--from", str(src), "--out", str(tmp_path / "o"), "--layers", "7") == 2
+    assert "outside 0..2" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    assert run_cli("--from", str(src), "--out", str(busy)) == 2
+    assert "not empty" in capsys.readouterr().err
