@@ -12,6 +12,7 @@ Both are re-entrant within one thread (nested `with lock:` blocks are fine).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockTimeout
+
+log = logging.getLogger("memfit.store.lock")
 
 
 class WriterLock:
@@ -77,6 +80,12 @@ class RedisWriterLock(WriterLock):
     """Distributed writer lock on Redis (`SET NX PX` + token-checked release).
 
     `ttl_s` bounds how long a dead holder blocks others; a holder doing long work calls `extend()`.
+    A client built from a URL has connect and reply timeouts (`socket_connect_timeout`,
+    `socket_timeout`): a Redis that does not answer raises redis' TimeoutError instead of hanging.
+    `retry_unavailable_s`: how long `acquire` and `release` keep retrying while Redis is unreachable
+    (a worker about to publish rides out a blip; 0, the API's choice, fails at once so the route
+    answers 503). A release that still cannot reach Redis is logged, not raised: the work under the
+    lock is done, and the lease lapses by itself after `ttl_s`.
     """
 
     def __init__(
@@ -86,18 +95,43 @@ class RedisWriterLock(WriterLock):
         ttl_s: float = 120.0,
         timeout: float = 600.0,
         poll_s: float = 0.05,
+        socket_timeout: float = 5.0,
+        socket_connect_timeout: float = 3.0,
+        retry_unavailable_s: float = 0.0,
     ) -> None:
         if isinstance(url_or_client, str):
             import redis  # lazy: the store never needs redis otherwise
 
-            self.client = redis.Redis.from_url(url_or_client)
+            self.client = redis.Redis.from_url(
+                url_or_client, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout
+            )
         else:
             self.client = url_or_client
         self.name = name
         self.ttl_ms = int(ttl_s * 1000)
         self.timeout = timeout
         self.poll_s = poll_s
+        self.retry_unavailable_s = float(retry_unavailable_s)
         self._local = threading.local()
+
+    def _retrying(self, fn: Any, what: str) -> Any:
+        """fn(), retried with backoff while Redis is unreachable, for up to retry_unavailable_s."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        deadline = time.monotonic() + self.retry_unavailable_s
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "redis writer lock %r: %s unreachable (%s); retrying in %.1f s", self.name, what, e, delay
+                )
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     def _state(self) -> tuple[str | None, int]:
         return getattr(self._local, "token", None), getattr(self._local, "depth", 0)
@@ -111,7 +145,7 @@ class RedisWriterLock(WriterLock):
         token = uuid.uuid4().hex
         deadline = time.monotonic() + t
         while True:
-            if self.client.set(self.name, token, nx=True, px=self.ttl_ms):
+            if self._retrying(lambda: self.client.set(self.name, token, nx=True, px=self.ttl_ms), "acquire"):
                 self._local.token = token
                 self._local.depth = 1
                 return
@@ -128,7 +162,12 @@ class RedisWriterLock(WriterLock):
             return
         self._local.token = None
         self._local.depth = 0
-        self.client.eval(_RELEASE_LUA, 1, self.name, token)
+        try:
+            self._retrying(lambda: self.client.eval(_RELEASE_LUA, 1, self.name, token), "release")
+        except Exception as e:  # the work under the lock is done; the lease lapses after ttl_s
+            log.warning(
+                "redis writer lock %r not released (%s); it lapses in %d ms", self.name, e, self.ttl_ms
+            )
 
     def extend(self) -> bool:
         token, _ = self._state()

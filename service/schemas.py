@@ -154,6 +154,13 @@ class IngestResponse(BaseModel):
     job_id: str = Field(examples=["j_3f2a9c0d1e2b4a5c"])
     status: JobStatus = Field(examples=["queued"])
     documents: list[str] = Field(default_factory=list, examples=[["doc-42"]])
+    dispatch: Literal["sent", "pending"] | None = Field(
+        None,
+        examples=["sent"],
+        description='"sent": handed to the update runner / queue; "pending": recorded, but the update '
+        "queue (Redis) is unreachable: the replicas' sweep sends it once Redis answers; null on an "
+        "Idempotent-Replayed answer (this request dispatched nothing)",
+    )
 
 
 # ---- jobs ---------------------------------------------------------------------------------------

@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, description="a job started this many times without finishing (its process died) fails"
     )
+    # every Redis client (queue, locks, claims, background table, events) fails after these instead of
+    # hanging on a Redis that does not answer
+    redis_connect_timeout_s: float = Field(3.0, gt=0, le=300, description="Redis TCP connect timeout")
+    redis_socket_timeout_s: float = Field(5.0, gt=0, le=300, description="Redis reply timeout per command")
+    redis_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="a worker retries an unreachable Redis this long at publish before the job fails",
+    )
 
     # request limits (each a clear 413/422 naming the limit)
     max_documents_per_request: int = Field(256, ge=1)

@@ -47,7 +47,8 @@ def _client(url_or_client: Any):
     if isinstance(url_or_client, str):
         import redis
 
-        return redis.Redis.from_url(url_or_client)
+        # a reply timeout per read, not per table: a large table keeps arriving within it
+        return redis.Redis.from_url(url_or_client, socket_connect_timeout=3, socket_timeout=30)
     return url_or_client
 
 

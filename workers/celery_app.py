@@ -56,7 +56,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         )
     transport = {
         "visibility_timeout": visibility,
-        "socket_connect_timeout": 3,  # a dead Redis fails an enqueue fast (the API answers 503)
+        # a dead or silent Redis fails an enqueue fast (the job stays in the log, dispatch "pending")
+        "socket_connect_timeout": float(settings.redis_connect_timeout_s),
+        "socket_timeout": float(settings.redis_socket_timeout_s),
         "socket_keepalive": True,
         "health_check_interval": 25,
         # look for unacknowledged messages of dead workers every few seconds (kombu: every 100 s),
@@ -69,6 +71,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": settings.redis_url,
         "broker_transport_options": dict(transport),
         "result_backend_transport_options": dict(transport),
+        "redis_socket_connect_timeout": float(settings.redis_connect_timeout_s),
+        "redis_socket_timeout": float(settings.redis_socket_timeout_s),
         "broker_connection_retry_on_startup": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -16,8 +16,9 @@ Integration points (what other modules call):
 
 The job log on the shared store is the record of truth; Redis carries work and leases only:
 - `notify(job_id)` runs after the API has fsynced the job to the log. It sends the Celery task and
-  then sets `memfit:job:{id}:enqueued` (TTL = visibility timeout). When Redis is down it raises
-  ApiError 503 with Retry-After; the job stays queued in the log (never a 202 without it there).
+  then sets `memfit:job:{id}:enqueued` (TTL = visibility timeout). When Redis is down (or does not
+  answer within `redis_socket_timeout_s`) it returns "pending" and the API still answers 202 with
+  `"dispatch": "pending"`: the job is durably queued in the log and the sweep sends it later.
 - The sweep (every `sweep_s`, in each replica) re-sends every queued or running job that has neither
   a live claim nor an enqueued marker and has not changed for `sweep_grace_s`: jobs refused while
   Redis was down, jobs whose worker died, everything after a Redis restart without persistence.
@@ -74,17 +75,32 @@ def marker_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:{job_id}:enqueued"
 
 
-def redis_client(url: str, timeout: float = 3.0):
+def redis_timeouts(settings: Any = None) -> dict[str, float]:
+    """Connect and reply timeouts of every Redis client (Settings.redis_*_timeout_s): a Redis that
+    accepts connections but never answers raises redis' TimeoutError instead of hanging a route."""
+    return {
+        "socket_connect_timeout": float(getattr(settings, "redis_connect_timeout_s", 3.0)),
+        "socket_timeout": float(getattr(settings, "redis_socket_timeout_s", 5.0)),
+    }
+
+
+def redis_client(url: str, settings: Any = None):
     import redis
 
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    return redis.Redis.from_url(url, **redis_timeouts(settings))
 
 
-def store_lock(store: Store, redis_url: str):
-    """The writer lock every distributed writer uses (same name as `Store.open(root, redis_url)`)."""
+def store_lock(store: Store, redis_url: str, settings: Any = None, retry_unavailable_s: float = 0.0):
+    """The writer lock every distributed writer uses (same name as `Store.open(root, redis_url)`).
+    Workers pass `retry_unavailable_s` (Settings.redis_retry_s): a Redis blip at publish is waited
+    out instead of failing the job; API routes fail at once (503 redis_unavailable)."""
     from model_store import RedisWriterLock
 
-    return RedisWriterLock(redis_url, name=f"memfit:store:{store.base_id[:16]}:writer")
+    return RedisWriterLock(
+        redis_client(redis_url, settings),
+        name=f"memfit:store:{store.base_id[:16]}:writer",
+        retry_unavailable_s=retry_unavailable_s,
+    )
 
 
 # ==== worker side ================================================================================
@@ -152,11 +168,16 @@ class WorkerRuntime:
         self.settings = settings
         self.url: str = settings.redis_url
         self.store = store if store is not None else Store.open(settings.store, settings.redis_url)
-        self.store.lock = store_lock(self.store, self.url)
+        self.store.lock = store_lock(
+            self.store,
+            self.url,
+            settings,
+            retry_unavailable_s=float(getattr(settings, "redis_retry_s", 60.0)),
+        )
         self._announce_on_publish()
         self.device = device
         self._pipeline = pipeline
-        self.r = redis_client(self.url)
+        self.r = redis_client(self.url, settings)
         self.claims = Claims(self.r, ttl_s=getattr(settings, "claim_ttl_s", 60.0))
         self.pid = os.getpid()
         self.host = socket.gethostname()
@@ -182,7 +203,7 @@ class WorkerRuntime:
         base_id = model_base_id(self.store.base_dir)
         if base_id != self.store.base_id:
             raise RuntimeError(f"store base {self.store.base_id[:12]} != base files {base_id[:12]}")
-        stats = background_redis.ensure(self.url, self.store.base_dir)
+        stats = background_redis.ensure(self.r, self.store.base_dir)
         p = self.pipeline
         p.load()
         p.background = stats  # the shared table in Redis, not a per-host file
@@ -415,7 +436,7 @@ class CeleryDispatcher:
         self.url: str = settings.redis_url
         self.app = get_app(settings)
         self.queue = settings.celery_queue
-        self.r = redis_client(self.url)
+        self.r = redis_client(self.url, settings)
         self.sweep_s = sweep_s
         self.sweep_grace_s = sweep_grace_s
         self.marker_ttl_s = int(settings.visibility_timeout_s) + 60
@@ -424,7 +445,7 @@ class CeleryDispatcher:
         self._stop = threading.Event()
         self._from_event = threading.local()
         self._seen_jobs: set[str] = set()
-        store.lock = store_lock(store, self.url)
+        store.lock = store_lock(store, self.url, settings)
         self.subscriber = None
         if engine is not None and subscribe:
             from workers.events import VersionSubscriber
@@ -435,25 +456,19 @@ class CeleryDispatcher:
         self._sweeper.start()
 
     # -- the app's dispatcher interface ----------------------------------------------------------
-    def notify(self, job_id: str | None = None) -> None:
-        """Send job `job_id` to the workers; ApiError 503 (Retry-After) when Redis is unreachable."""
+    def notify(self, job_id: str | None = None) -> str | None:
+        """Send job `job_id` to the workers: "sent", or "pending" when Redis is unreachable (the job
+        is in the log already; the sweep sends it once Redis answers). Never raises: the ingest is
+        accepted either way, so a client retrying without an Idempotency-Key cannot double it."""
         if job_id is None:
-            return
+            return None
         try:
             self.send(job_id)
         except Exception as e:
-            from service.errors import ApiError
-
             self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("job %s stays queued in the log: Redis unreachable (%s)", job_id, e)
-            raise ApiError(
-                503,
-                "queue_unavailable",
-                f"job {job_id} is recorded but the update queue (Redis) is unreachable; it will be sent "
-                "when Redis is back. Retry with the same Idempotency-Key to get this job.",
-                None,
-                {"Retry-After": str(max(1, int(self.sweep_s)))},
-            ) from None
+            log.warning("job %s stays queued in the log, dispatch pending: Redis unreachable (%s)", job_id, e)
+            return "pending"
+        return "sent"
 
     def send(self, job_id: str) -> None:
         """Publish the task, then mark the job as enqueued (raises when Redis is unreachable)."""

@@ -1,6 +1,9 @@
 """POST /ingest: record documents and an update job durably, then hand the job to the runner.
 
-202 only after the documents and the job are fsynced to the store's log (model_store.JobLog).
+202 only after the documents and the job are fsynced to the store's log (model_store.JobLog), also
+when the update queue (Redis, distributed mode) is unreachable: then `"dispatch": "pending"` and the
+replicas' sweep sends the job once Redis answers (a 503 there made clients retry, doubling jobs that
+were recorded already).
 Idempotency-Key: the same key with the same body returns the same job (also after a restart and for
 concurrent retries: the check and the create are one step under the job log's lock); the same key
 with a different body is a 409.
@@ -181,12 +184,19 @@ async def ingest(
             f"Idempotency-Key {e.key!r} was used by job {e.job_id} with a different body",
             "Idempotency-Key",
         ) from None
+    dispatch = None
     if not replayed:
         metrics.ingested_documents.inc(len(documents))
-        # off the event loop: the distributed dispatcher talks to Redis (503 from it when unreachable)
-        await asyncio.to_thread(dispatcher.notify, job.job_id)
+        # off the event loop: the distributed dispatcher talks to Redis; "pending" when it is
+        # unreachable (the job is in the log already, the sweep sends it later)
+        dispatch = await asyncio.to_thread(dispatcher.notify, job.job_id) or "sent"
     headers = {"Location": f"/jobs/{job.job_id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    out = IngestResponse(job_id=job.job_id, status=job.status, documents=list(job.documents))  # type: ignore[arg-type]
+    out = IngestResponse(
+        job_id=job.job_id,
+        status=job.status,  # type: ignore[arg-type]
+        documents=list(job.documents),
+        dispatch=dispatch,
+    )
     return JSONResponse(out.model_dump(), status_code=202, headers=headers)
