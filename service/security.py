@@ -308,7 +308,7 @@ def authenticate(request: Request, role: str) -> Principal:
     if key is None:
         session = _session_principal(request, store, role)
         if session is not None:
-            _rate_limit(store, session.key_id)
+            _rate_limit(store, session.key_id or "")
             request.state.principal = session
             return session
         raise ApiError(

@@ -66,7 +66,7 @@ def create_batch(store: Store, members: list[Job], batch_id: str | None = None) 
         for m in members
         for r in jobs.documents(m.documents, job_id=m.job_id)
     ]
-    request_ids = ",".join(dict.fromkeys(m.request_id for m in members if getattr(m, "request_id", None)))
+    request_ids = ",".join(dict.fromkeys(str(m.request_id) for m in members if m.request_id))
     jobs.create_job(
         batch_id, documents, settings=dict(members[0].settings or {}), request_id=request_ids or None
     )

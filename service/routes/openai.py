@@ -67,7 +67,7 @@ SSE_EVENT = {
         "event": {"type": "string"},
     },
 }
-STREAMS = {
+STREAMS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON, or `text/event-stream` (ending with `data: [DONE]`) when stream is true",
         "headers": {"X-Memfit-Version": {"schema": {"type": "integer"}}},
@@ -262,7 +262,10 @@ async def chat_completions(
     started = False
 
     def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
-        obj = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        obj: dict[str, Any] = {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
         if include_usage:
             obj["usage"] = None
         return obj
