@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -43,7 +44,13 @@ _vars: dict[str, ContextVar[Any]] = {
 }
 
 # LogRecord attributes that are not `extra` fields
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# (and uvicorn's `color_message`, the message with ANSI colours)
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 def new_request_id() -> str:
@@ -143,6 +150,14 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
     handler = make_handler(fmt, stream)
     root.addHandler(handler)
     root.setLevel(str(level).upper())
+    if fmt == "json":  # keep stderr to JSON lines: no progress bars (transformers' weight loading)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.app.trace"):
         lg = logging.getLogger(name)
         for h in list(lg.handlers):

@@ -157,6 +157,8 @@ def test_formatter_context_and_extra():
     lg.info("outside")
     a, b, c = (json.loads(x) for x in stream.getvalue().splitlines())
     assert a == {**a, "message": "inside ctx", "request_id": "r1", "job_id": "j_1", "version": 4}
+    lg.info("plain", extra={"color_message": "\x1b[1mplain\x1b[0m"})  # uvicorn's coloured copy is dropped
+    assert "color_message" not in json.loads(stream.getvalue().splitlines()[-1])
     assert b["level"] == "error" and "ValueError: boom" in b["exc"] and b["request_id"] == "r1"
     assert "request_id" not in c and "job_id" not in c
     assert clean_request_id("abc-1.2:3") == "abc-1.2:3"
