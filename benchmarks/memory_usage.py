@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from memlm.data.templates import QA_TEMPLATE
     from memlm.paths import default_model_dir
     from memlm.tokenizer import load_tokenizer
-    from memlm.usage import memory_usage
+    from memlm.usage import answer_key_sharing, memory_usage
 
     model_dir = Path(args.model) if args.model else default_model_dir("default")
     t0 = time.perf_counter()
@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         QA_TEMPLATE.format(question=f["question"], answer=f["answer"]).rstrip("\n") for f in probe["facts"]
     ]
     usage = memory_usage(model, tok, probe["heldout_texts"], prompts)
+    keys = answer_key_sharing(model, tok, [f["question"] for f in probe["facts"]])
     bg = BackgroundStats.load(model_dir)
     print(json.dumps({
         "model": str(model_dir),
         "memory_usage": {str(k): v for k, v in usage.items()},
+        "answer_key_sharing": {str(k): v for k, v in keys.items()},
         "background_slots_read_share": {str(k): float((df > 0).float().mean()) for k, df in bg.df.items()},
         "background_docs": bg.num_docs,
         "model_dir_bytes": sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()),

@@ -11,6 +11,13 @@
       prompts_union_share    share of slots read by at least one prompt: a new fact whose rows lie
                              outside this union changes no prompt's output (memlm.reach)
 
+    answer_key_sharing(model, tokenizer, questions) -> per memory layer, at the position that predicts
+    the first answer token (the end of "Question: ...\nAnswer:"):
+      shared_weight          mean share of a question's read weight on slots that another question of
+                             the set also reads there (1: the answer position reads the format, not the
+                             entity; an entity-keyed memory is near 0)
+      distinct_read_share    distinct slots over all reads at that position (1: no two questions share)
+
 Measured with forward hooks on the memory blocks; the model is not changed.
 """
 
@@ -113,5 +120,58 @@ def memory_usage(
             "top1pct_read_share": float(c.topk(top).values.sum()) / total if total else 0.0,
             "reads_per_prompt": sum(map(len, sets)) / len(sets) if sets else None,
             "prompts_union_share": len(union) / n_slots[layer] if sets else None,
+        }
+    return report
+
+
+@torch.no_grad()
+def answer_key_sharing(model, tokenizer, questions: Sequence[str], batch_size: int = 16) -> dict[int, dict]:
+    """{memory layer: {"shared_weight", "distinct_read_share", "questions"}} (see the module docstring)."""
+    from .evaluation import format_question
+
+    was_training = model.training
+    model.eval()
+    modules = model.memory_modules()
+    reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in modules}
+    state: dict = {}
+
+    def hook(layer: int):
+        def fn(module, args, output):
+            last = state["mask"].sum(dim=1) - 1  # right-padded: the last real position of each row
+            rows = torch.arange(last.numel(), device=last.device)
+            idx, w = output.indices[rows, last], output.weights[rows, last]  # (B, H, k)
+            reads[layer].extend(zip(idx.reshape(len(rows), -1).cpu(), w.reshape(len(rows), -1).float().cpu()))
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in modules.items()]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs = [tokenizer.encode(format_question(q), add_special_tokens=False) for q in questions]
+    try:
+
+        def run(ids, mask):
+            state["mask"] = mask
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        _pass(model, seqs, pad, batch_size, run)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    report: dict[int, dict] = {}
+    for layer, items in reads.items():
+        owners: dict[int, int] = {}  # slot -> how many questions read it at the answer position
+        for idx, _ in items:
+            for slot in set(idx.tolist()):
+                owners[slot] = owners.get(slot, 0) + 1
+        shared = []
+        for idx, w in items:
+            others = torch.tensor([owners[s] > 1 for s in idx.tolist()])
+            shared.append(float(w[others].sum() / w.sum()))
+        total = sum(idx.numel() for idx, _ in items)
+        report[layer] = {
+            "shared_weight": sum(shared) / len(shared) if shared else None,
+            "distinct_read_share": len(owners) / total if total else None,
+            "questions": len(items),
         }
     return report
