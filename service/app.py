@@ -199,7 +199,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await follower
         if dispatcher is not None and hasattr(dispatcher, "stop"):
             await asyncio.to_thread(dispatcher.stop)
-        engine.close()
+        # uvicorn waited MEMFIT_SHUTDOWN_GRACE_S for in-flight requests already; another server (or
+        # a request admitted late) gets the same bound here before decoding stops
+        await asyncio.to_thread(engine.close, settings.shutdown_grace_s)
 
 
 def create_app(settings: Settings | None = None, *, start_runner: bool = True) -> FastAPI:

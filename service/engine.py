@@ -297,6 +297,7 @@ class Engine:
         self._pending: list[tuple[Prepared, Callable[[Any], None]]] = []
         self._pending_cond = threading.Condition()
         self._closed = False
+        self._draining = False  # close(drain_s): no new requests, the admitted ones finish
         self.waves = 0  # decoding waves started (a wave decodes up to max_batch_size requests together)
         self.forward_calls = 0  # forward passes run for generation (prefills and decoding steps)
         self.decode_steps = 0  # decoding steps (one forward pass over every running row)
@@ -318,7 +319,19 @@ class Engine:
         engine.switch_to(store.active())
         return engine
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop: new requests get a 503 at once; with `drain_s` > 0 the requests admitted already
+        (decoding, or waiting for a slot) get up to that many seconds to finish first (the app
+        passes MEMFIT_SHUTDOWN_GRACE_S). Whatever still waits then gets a 503 `unavailable`."""
+        if drain_s > 0:
+            with self._pending_cond:
+                self._draining = True
+            if not self.wait_idle(drain_s):
+                log.warning(
+                    "shutdown: %d generation requests still running or waiting after %g s: cutting them",
+                    self.active_waves + len(self._pending),
+                    drain_s,
+                )
         with self._pending_cond:
             self._closed = True
             pending, self._pending = self._pending, []
@@ -491,7 +504,7 @@ class Engine:
         engine is closing or settings.max_waiting requests wait already."""
         self.check_decoders()
         with self._pending_cond:
-            if self._closed:
+            if self._closed or self._draining:
                 raise ApiError(503, "unavailable", "the server is shutting down", None, {"Retry-After": "1"})
             if self.max_waiting is not None and len(self._pending) >= self.max_waiting:
                 self.rejected += 1

@@ -101,8 +101,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         300.0, gt=0, description="a generation still running this long after admission is stopped (503)"
     )
+    # 50: inside compose's stop_grace_period (60 s) and k8s' terminationGracePeriodSeconds (75 s = a 5 s
+    # preStop + this + margin); tests/deploy/test_deploy_files.py checks the manifests keep it so
     shutdown_grace_s: int = Field(
-        5, ge=0, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
+        50, ge=0, description="on SIGTERM, seconds in-flight requests get to finish before they are cut"
     )
 
     # logs (service/logs.py)

@@ -6,6 +6,7 @@ memfit.cli.build_parser(), service.settings.Settings and the Makefile.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -234,6 +235,36 @@ def test_compose_and_k8s_settings_validate(monkeypatch, tmp_path):
             pytest.fail(f"{where}: its MEMFIT_* environment does not validate: {e}")
         for key in env:
             monkeypatch.delenv(key, raising=False)
+
+
+def _seconds(value) -> float:
+    """A compose duration ("60s", "1m30s", "10m") or a plain number of seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s|ms)", str(value))
+    assert parts, value
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[u] for n, u in parts)
+
+
+def test_shutdown_grace_fits_the_orchestrators_grace(monkeypatch):
+    """uvicorn's graceful shutdown (MEMFIT_SHUTDOWN_GRACE_S, as each manifest sets it or the Settings
+    default) + the preStop sleep + 10 s margin must fit in the SIGKILL deadline (issue 17: the default
+    was 5 s while compose allowed 60 s and k8s 75 s, so streams were cut after 5 s for nothing)."""
+    for key in list(os.environ):
+        if key.startswith("MEMFIT_"):
+            monkeypatch.delenv(key)
+    default = Settings().shutdown_grace_s
+    api = load_compose()["services"]["api"]
+    grace = float(api.get("environment", {}).get("MEMFIT_SHUTDOWN_GRACE_S", default))
+    assert grace >= 30, grace  # a long stream (minutes of tokens at worst) gets a real chance
+    assert _seconds(api["stop_grace_period"]) >= grace + 10, (api["stop_grace_period"], grace)
+    dep = k8s_named("Deployment", "memfit-api")
+    (container,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "api"]
+    grace = float(container_env(container).get("MEMFIT_SHUTDOWN_GRACE_S", default))
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    sleep = float(pre_stop[-1]) if pre_stop[:1] == ["sleep"] else 0.0
+    period = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= 30 and period >= sleep + grace + 10, (period, sleep, grace)
 
 
 # --- ports and paths -------------------------------------------------------------------------
