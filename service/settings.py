@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from memlm.paths import default_model_dir, default_store_dir
@@ -25,6 +25,10 @@ class Settings(BaseSettings):
 
     # distributed mode
     redis_url: str | None = Field(None, description="set -> distributed mode (Celery on Redis)")
+    # Redis' requirepass, kept out of the URL in the manifests: a secret file (compose, k8s volume) or
+    # a variable (k8s secretKeyRef); put into redis_url (which every client is built from) at load
+    redis_password_file: Path | None = Field(None, description="file holding the Redis password")
+    redis_password: str | None = Field(None, description="the Redis password (prefer redis_password_file)")
     celery_queue: str = Field("memfit-updates", description="Celery queue of update tasks")
     task_time_limit_s: int = Field(
         1800,
@@ -124,6 +128,42 @@ class Settings(BaseSettings):
     session_secret: str | None = Field(
         None, description="HMAC secret of session cookies; set the same on every replica (unset: per process)"
     )
+
+    @model_validator(mode="after")
+    def _password_into_redis_url(self) -> Settings:
+        password = self.redis_password or None
+        if self.redis_password_file is not None:
+            try:
+                password = self.redis_password_file.read_text().strip() or None
+            except OSError as e:
+                raise ValueError(f"MEMFIT_REDIS_PASSWORD_FILE {self.redis_password_file}: {e}") from None
+        if self.redis_url and password:
+            self.redis_url = redis_url_with_password(self.redis_url, password)
+        return self
+
+
+def redis_url_with_password(url: str, password: str) -> str:
+    """`url` with `password` in it, unless it carries one already (redis://:pw@host:port/db)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password or not parts.hostname:
+        return url
+    user = quote(parts.username, safe="") if parts.username else ""
+    netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rsplit('@', 1)[-1]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redacted(url: str | None) -> str | None:
+    """`url` with its password replaced by ***, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 @lru_cache

@@ -40,6 +40,11 @@ def run(args) -> int:
         )
     print(f"saved {model_dir / 'background.safetensors'}")
     if seed_redis is not None:
-        seed_redis(args.to_redis, stats)
-        print(f"seeded {args.to_redis}")
+        from service.settings import Settings, redacted, redis_url_with_password
+
+        s = Settings()  # MEMFIT_REDIS_PASSWORD(_FILE): the same password as the service's clients
+        password = s.redis_password_file.read_text().strip() if s.redis_password_file else s.redis_password
+        url = redis_url_with_password(args.to_redis, password) if password else args.to_redis
+        seed_redis(url, stats)
+        print(f"seeded {redacted(url)}")
     return 0

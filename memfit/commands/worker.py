@@ -93,7 +93,9 @@ def run(args) -> int:
     try:
         redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3).ping()
     except redis.RedisError as e:
-        print(f"memfit worker: Redis at {settings.redis_url} is unreachable ({e})", file=sys.stderr)
+        from service.settings import redacted
+
+        print(f"memfit worker: Redis at {redacted(settings.redis_url)} is unreachable ({e})", file=sys.stderr)
         return 2
 
     from workers.background_redis import BackgroundMismatch

@@ -227,6 +227,9 @@ def test_compose_and_k8s_settings_validate(monkeypatch, tmp_path):
     ]
     for where, env in envs:
         for key, value in env.items():
+            if key.endswith("_PASSWORD_FILE"):  # a secret mounted in the container: a stand-in here
+                value = tmp_path / "secret"
+                value.write_text("s3cret\n")
             if key.startswith("MEMFIT_"):
                 monkeypatch.setenv(key, str(value))
         try:
@@ -265,6 +268,95 @@ def test_shutdown_grace_fits_the_orchestrators_grace(monkeypatch):
     sleep = float(pre_stop[-1]) if pre_stop[:1] == ["sleep"] else 0.0
     period = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= 30 and period >= sleep + grace + 10, (period, sleep, grace)
+
+
+# --- Redis: a password from a secret, reachable only from memfit's pods (issue 17) ----------
+
+
+def _k8s_pods() -> list[tuple[str, dict]]:
+    """(name, pod template) of every workload."""
+    return [
+        (d["metadata"]["name"], d["spec"]["template"])
+        for d in k8s_kind("Deployment") + k8s_kind("StatefulSet") + k8s_kind("Job")
+    ]
+
+
+def _secret_ref(container: dict, name: str) -> tuple[str, str] | None:
+    for e in container.get("env", []):
+        if e["name"] == name:
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            assert ref, f"{name} must come from a Secret (valueFrom.secretKeyRef), not a literal"
+            return ref["name"], ref["key"]
+    return None
+
+
+def test_redis_requires_a_password_from_a_secret():
+    compose = load_compose()
+    secrets = compose["secrets"]
+    redis = compose["services"]["redis"]
+    script = " ".join(redis["entrypoint"] + redis["command"])
+    assert "requirepass" in script and "/run/secrets/redis_password" in script, script
+    assert "--requirepass" not in script  # the password is not put on a command line (ps shows it)
+    assert "docker-entrypoint.sh redis-server" in script  # the image drops root as before
+    assert "redis_password" in redis["secrets"] and "file" in secrets["redis_password"]
+    assert "redis_password" in " ".join(redis["healthcheck"]["test"])  # the probe authenticates
+    for name, svc in compose_memfit_services(compose).items():
+        env = svc.get("environment", {})
+        if "MEMFIT_REDIS_URL" in env:
+            assert env.get("MEMFIT_REDIS_PASSWORD_FILE") == "/run/secrets/redis_password", name
+            assert "redis_password" in svc.get("secrets", []), name
+            assert "@" not in env["MEMFIT_REDIS_URL"], name  # never the password in the URL itself
+
+    sts = k8s_named("StatefulSet", "redis")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    ref = _secret_ref(container, "REDIS_PASSWORD")
+    assert ref is not None, "the Redis container gets no password"
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert "REDIS_PASSWORD" in " ".join(container["readinessProbe"]["exec"]["command"])
+    secret = k8s_named("Secret", ref[0])
+    assert ref[1] in secret["stringData"] and secret["stringData"][ref[1]]
+    assert "@" not in k8s_named("ConfigMap", "memfit-config")["data"]["MEMFIT_REDIS_URL"]
+    users = 0
+    for name, pod in _k8s_pods():
+        for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+            if "MEMFIT_REDIS_URL" in container_env(c):
+                assert _secret_ref(c, "MEMFIT_REDIS_PASSWORD") == ref, f"{name}/{c['name']}"
+                users += 1
+    assert users >= 3  # api, worker, init
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # matchExpressions are not used here
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policy_admits_only_memfit_pods_to_redis():
+    redis_labels = k8s_named("StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in k8s_kind("NetworkPolicy") if _selects(p["spec"]["podSelector"], redis_labels)]
+    assert len(policies) == 1, "no NetworkPolicy selects the Redis pods"
+    spec = policies[0]["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    sources = []
+    for rule in spec["ingress"]:
+        assert [p["port"] for p in rule.get("ports", [])] == [6379], rule
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, peer  # no ipBlock / namespace-wide peers
+            sources.append(peer["podSelector"])
+    assert sources, "an ingress rule without peers admits everyone"
+    for name, pod in _k8s_pods():
+        labels = pod["metadata"]["labels"]
+        uses_redis = any(
+            "MEMFIT_REDIS_URL" in container_env(c)
+            for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+        )
+        admitted = any(_selects(s, labels) for s in sources)
+        if name != "redis":
+            assert admitted == uses_redis, (name, admitted, uses_redis)
+    # api and worker are among the admitted, by their own labels
+    for kind, name in (("Deployment", "memfit-api"), ("Deployment", "memfit-worker")):
+        labels = k8s_named(kind, name)["spec"]["template"]["metadata"]["labels"]
+        assert any(_selects(s, labels) for s in sources), name
 
 
 # --- ports and paths -------------------------------------------------------------------------
@@ -335,7 +427,7 @@ def test_redis_urls_point_at_the_redis_service():
     assert svc["spec"]["clusterIP"] == "None"  # headless: stable pod DNS names
     assert int(m.group(4)) in [p["port"] for p in svc["spec"]["ports"]]
     assert "--appendonly" in sts["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--appendonly" in compose["services"]["redis"]["command"]
+    assert "--appendonly" in " ".join(compose["services"]["redis"]["command"])
     assert "redis-data:/data" in compose["services"]["redis"]["volumes"]
 
 
@@ -443,7 +535,7 @@ def test_compose_topology():
     (argv,) = argv_of(None, s["api"]["command"])
     assert argv[:3] == ["serve", "--host", "0.0.0.0"]
     assert s["api"]["environment"]["MEMFIT_API_KEYS_FILE"].startswith("/run/secrets/")
-    assert s["api"]["secrets"] == ["memfit_api_keys"]
+    assert s["api"]["secrets"] == ["memfit_api_keys", "redis_password"]
     assert "memfit_api_keys" in compose["secrets"]
     assert argv_of(None, s["worker"]["command"])[0][0] == "worker"
     init_cmds = [a[0] for a in argv_of(s["init"]["entrypoint"], s["init"]["command"])]

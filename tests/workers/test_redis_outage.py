@@ -153,3 +153,34 @@ def test_a_redis_blip_at_publish_is_waited_out(redis_server, tiny_model_dir, tmp
         assert w.proc.poll() is None
     finally:
         w.stop()
+
+
+def test_redis_password_file_reaches_every_client(redis_server, tmp_path):
+    """Redis with requirepass (compose and k8s now set one, issue 17): MEMFIT_REDIS_PASSWORD_FILE
+    puts the password into the URL every client is built from, the queue, the writer lock and plain
+    clients authenticate with it, and messages show it as ***."""
+    import redis
+
+    from model_store import RedisWriterLock
+    from service.settings import Settings, redacted
+    from workers.celery_app import create_app
+    from workers.distributed import redis_client
+    from workers.tasks import UPDATE_TASK
+
+    password = "s3cret/with:odd@chars"
+    redis.Redis.from_url(redis_server.url).config_set("requirepass", password)
+    secret = tmp_path / "redis_password"
+    secret.write_text(password + "\n")
+    with pytest.raises(redis.RedisError):  # the server refuses anyone without it now
+        redis.Redis.from_url(redis_server.url, socket_timeout=5).ping()
+    settings = Settings(redis_url=redis_server.url, redis_password_file=secret)
+    assert password not in redacted(settings.redis_url) and ":***@" in redacted(settings.redis_url)
+    client = redis_client(settings.redis_url, settings)
+    assert client.ping()
+    lock = RedisWriterLock(settings.redis_url, name="memfit:test:writer")
+    with lock:
+        assert lock.held()
+    create_app(settings).send_task(UPDATE_TASK, args=["j_x"], queue=settings.celery_queue, ignore_result=True)
+    assert client.llen(settings.celery_queue) == 1
+    with pytest.raises(ValueError, match="MEMFIT_REDIS_PASSWORD_FILE"):
+        Settings(redis_url=redis_server.url, redis_password_file=tmp_path / "missing")
