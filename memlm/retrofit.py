@@ -19,6 +19,8 @@ outputs are apart (0.0 for a parallel retrofit before any training). The `memfit
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import inspect
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -46,16 +48,36 @@ class RetrofitSpec:
     memory_gate: bool = True  # Memory+ gate
 
 
+class _Call:
+    """What one `RetrofittedLM` forward pass hands its memories: the row overlay to read, and where to
+    put the slot indices each memory returns. Held in a ContextVar, so concurrent calls (the engine's
+    decoding threads) never see each other's overlay."""
+
+    def __init__(self, overlay: dict | None) -> None:
+        self.overlay = overlay or {}
+        self.indices: dict[int, torch.Tensor] = {}
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("memfit_retrofit_call", default=None)
+
+
 class RetrofitMemoryMLP(nn.Module):
     """Wraps a block's MLP: out = mlp(h) + memory(h) (parallel) or memory(h) (replace)."""
 
-    def __init__(self, mlp: nn.Module | None, memory: ProductKeyMemory):
+    def __init__(self, mlp: nn.Module | None, memory: ProductKeyMemory, layer: int = -1):
         super().__init__()
         self.mlp = mlp
         self.memory = memory
+        self.layer = layer
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.memory(hidden_states).out
+        call = _CALL.get()
+        if call is None:
+            out = self.memory(hidden_states).out
+        else:
+            mem = self.memory(hidden_states, call.overlay.get(self.layer))
+            call.indices[self.layer] = mem.indices
+            out = mem.out
         if self.mlp is not None:
             out = out + self.mlp(hidden_states, *args, **kwargs)
         return out
@@ -114,7 +136,7 @@ def retrofit(model: nn.Module, spec: RetrofitSpec, seed: int = 0) -> nn.Module:
             memory.values.weight.copy_(torch.randn(memory.values.weight.shape, generator=gen) * d**-0.5)
     ref = next(model.parameters())
     memory.to(device=ref.device, dtype=ref.dtype)
-    block.mlp = RetrofitMemoryMLP(block.mlp if spec.mode == "parallel" else None, memory)
+    block.mlp = RetrofitMemoryMLP(block.mlp if spec.mode == "parallel" else None, memory, spec.layer)
     model.config.memfit_retrofit = [*retrofit_specs(model.config), asdict(spec)]
     return model
 
@@ -172,6 +194,140 @@ def load_retrofitted(model_dir: str | Path, **kw) -> nn.Module:
     if memory_missing:
         raise ValueError(f"{path}: memory weights missing from the checkpoint: {memory_missing[:4]}")
     return model
+
+
+class _Body(nn.Module):
+    """The native `model.model` interface over a Hugging Face base model: (ids, mask, position ids,
+    cache, overlay) -> (final hidden states (B, T, d), cache, memory indices in layer order)."""
+
+    def __init__(self, base: nn.Module, layers: list[int]) -> None:
+        super().__init__()
+        self.base = base
+        self.layers = layers
+        # transformers 5.x renames past_key_values to cache (the old name warns): use what it takes
+        params = inspect.signature(base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        use_cache: bool = False,
+        memory_overlay: dict | None = None,
+    ):
+        B, T = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:  # left padding: positions count only real tokens (as the native model)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        call = _Call(memory_overlay)
+        token = _CALL.set(call)
+        try:
+            out = self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=bool(use_cache or cache is not None),
+                **{self._cache_kw: cache},
+            )
+        finally:
+            _CALL.reset(token)
+        indices = tuple(call.indices[i] for i in self.layers if i in call.indices)
+        if cache is None and use_cache:  # the model made one (updated in place when passed)
+            cache = out.get("cache", None) or out.get("past_key_values", None)
+        return out.last_hidden_state, cache, indices
+
+
+class RetrofittedLM(nn.Module):
+    """A retrofitted Hugging Face model behind the native `MemoryLMForCausalLM` interface that serving
+    and updates use: `forward(ids, attention_mask=, cache=, use_cache=, logits_to_keep=, labels=,
+    memory_overlay=)` returning logits and `memory_indices`, `model(...)` -> (hidden, cache, indices),
+    `lm_head`, `memory_modules()`, `value_tables()`, and `config.memory_layers` / `config.memory_size`
+    (set on the wrapped model's config, which `DynamicCache(config=...)` also reads).
+
+    The base weights are the wrapped model's own tensors: nothing is copied."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        mems = memory_modules(hf_model)
+        if not mems:
+            raise ValueError(f"{type(hf_model).__name__} has no retrofitted memory")
+        sizes = {m.num_slots for m in mems.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"memory layers of different sizes {sorted(sizes)} are not supported")
+        self.hf = hf_model
+        self.config = hf_model.config
+        self.config.memory_layers = sorted(mems)
+        self.config.memory_size = sizes.pop()
+        self.model = _Body(hf_model.base_model, list(self.config.memory_layers))
+        head = hf_model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(hf_model).__name__} has no output embeddings (LM head)")
+        self.lm_head = head
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def memory_modules(self) -> dict[int, ProductKeyMemory]:
+        return {i: m for i, m in sorted(memory_modules(self.hf).items())}
+
+    def value_tables(self) -> dict[int, torch.Tensor]:
+        """{layer_idx: (N, d) value table}: the only tensors a sparse update may change."""
+        return {i: m.values.weight for i, m in self.memory_modules().items()}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        memory_overlay: dict | None = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        from .modeling import MemoryLMOutput
+
+        cache = cache if cache is not None else past_key_values
+        h, cache, indices = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=bool(use_cache),
+            memory_overlay=memory_overlay,
+        )
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return MemoryLMOutput(loss=loss, logits=logits, cache=cache, memory_indices=indices)
+
+
+def is_retrofitted(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / RETROFIT_FILE).exists()
+
+
+def load_memory_model(model_dir: str | Path, **kw) -> nn.Module:
+    """The model of a model directory with the native interface: a `memfit pretrain` model as it is,
+    a `memfit retrofit` directory wrapped in `RetrofittedLM`. What serving and updates load."""
+    if is_retrofitted(model_dir):
+        return RetrofittedLM(load_retrofitted(model_dir, **kw))
+    import memlm  # noqa: F401  (registers the memory-layer model with the Auto classes)
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
 
 
 def max_logit_change(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> float:

@@ -108,12 +108,10 @@ class Completion:
 
 def load_model(model_dir: str | Path, device: str = "cpu"):
     """The model and tokenizer of a model directory (a store's base), in eval mode, frozen."""
-    from transformers import AutoModelForCausalLM
-
-    import memlm  # noqa: F401  (registers the memory-layer model with the Auto classes)
+    from memlm.retrofit import load_memory_model  # a native model, or a `memfit retrofit` one wrapped
     from memlm.tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model = load_memory_model(model_dir)
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)

@@ -126,12 +126,10 @@ def build_update_settings(settings: Any, overrides: dict[str, Any] | None):
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """Model (eval mode, frozen) and tokenizer of a model directory (the store's base)."""
-    from transformers import AutoModelForCausalLM
-
-    import memlm  # noqa: F401  (registers the memory-layer model with the Auto classes)
+    from memlm.retrofit import load_memory_model  # a native model, or a `memfit retrofit` one wrapped
     from memlm.tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device)  # type: ignore[arg-type]
+    model = load_memory_model(model_dir).to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model, load_tokenizer(model_dir)
