@@ -59,7 +59,16 @@ from .fsutil import (
 )
 from .joblog import JobLog
 from .locks import FileWriterLock, WriterLock
-from .tables import Rows, apply_rows, find_value_keys, load_value_tables, net_rows
+from .tables import (
+    Rows,
+    apply_rows,
+    find_value_keys,
+    has_weights,
+    load_value_tables,
+    net_rows,
+    weight_keys,
+    weights_id,
+)
 
 FORMAT = 1
 PUBLISH_STEPS = (
@@ -151,10 +160,11 @@ class Store:
         import json
 
         root, model_dir = Path(root), Path(model_dir)
-        model_file = model_dir / "model.safetensors"
-        if not model_file.exists():
-            raise FileNotFoundError(f"{model_file} not found: --model must be a model directory")
-        base_id = sha256_file(model_file)
+        if not has_weights(model_dir):
+            raise FileNotFoundError(
+                f"{model_dir / 'model.safetensors'} not found (nor a sharded index): --model must be a model directory"
+            )
+        base_id = weights_id(model_dir)  # one file: its sha256; shards: over all of them
         if (root / "store.json").exists():
             store = cls(root, lock=lock)
             if store.info["base_id"] != base_id:
@@ -184,16 +194,12 @@ class Store:
                 fsync_file(dst)
         fsync_dir(base)
         if value_keys is None:
-            from safetensors import safe_open
-
             memory_layers = None
             cfg = model_dir / "config.json"
             if cfg.exists():
                 memory_layers = json.loads(cfg.read_text()).get("memory_layers")
-            with safe_open(str(model_file), framework="pt") as f:
-                keys = list(f.keys())
-            value_keys = find_value_keys(keys, memory_layers)
-        tables = load_value_tables(base / "model.safetensors", value_keys)
+            value_keys = find_value_keys(weight_keys(model_dir), memory_layers)
+        tables = load_value_tables(base, value_keys)
         atomic_write_bytes(root / "ACTIVE", b"0\n")
         atomic_write_bytes(root / "LAST_VERSION", b"0\n")
         info = {
@@ -442,7 +448,7 @@ class Store:
         """Value tables of version 0 (cached; do not modify them: materialize() returns copies)."""
         with self._cache_lock:
             if self._base is None:
-                self._base = load_value_tables(self.base_dir / "model.safetensors", self.value_keys)
+                self._base = load_value_tables(self.base_dir, self.value_keys)
             return self._base
 
     def _snapshot_paths(self, v: int) -> tuple[Path, Path]:
@@ -997,11 +1003,11 @@ class Store:
                 problems.append(str(e))
         base = "not checked"
         if check_base:
-            got = sha256_file(self.base_dir / "model.safetensors")
+            got = weights_id(self.base_dir)
             base = (
                 "ok"
                 if got == self.base_id
-                else f"base/model.safetensors sha256 {got[:12]} != base id {self.base_id[:12]}"
+                else f"base weights (model*.safetensors) sha256 {got[:12]} != base id {self.base_id[:12]}"
             )
             if base != "ok":
                 problems.append(base)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -35,13 +37,68 @@ def find_value_keys(keys: list[str], memory_layers: list[int] | None = None) -> 
     return found
 
 
-def load_value_tables(model_file: str | Path, value_keys: dict[int, str]) -> dict[int, torch.Tensor]:
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a model directory: [model.safetensors], or the shards that
+    model.safetensors.index.json names (sorted); [] when it has neither."""
+    d = Path(model_dir)
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    index = d / "model.safetensors.index.json"
+    if not index.exists():
+        return []
+    names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    missing = [n for n in names if not (d / n).exists()]
+    if missing or not names:
+        raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3] or 'none listed'}")
+    return [d / n for n in names]
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    """Whether `model_dir` holds a safetensors checkpoint (one file or an index of shards)."""
+    d = Path(model_dir)
+    return (d / "model.safetensors").exists() or (d / "model.safetensors.index.json").exists()
+
+
+def weights_id(model_dir: str | Path) -> str:
+    """sha256 over the bytes of the weight files in order: for one model.safetensors its sha256 (the
+    base id of every store), for shards the same value as memlm.background.model_base_id."""
+    files = weight_files(model_dir)
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors (or sharded index) in {model_dir}")
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_keys(model_dir: str | Path) -> list[str]:
     from safetensors import safe_open
 
+    keys: list[str] = []
+    for f in weight_files(model_dir):
+        with safe_open(str(f), framework="pt") as fh:
+            keys += list(fh.keys())
+    return keys
+
+
+def load_value_tables(model_file: str | Path, value_keys: dict[int, str]) -> dict[int, torch.Tensor]:
+    """The value tables from a weights file, or from a model directory (one file or shards)."""
+    from safetensors import safe_open
+
+    path = Path(model_file)
+    files = weight_files(path) if path.is_dir() else [path]
     out = {}
-    with safe_open(str(model_file), framework="pt") as f:
-        for layer, key in value_keys.items():
-            out[int(layer)] = f.get_tensor(key)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            have = set(f.keys())
+            for layer, key in value_keys.items():
+                if key in have:
+                    out[int(layer)] = f.get_tensor(key)
+    missing = [key for layer, key in value_keys.items() if int(layer) not in out]
+    if missing:
+        raise KeyError(f"value tables {missing} not in {path}")
     return out
 
 

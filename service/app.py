@@ -81,6 +81,7 @@ def open_store(settings: Settings) -> Store:
     A store whose base differs from an explicitly given model (--model / MEMFIT_MODEL) is an error.
     """
     from model_store import BaseMismatchError
+    from model_store.tables import has_weights
 
     root, model = Path(settings.store).expanduser(), Path(settings.model).expanduser()
     explicit = "model" in settings.model_fields_set
@@ -89,7 +90,7 @@ def open_store(settings: Settings) -> Store:
             if explicit:
                 return Store.init(root, model)  # checks that the base is this model
             return Store(root)
-        if not (model / "model.safetensors").exists():
+        if not has_weights(model):
             raise StoreSetupError(
                 f"no store at {root} and no model at {model}: build one with `memfit pretrain` or pass --model DIR"
             )

@@ -71,9 +71,11 @@ def run(args) -> int:
     if warning:
         print(warning, file=sys.stderr)
 
+    from model_store.tables import has_weights
+
     store_exists = (settings.store / "store.json").exists()
     model_given = "model" in settings.model_fields_set
-    if not store_exists and not (settings.model / "model.safetensors").exists():
+    if not store_exists and not has_weights(settings.model):
         if model_given:
             print(
                 f"memfit serve: no model at {settings.model} (config.json + model.safetensors)",

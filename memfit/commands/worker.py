@@ -32,13 +32,14 @@ def _settings(args):
 
 def _open_store(settings, model_given: bool):
     from model_store import BaseMismatchError, Store
+    from model_store.tables import has_weights
 
     root, model = Path(settings.store).expanduser(), Path(settings.model).expanduser()
     if (root / "store.json").exists():
         if model_given:
             Store.init(root, model)  # checks the base is this model
         return Store.open(root, settings.redis_url)
-    if not (model / "model.safetensors").exists():
+    if not has_weights(model):
         raise SystemExit(
             f"memfit worker: no store at {root} and no model at {model}: pass --store of the API's store, "
             "or --model DIR to seed it"
