@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup-texts", default=None, metavar="FILE", help="generic text to warm the memory up on"
     )
+    p.add_argument(
+        "--background-texts",
+        default=None,
+        metavar="FILE",
+        help="generic text for the background statistics (default: --warmup-texts, else built-in text)",
+    )
+    p.add_argument(
+        "--probe-facts",
+        default=None,
+        metavar="FILE",
+        help='JSONL of known facts ({"question", "answer"} per line) for the probe set',
+    )
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--warmup-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,14 @@ parallel retrofit computes what the original did (zero-initialised values: the l
 on random token ids must be 0), optionally warms the new memories up on `--warmup-texts` (plain text,
 one document per line, or JSONL with a "text" field) with every base weight frozen, and writes the
 model, its `memfit_retrofit.json` and the tokenizer to `--out`. Progress goes to stdout.
+
+A served model directory needs two more files, both written here when the model has a tokenizer:
+- `background.safetensors` (memlm/background.py): the per-slot document counts over generic text,
+  `--background-texts` (default: the `--warmup-texts`, else a small built-in generic text), plus the
+  `--probe-facts` in the served question format;
+- `probe.json`: the `--probe-facts` (JSONL, one {"question", "answer"} per line: facts the model
+  should keep answering; the evaluation gate checks the ones the model answers) and held-out texts
+  for the gate's perplexity (a slice of the background texts).
 """
 
 from __future__ import annotations
@@ -31,6 +39,56 @@ def _texts(path: Path) -> list[str]:
     return out
 
 
+# used when neither --background-texts nor --warmup-texts is given: plain, topic-neutral English, so
+# that slots every text reads (function words, punctuation) get a low IDF
+GENERIC_TEXTS = [
+    "The weather was mild for the time of year, and most people spent the afternoon outside.",
+    "She opened the window, made a cup of tea and sat down to read the morning paper.",
+    "The committee met on Tuesday to discuss the budget for the coming year.",
+    "Prices rose slowly over the summer while wages stayed much the same.",
+    "He asked whether the train would be on time, but nobody at the station knew.",
+    "The report describes how the project started, what went wrong and what was learned.",
+    "Children played in the park until it got dark and their parents called them home.",
+    "A new road was built between the two towns, and the journey now takes half an hour.",
+    "The museum is open every day except Monday, and entry is free on the first Sunday.",
+    "Scientists measured the temperature of the water at several depths.",
+    "The company said that its sales had grown in every region except the north.",
+    "They walked along the river, talking about books, music and old friends.",
+    "In the evening the city lights came on one after another.",
+    "The teacher explained the problem again, more slowly this time.",
+    "Most of the houses in the village were built of stone more than a century ago.",
+    "The meeting was postponed because several members were ill.",
+    "Question: What is the name of the river that runs through the town?\nAnswer: The Elm",
+    "Question: When does the library open?\nAnswer: Nine in the morning",
+    "The recipe calls for two cups of flour, one egg and a little milk.",
+    "After the storm, workers spent the whole week repairing the power lines.",
+    "The film tells the story of a family that moves to a small island.",
+    "Visitors are asked to keep to the paths and to take their litter home.",
+    "The population of the region has doubled over the last fifty years.",
+    "He learned to play the piano as a child and still practises every day.",
+]
+
+
+def _facts(path: Path) -> list[dict]:
+    """{"question", "answer"} per JSONL line; ValueError naming the first bad line."""
+    facts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            f = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not (
+            isinstance(f, dict) and str(f.get("question", "")).strip() and str(f.get("answer", "")).strip()
+        ):
+            raise ValueError(f'{path}:{n}: a line must be {{"question": ..., "answer": ...}}')
+        facts.append({"question": str(f["question"]).strip(), "answer": str(f["answer"]).strip()})
+    if not facts:
+        raise ValueError(f"{path}: no facts")
+    return facts
+
+
 def _layers(value: str | None, n_blocks: int) -> list[int]:
     if not value:
         return [n_blocks // 2]
@@ -54,6 +112,21 @@ def run(args) -> int:
         texts = _texts(Path(args.warmup_texts).expanduser())
         if not texts:
             print(f"memfit retrofit: no text in {args.warmup_texts}", file=sys.stderr)
+            return 2
+    bg_texts, bg_source = texts, args.warmup_texts
+    if getattr(args, "background_texts", None):
+        bg_texts, bg_source = _texts(Path(args.background_texts).expanduser()), args.background_texts
+        if not bg_texts:
+            print(f"memfit retrofit: no text in {args.background_texts}", file=sys.stderr)
+            return 2
+    if bg_texts is None:
+        bg_texts, bg_source = list(GENERIC_TEXTS), "the built-in generic text"
+    facts: list[dict] = []
+    if getattr(args, "probe_facts", None):
+        try:
+            facts = _facts(Path(args.probe_facts).expanduser())
+        except (OSError, ValueError) as e:
+            print(f"memfit retrofit: --probe-facts: {e}", file=sys.stderr)
             return 2
 
     import torch
@@ -135,5 +208,49 @@ def run(args) -> int:
     save_retrofitted(model, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        _serving_files(model, tokenizer, out, bg_texts, bg_source, facts, args)
+    else:
+        print("note: no tokenizer, so no background statistics or probe set: not servable", flush=True)
     print(f"wrote {out}", flush=True)
     return 0
+
+
+def _serving_files(model, tokenizer, out: Path, texts: list[str], source, facts: list[dict], args) -> None:
+    """background.safetensors and probe.json beside the saved model (what `memfit serve` reads)."""
+    from memlm.background import DEFAULT_SEQ_LEN, compute_background, model_base_id
+    from memlm.evaluation import answered, format_question
+    from memlm.retrofit import RetrofittedLM
+
+    served = RetrofittedLM(model).eval()
+    positions = int(
+        getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0) or 0
+    )
+    seq_len = min(DEFAULT_SEQ_LEN, positions) if positions else DEFAULT_SEQ_LEN
+    # the served question format of the known facts counts too: slots every question reads get a low IDF
+    counted = texts + [f"{format_question(f['question'])} {f['answer']}\n" for f in facts]
+    print(
+        f"background: {len(texts)} texts from {source}"
+        + (f" + {len(facts)} served-format facts" if facts else "")
+        + f", sequences of at most {seq_len} tokens",
+        flush=True,
+    )
+    stats = compute_background(served, tokenizer, counted, seq_len=seq_len, base_id=model_base_id(out))
+    stats.save(out)
+    for layer, df in stats.df.items():
+        print(
+            f"  layer {layer}: {stats.num_docs} documents, {int((df > 0).sum())} of {len(df)} slots read",
+            flush=True,
+        )
+    heldout = texts[-min(len(texts), 50) :]
+    if facts:
+        hits = answered(served, tokenizer, facts)
+        print(f"probe set: {len(facts)} facts, the model answers {sum(hits)} of them", flush=True)
+    else:
+        print("probe set: none (--probe-facts FILE adds known facts the gate checks)", flush=True)
+    (out / "probe.json").write_text(
+        json.dumps(
+            {"facts": facts, "heldout_texts": heldout, "source": str(getattr(args, "probe_facts", "") or "")},
+            indent=1,
+            ensure_ascii=False,
+        )
+    )
