@@ -5,9 +5,17 @@ the source of truth for replay and document revert. `STORE/log/jobs.jsonl` holds
 (`create`, then `update`s); the current state of a job is the fold of its events, replayed from the
 file on open, so jobs survive restarts. `create_job` returns only after both appends are fsynced.
 
-Concurrency: one process with threads is serialised by a lock; several processes append with
-O_APPEND + fsync and each reader folds in what others appended on its next read (`refresh()`, called
-by every query). A crash mid-append leaves a truncated last line: it is skipped, never fatal.
+Concurrency: one process with threads is serialised by a lock; several processes (API replicas and
+workers on one shared store) by an exclusive file lock, `log/.jobs.lock`, held across every write:
+fold in what others appended (`refresh()`), check (the Idempotency-Key lookup, the state transition),
+append, fsync. So a key is claimed once across processes, and a state change is a compare-and-set
+on the state every process sees: of two racing changes from the same state, the second is refused
+(InvalidTransition) when the first one made it invalid. Appends never interleave, also where
+O_APPEND is not atomic (NFS: a client computes the offset from its cached size; the lock makes it
+revalidate). Readers need no lock: they consume complete lines only. Replaying the log applies a
+state change only when it is a valid transition from the folded state (logs written before the lock
+may hold racing ones; they are counted in `invalid_transitions`). A crash mid-append leaves a
+truncated last line: it is skipped, never fatal.
 
 State machine: queued -> running -> succeeded | rejected | failed | cancelled; queued -> cancelled;
 retry: failed | cancelled -> queued; a job found `running` after a restart was interrupted and is
@@ -17,15 +25,22 @@ returned by `queued()` so that the runner starts it again (its work is idempoten
 from __future__ import annotations
 
 import builtins
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IdempotencyConflict, InvalidTransition, StoreError
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
+
+from .errors import IdempotencyConflict, InvalidTransition, LockTimeout, StoreError
 from .fsutil import JsonlReader, append_jsonl
+
+LOCK_TIMEOUT_S = 60.0  # a write waiting longer for the job log's file lock raises LockTimeout
 
 STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "cancelled")
 TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
@@ -87,6 +102,9 @@ class JobLog:
         self.jobs_path = self.dir / "jobs.jsonl"
         self.documents_path = self.dir / "documents.jsonl"
         self._lock = threading.RLock()
+        # across processes: held (after _lock) from the check to the fsync of every write
+        self._plock = FileLock(str(self.dir / ".jobs.lock"), timeout=LOCK_TIMEOUT_S, thread_local=False)
+        self.invalid_transitions = 0
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[str, str] = {}
         self._docs: dict[str, list[dict[str, Any]]] = {}
@@ -124,16 +142,33 @@ class JobLog:
                 return
             job = found
             before = job.status
+            status = rec.get("fields", {}).get("status")
+            if status is not None and status not in TRANSITIONS.get(before, set()):
+                self.invalid_transitions += 1  # a racing write from before the file lock: not applied
+                return
             for k, v in (rec.get("fields") or {}).items():
                 if k in UPDATABLE:
                     setattr(job, k, v)
-            status = rec.get("fields", {}).get("status")
             if status == "running":
                 job.attempts += 1
                 job.deliveries += 1
             elif status == "queued" and before != "queued":
                 job.deliveries = 0
             job.updated_at = rec.get("time", job.updated_at)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The job log's file lock (every process writing this log takes it; re-entrant here)."""
+        try:
+            self._plock.acquire()
+        except FileLockTimeout:
+            raise LockTimeout(
+                f"job log lock {self._plock.lock_file} not acquired within {LOCK_TIMEOUT_S} s"
+            ) from None
+        try:
+            yield
+        finally:
+            self._plock.release()
 
     @property
     def bad_lines(self) -> int:
@@ -154,7 +189,7 @@ class JobLog:
         Documents without an "id" get one. With an idempotency key already used: the same body hash
         returns the existing job; a different one raises IdempotencyConflict.
         """
-        with self._lock:
+        with self._lock, self._locked():
             self.refresh()
             if idempotency_key is not None:
                 existing = self.find_by_idempotency_key(idempotency_key)
@@ -204,7 +239,7 @@ class JobLog:
         unknown = set(fields) - set(UPDATABLE)
         if unknown:
             raise ValueError(f"unknown job fields {sorted(unknown)}; allowed: {list(UPDATABLE)}")
-        with self._lock:
+        with self._lock, self._locked():
             self.refresh()
             job = self._jobs.get(job_id)
             if job is None:

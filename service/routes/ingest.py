@@ -5,8 +5,9 @@ when the update queue (Redis, distributed mode) is unreachable: then `"dispatch"
 replicas' sweep sends the job once Redis answers (a 503 there made clients retry, doubling jobs that
 were recorded already).
 Idempotency-Key: the same key with the same body returns the same job (also after a restart and for
-concurrent retries: the check and the create are one step under the job log's lock); the same key
-with a different body is a 409.
+concurrent retries on any replica of the store: the check and the create are one step under the job
+log's file lock); the same key with a different body is a 409. Keys are scoped to the caller's API
+key: two clients using the same Idempotency-Key get two jobs.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ async def ingest(
     dispatcher: DispatcherDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-    _: WriteDep,
+    principal: WriteDep,
     idempotency_key: Annotated[
         str | None,
         Header(alias="Idempotency-Key", description="same key + same body -> the same job"),
@@ -142,14 +143,18 @@ async def ingest(
                 "Idempotency-Key",
             )
     digest = body_hash(body)
+    # scoped to the caller's API key: another client's same key is another job, never its job
+    claim = idempotency_key
+    if idempotency_key is not None and principal.key_id:
+        claim = f"{principal.key_id}:{idempotency_key}"
     documents = [d.model_dump(exclude_none=True) for d in body.documents]
     for d in documents:
         d["facts"] = [{k: v for k, v in f.items() if v is not None} for f in d.get("facts", [])]
 
     def create():
         jobs = store.jobs
-        if idempotency_key is not None:
-            existing = jobs.find_by_idempotency_key(idempotency_key)
+        if claim is not None:
+            existing = jobs.find_by_idempotency_key(claim)
             if existing is not None:
                 if existing.body_sha256 not in (None, digest):
                     raise IdempotencyConflict(idempotency_key, existing.job_id)
@@ -163,13 +168,14 @@ async def ingest(
                 "max_queue_depth",
                 {"Retry-After": "5"},
             )
-        # create_job repeats the key lookup under the job log's lock: concurrent retries get one job
+        # create_job repeats the key lookup under the job log's file lock: concurrent retries, on
+        # this replica or another one of the store, get one job
         mine = new_job_id()
         job = jobs.create_job(
             mine,
             documents,
             settings=overrides,
-            idempotency_key=idempotency_key,
+            idempotency_key=claim,
             body_sha256=digest,
             request_id=current_request_id(),  # the worker logs under the ingest's X-Request-ID
         )

@@ -480,3 +480,25 @@ def test_health_metrics_openapi(app_client):
         "/readyz",
     ):
         assert path in spec["paths"], path
+
+
+def test_idempotency_keys_are_scoped_to_the_api_key(tiny_model_dir, tmp_path):
+    """Two clients that happen to use the same Idempotency-Key get two jobs (before: the second one
+    was answered with the first client's job, Idempotent-Replayed); each one's retry gets its own."""
+    keys = json.dumps({"alice-key": "write", "bob-key": "write"})
+    app = create_app(settings_for(tiny_model_dir, tmp_path / "store", api_keys=keys), start_runner=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+
+        def ingest(key: str):
+            return c.post(
+                "/ingest",
+                json=DOC,
+                headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "nightly-1"},
+            )
+
+        a, b = ingest("alice-key"), ingest("bob-key")
+        assert a.status_code == b.status_code == 202, (a.text, b.text)
+        assert a.json()["job_id"] != b.json()["job_id"] and "Idempotent-Replayed" not in b.headers
+        again = ingest("alice-key")
+        assert again.json()["job_id"] == a.json()["job_id"] and again.headers["Idempotent-Replayed"] == "true"
+        assert ingest("bob-key").json()["job_id"] == b.json()["job_id"]
