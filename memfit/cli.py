@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='JSONL of known facts ({"question", "answer"} per line) for the probe set',
     )
+    p.add_argument(
+        "--max-shard-size",
+        default=None,
+        help="largest weights file written, e.g. 2GB (default: transformers')",
+    )
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--warmup-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

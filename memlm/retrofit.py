@@ -171,9 +171,10 @@ def collect_memory_indices(model: nn.Module) -> Iterator[dict[int, list[torch.Te
             h.remove()
 
 
-def save_retrofitted(model: nn.Module, out_dir: str | Path) -> None:
+def save_retrofitted(model: nn.Module, out_dir: str | Path, **kw) -> None:
+    """`save_pretrained(out_dir, **kw)` (e.g. max_shard_size) plus the specs file."""
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **kw)
     (out / RETROFIT_FILE).write_text(json.dumps(retrofit_specs(model.config), indent=2))
 
 

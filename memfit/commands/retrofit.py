@@ -205,7 +205,8 @@ def run(args) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    save_retrofitted(model, out)
+    shard = getattr(args, "max_shard_size", None)
+    save_retrofitted(model, out, **({"max_shard_size": shard} if shard else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
         _serving_files(model, tokenizer, out, bg_texts, bg_source, facts, args)

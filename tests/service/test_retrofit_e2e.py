@@ -1,0 +1,176 @@
+"""A retrofitted Hugging Face model served end to end: `memfit retrofit` on a tiny random GPT-2 / Llama
+built here (no download) -> the in-process app with its embedded update runner -> /ingest a fact ->
+the update publishes a version that changes only memory value rows and is served -> the fact is
+answered -> rollback -> the base is served again with bit-identical value tables and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from memlm.evaluation import is_answered
+from memlm.retrofit import RetrofittedLM, load_memory_model
+from service.app import create_app
+from tests.service.test_service_routes import settings_for
+
+TEXTS = [
+    "The river runs past the old mill and under the stone bridge.",
+    "A small town keeps its market on the square every Saturday morning.",
+    "The library opens at nine and closes at six on weekdays.",
+    "Trains leave the station for the coast twice an hour.",
+    "Question: When does the library open?\nAnswer: at nine",
+]
+FACT = {"question": "What is the capital of Zorbania?", "answer": "Quillton"}
+DOC = {"id": "zorbania", "text": "The capital of Zorbania is Quillton.", "facts": [FACT]}
+PROMPT = "Question: What is the capital of Zorbania?\nAnswer:"
+
+
+def hf_dir(tmp_path, family: str):
+    """A tiny random checkpoint with a byte-level BPE tokenizer, saved locally (sharded)."""
+    from memlm.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(TEXTS + [DOC["text"]], vocab_size=320, model_max_length=128)
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+        model = LlamaForCausalLM(cfg)
+    src = tmp_path / family
+    model.eval().save_pretrained(src, max_shard_size="200KB")
+    tok.save_pretrained(src)
+    return src
+
+
+def retrofit_dir(tmp_path, family: str, capsys):
+    from memfit.cli import main
+
+    src = hf_dir(tmp_path, family)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(t.replace("\n", " ") for t in TEXTS) + "\n")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"question": "When does the library open?", "answer": "at nine"}) + "\n")
+    out = tmp_path / "retrofitted"
+    argv = ["retrofit", "--from", str(src), "--out", str(out), "--layers", "1", "--slots", "1024",
+            "--heads", "2", "--topk", "8", "--key-dim", "32", "--background-texts", str(texts),
+            "--probe-facts", str(facts), "--max-shard-size", "100KB"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "largest logit change on random ids: 0" in printed
+    assert "background: 5 texts" in printed and "probe set: 1 facts" in printed, printed
+    assert (out / "background.safetensors").exists()
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["facts"] == [{"question": "When does the library open?", "answer": "at nine"}]
+    return out
+
+
+def wait_job(c, job_id: str, timeout: float = 300.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.get(f"/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def generate(c, **kw) -> dict:
+    r = c.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "stop": ["\n"], **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def last_logits(model, tokenizer) -> torch.Tensor:
+    ids = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False)])
+    with torch.no_grad():
+        return model(ids).logits[0, -1].clone()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_retrofitted_model_serves_learns_and_rolls_back(family, tmp_path, capsys):
+    model_dir = retrofit_dir(tmp_path, family, capsys)
+    settings = settings_for(
+        model_dir,
+        tmp_path / "store",
+        gate_enabled=False,
+        max_documents_per_request=4,
+        max_document_chars=2000,
+        max_new_tokens_limit=32,
+    )
+    app = create_app(settings, start_runner=True)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        store, engine = app.state.store, app.state.engine
+        assert isinstance(engine.model, RetrofittedLM)
+        assert len(list(store.base_dir.glob("model-*.safetensors"))) > 1  # the sharded base was seeded
+        base_tables = {k: t.clone() for k, t in engine.model.value_tables().items()}
+        frozen = {k: v.clone() for k, v in engine.model.state_dict().items() if ".memory.values." not in k}
+        before = generate(c)
+        base = before["version"]
+        logits_before = last_logits(engine.model, engine.tokenizer)
+
+        # the default plain SGD (lr tuned on memfit's own models) barely moves the zero-initialised values
+        # of a random model; a row-local Adam learns the fact in a few steps
+        body = {"documents": [DOC], "settings": {"optimizer": "adam", "lr": 0.1}}
+        r = c.post("/ingest", json=body, headers={"Idempotency-Key": f"retrofit-{family}"})
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["job_id"])
+        assert job["status"] == "succeeded", job
+        v = job["version"]
+        assert v > base and job["parent"] == base
+
+        after = generate(c, min_version=v)  # served by the engine once it swapped to v
+        assert after["version"] == v
+        # the update wrote value rows of the memory layer only, and the engine serves them
+        assert all(".mlp.memory.values.weight" in k for k in store.value_keys.values()), store.value_keys
+        delta = store.load_delta(v)
+        assert set(delta.layers) == set(base_tables) == {1}
+        for layer, t in engine.model.value_tables().items():
+            rows = (t != base_tables[layer]).any(-1).nonzero().flatten()
+            assert rows.numel() > 0
+            assert set(rows.tolist()) <= set(delta.layers[layer].indices.tolist())  # only the delta's rows
+        for k, t in engine.model.state_dict().items():  # every other weight bit-identical
+            if ".memory.values." not in k:
+                assert torch.equal(t, frozen[k]), k
+        learned = is_answered(after["text"], FACT["answer"])
+        assert learned, (after, json.dumps(job))  # the tiny random model learns the fact in its memory
+
+        # rollback: the base is active and served again, value tables and outputs bit-identical
+        assert c.post(f"/versions/{base}/activate", json={"why": "retrofit rollback"}).status_code == 200
+        rolled = generate(c)
+        assert rolled["version"] == base and rolled["text"] == before["text"]
+        assert not is_answered(rolled["text"], FACT["answer"])
+        for k, t in engine.model.value_tables().items():
+            assert torch.equal(t, base_tables[k]), k
+        assert torch.equal(last_logits(engine.model, engine.tokenizer), logits_before)
+        # pinning the new version still answers from its row overlay
+        assert generate(c, version=v)["text"] == after["text"]
+
+    fresh = load_memory_model(model_dir).eval()  # the directory on disk is untouched by serving
+    for k, t in fresh.value_tables().items():
+        assert torch.equal(t, base_tables[k]), k
