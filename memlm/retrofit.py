@@ -183,17 +183,30 @@ def load_retrofitted(model_dir: str | Path, **kw) -> nn.Module:
     path = Path(model_dir)
     raw = json.loads((path / RETROFIT_FILE).read_text())
     specs = [RetrofitSpec(**x) for x in (raw if isinstance(raw, list) else [raw])]
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    from transformers.utils import logging as hf_logging
+
+    # the base architecture does not know the memory keys (and a parallel retrofit renames the MLP's):
+    # its load report would list them all as unexpected / missing; they are loaded below and checked
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    finally:
+        hf_logging.set_verbosity(level)
     model.config.memfit_retrofit = None  # config.json carries the specs too: apply them once
     for spec in specs:
         retrofit(model, spec)
     state = {}
-    for f in sorted(path.glob("*.safetensors")):
+    for f in sorted(path.glob("model*.safetensors")):  # not background.safetensors
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     memory_missing = [k for k in missing if ".memory." in k]
     if memory_missing:
         raise ValueError(f"{path}: memory weights missing from the checkpoint: {memory_missing[:4]}")
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    base_missing = [k for k in missing if ".memory." not in k and not (tied and k.endswith("lm_head.weight"))]
+    if base_missing:  # e.g. a wrapped MLP's weights: they would stay randomly initialised
+        raise ValueError(f"{path}: weights missing from the checkpoint: {base_missing[:4]}")
     return model
 
 
