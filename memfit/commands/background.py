@@ -31,14 +31,30 @@ def run(args) -> int:
     if served is not None and served < 0:
         print(f"--served-facts must be >= 0, got {served}", file=sys.stderr)
         return 2
-    stats = compute_for_model_dir(model_dir, unit=args.unit, progress=True, served_facts=served)
+    from memlm.retrofit import is_retrofitted
+
+    if is_retrofitted(model_dir):  # no memfit corpus to count: the statistics `memfit retrofit` wrote
+        from memlm.background import BackgroundStats, model_base_id
+
+        if args.unit or served is not None or not (model_dir / "background.safetensors").exists():
+            print(
+                f"{model_dir} is a `memfit retrofit` model: its background statistics are computed over "
+                "your text by `memfit retrofit --background-texts FILE` (this command only seeds them "
+                "into Redis with --to-redis)",
+                file=sys.stderr,
+            )
+            return 2
+        stats = BackgroundStats.load(model_dir, expected_base_id=model_base_id(model_dir))
+    else:
+        stats = compute_for_model_dir(model_dir, unit=args.unit, progress=True, served_facts=served)
     for layer, df in stats.df.items():
         used = int((df > 0).sum())
         print(
             f"layer {layer}: {used}/{len(df)} slots accessed in {stats.num_docs} {stats.unit} documents, "
             f"max df {int(df.max())}"
         )
-    print(f"saved {model_dir / 'background.safetensors'}")
+    done = "read" if is_retrofitted(model_dir) else "saved"
+    print(f"{done} {model_dir / 'background.safetensors'}")
     if seed_redis is not None:
         from service.settings import Settings, redacted, redis_url_with_password
 

@@ -176,3 +176,69 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     (busy / "x").write_text("x")
     assert run_cli("--from", str(src), "--out", str(busy)) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# ---- the native interface that serving and updates use (RetrofittedLM) -------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_wrapper_left_padding_cache_and_overlay(family):
+    from transformers.cache_utils import DynamicCache
+
+    from memlm.retrofit import RetrofittedLM
+
+    hf = retrofit(tiny(family).eval(), RetrofitSpec(mode="parallel", **SPEC))
+    with torch.no_grad():
+        memory_modules(hf)[1].values.weight.normal_()
+    m = RetrofittedLM(hf).eval()
+    assert list(m.value_tables()) == m.config.memory_layers == [1] and m.config.memory_size == 64
+    a, b = torch.randint(2, 128, (1, 4)), torch.randint(2, 128, (1, 7))
+    ids = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), a], 1), b])  # row 0 left padded
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    with torch.no_grad():
+        out = m(ids, attention_mask=mask)
+        assert out.memory_indices[0].shape == (2, 7, 2, 4)
+        cache = DynamicCache(config=m.config)  # the engine's prefill + one decoding step
+        first = m(ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        nxt = first.argmax(-1, keepdim=True)
+        step = m(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), cache=cache, use_cache=True)
+        for row, prompt in enumerate([a, b]):  # the same as the row alone, unpadded, without a cache
+            alone = m(torch.cat([prompt, nxt[row : row + 1]], 1)).logits[0, -1]
+            assert torch.allclose(step.logits[row, -1], alone, atol=1e-5)
+        # an overlay replaces rows for this call only
+        base = m(b).logits
+        zero = {1: (torch.arange(64), torch.zeros(64, 32))}
+        with_overlay = m(b, memory_overlay=zero).logits
+        assert not torch.allclose(with_overlay, base)
+        assert torch.equal(m(b).logits, base)
+        table = m.value_tables()[1]
+        saved = table.clone()
+        table.zero_()
+        assert torch.equal(m(b).logits, with_overlay)
+        table.copy_(saved)
+
+
+def test_cli_probe_facts_and_background_command(tmp_path, capsys):
+    from memfit.cli import main
+
+    src, _ = gpt2_dir(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "answer": "A"}\n{"question": "no answer"}\n')
+    assert run_cli("--from", str(src), "--out", str(tmp_path / "x"), "--probe-facts", str(bad)) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"question": "When does the library open?", "answer": "at nine"}\n')
+    out = tmp_path / "out"
+    assert run_cli("--from", str(src), "--out", str(out), "--slots", "64", "--heads", "2", "--topk", "4",
+                   "--key-dim", "16", "--probe-facts", str(facts)) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "background: 24 texts from the built-in generic text + 1 served-format facts" in printed
+    assert "probe set: 1 facts, the model answers 0 of them" in printed
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["facts"] == [{"question": "When does the library open?", "answer": "at nine"}]
+    assert probe["heldout_texts"]
+    # `memfit background` reads a retrofitted model's statistics, and will not recount them
+    assert main(["background", "--model", str(out)]) == 0
+    assert "layer 1: " in capsys.readouterr().out
+    assert main(["background", "--model", str(out), "--unit", "batch"]) == 2
+    assert "memfit retrofit --background-texts" in capsys.readouterr().err
