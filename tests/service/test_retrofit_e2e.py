@@ -174,3 +174,21 @@ def test_retrofitted_model_serves_learns_and_rolls_back(family, tmp_path, capsys
     fresh = load_memory_model(model_dir).eval()  # the directory on disk is untouched by serving
     for k, t in fresh.value_tables().items():
         assert torch.equal(t, base_tables[k]), k
+
+
+@pytest.mark.integration
+def test_memfit_serve_starts_on_a_sharded_retrofitted_directory(tmp_path, capsys):
+    """The real command line: `memfit serve --model DIR` seeds its store from the sharded directory."""
+    from tests.service.conftest import ServerProcess
+
+    model_dir = retrofit_dir(tmp_path, "gpt2", capsys)
+    assert not (model_dir / "model.safetensors").exists()
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path).start()
+    try:
+        with server.client() as c:
+            r = c.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 4})
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == 0 and r.json()["usage"]["completion_tokens"] >= 1
+            assert c.get("/versions").json()["active"] == 0
+    finally:
+        server.kill()
