@@ -192,3 +192,46 @@ def test_memfit_serve_starts_on_a_sharded_retrofitted_directory(tmp_path, capsys
             assert c.get("/versions").json()["active"] == 0
     finally:
         server.kill()
+
+
+@pytest.mark.integration
+def test_retrofitted_model_in_distributed_mode(redis_server, tmp_path, capsys):
+    """`memfit worker` (Celery, Redis) trains the update of a retrofitted model; the API replica serves it."""
+    from model_store import Store
+    from tests.workers.test_distributed import FAST_ENV, Proc, Server
+
+    model_dir = retrofit_dir(tmp_path, "gpt2", capsys)
+    store = tmp_path / "store"
+    Store.init(store, model_dir)
+    env = {**FAST_ENV, "MEMFIT_HOME": str(tmp_path / "home"), "MEMFIT_REDIS_URL": redis_server.url}
+    procs: list[Proc] = []
+    try:
+        worker = Proc("worker", ["worker", "--model", str(model_dir), "--store", str(store)], env, tmp_path)
+        procs.append(worker)
+        api = Server("api", model_dir, store, env, tmp_path)
+        procs.append(api)
+        worker.wait_log(" ready.", timeout=180)
+        api.wait_ready(180)
+        before = api.ask(PROMPT)
+        r = api.ingest([DOC], settings={"optimizer": "adam", "lr": 0.1}, key="retrofit-distributed")
+        assert r.status_code == 202, r.text
+        (job,) = api.wait_jobs([r.json()["job_id"]], timeout=300)
+        assert job["status"] == "succeeded", (job, worker.log()[-3000:])
+        deadline = time.time() + 5  # the worker records its pid in the timings just after the status
+        while "worker_pid" not in api.job(job["job_id"])["timings"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert api.job(job["job_id"])["timings"]["worker_pid"] == worker.pid  # trained in the worker
+        v = job["version"]
+        deadline = time.time() + 30
+        while (got := api.ask(PROMPT))["version"] != v and time.time() < deadline:
+            time.sleep(0.1)
+        assert got["version"] == v and is_answered(got["text"], FACT["answer"]), got
+        assert (
+            api.http.post(f"/versions/{before['version']}/activate", json={"why": "rollback"}).status_code
+            == 200
+        )
+        rolled = api.ask(PROMPT)
+        assert rolled["version"] == before["version"] and rolled["text"] == before["text"]
+    finally:
+        for p in reversed(procs):
+            p.stop()
