@@ -1,7 +1,13 @@
 """A retrofitted Hugging Face model served end to end: `memfit retrofit` on a tiny random GPT-2 / Llama
-built here (no download) -> the in-process app with its embedded update runner -> /ingest a fact ->
-the update publishes a version that changes only memory value rows and is served -> the fact is
-answered -> rollback -> the base is served again with bit-identical value tables and outputs.
+built here (no download; written sharded) -> the in-process app with its embedded update runner ->
+/ingest a fact -> the update publishes a version that changes only memory value rows and is served ->
+the fact is answered -> rollback -> the base is served again with bit-identical value tables and
+outputs. Also: `memfit serve` as a subprocess on the sharded directory, and distributed mode (`memfit
+worker` trains the update).
+
+The default update (plain SGD, lr tuned on memfit's own models) does not move a random model's
+zero-initialised memory values enough to learn the fact; the tests ask for the row-local Adam
+(`settings: {"optimizer": "adam", "lr": 0.1}`), which learns it in a few steps.
 """
 
 from __future__ import annotations
