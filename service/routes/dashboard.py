@@ -106,6 +106,7 @@ def _secure(request: Request) -> bool:
     "/login",
     summary="Dashboard log-in page (exchanges an API key for a read-only session cookie)",
     response_class=HTMLResponse,
+    responses={303: {"description": "No API keys configured: to the dashboard itself"}},
 )
 async def login_page(request: Request) -> Response:
     if not get_keystore(request).enabled:  # no keys: nothing to log in to
@@ -116,8 +117,20 @@ async def login_page(request: Request) -> Response:
 @router.post(
     "/login",
     summary="Exchange an API key (form field `key`) for a read-only dashboard session cookie",
-    response_class=HTMLResponse,
+    response_class=Response,
     status_code=303,
+    responses={
+        303: {"description": "Logged in (the session cookie is set): to the dashboard"},
+        **{
+            code: {"description": why, "content": {"text/html": {}}}
+            for code, why in (
+                (401, "Unknown key"),
+                (403, "Log-in from another site"),
+                (413, "Form too large"),
+                (429, "Too many attempts"),
+            )
+        },
+    },
 )
 async def login(request: Request) -> Response:
     store = get_keystore(request)
@@ -154,7 +167,13 @@ async def login(request: Request) -> Response:
     return response
 
 
-@router.post("/logout", summary="End this browser's dashboard session", status_code=303)
+@router.post(
+    "/logout",
+    summary="End this browser's dashboard session",
+    status_code=303,
+    response_class=Response,
+    responses={303: {"description": "The session cookie is cleared: to the log-in page"}},
+)
 async def logout(request: Request) -> Response:
     signer = get_sessions(request)
     session = signer.verify(request.cookies.get(COOKIE_NAME))
