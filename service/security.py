@@ -103,21 +103,23 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, last refill time)
         self._lock = threading.Lock()
 
-    def acquire(self, key_id: str) -> float:
-        """Take one token; 0.0 when allowed, else the seconds until one is available."""
+    def acquire(self, key_id: str, cost: float = 1.0) -> float:
+        """Take `cost` tokens (at most the capacity); 0.0 when allowed, else the seconds until they are
+        available."""
         if self.per_minute <= 0:
             return 0.0
         capacity = float(self.per_minute)
+        cost = min(float(cost), capacity)
         rate = capacity / 60.0
         now = self.clock()
         with self._lock:
             tokens, last = self._buckets.get(key_id, (capacity, now))
             tokens = min(capacity, tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[key_id] = (tokens - 1.0, now)
+            if tokens >= cost:
+                self._buckets[key_id] = (tokens - cost, now)
                 return 0.0
             self._buckets[key_id] = (tokens, now)
-            return (1.0 - tokens) / rate
+            return (cost - tokens) / rate
 
 
 @dataclass

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     public_metrics: bool = Field(True, description="/metrics without a key")
     public_health: bool = Field(True, description="/healthz and /readyz without a key")
     rate_limit_per_minute: int = Field(600, ge=0, description="per key and replica; 0 disables")
+    ingest_bytes_per_minute: int = Field(
+        10_000_000,
+        ge=0,
+        description="document bytes (UTF-8 text and facts) per key and replica a minute; 0 disables",
+    )
     # dashboard login (service/sessions.py): a key exchanged for a read-only session cookie
     session_ttl_s: int = Field(8 * 3600, ge=1, description="dashboard session lifetime in seconds")
     session_secret: str | None = Field(

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
+import threading
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
 from model_store import IdempotencyConflict
@@ -26,7 +28,7 @@ from service.deps import DispatcherDep, EngineDep, MetricsDep, SettingsDep, Stor
 from service.errors import ApiError
 from service.logs import current_request_id
 from service.schemas import ErrorResponse, IngestRequest, IngestResponse
-from service.security import Principal, require_role
+from service.security import Principal, RateLimiter, require_role
 from service.settings import Settings
 
 router = APIRouter(tags=["ingest"])
@@ -104,6 +106,28 @@ def body_hash(body: IngestRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_budget_lock = threading.Lock()
+
+
+def ingest_budget(request: Request, settings: Settings) -> RateLimiter:
+    """This replica's per-key byte buckets (kept on the app, made on first use)."""
+    with _budget_lock:
+        limiter = getattr(request.app.state, "ingest_budget", None)
+        if limiter is None or limiter.per_minute != settings.ingest_bytes_per_minute:
+            limiter = request.app.state.ingest_budget = RateLimiter(settings.ingest_bytes_per_minute)
+        return limiter
+
+
+def document_bytes(documents: list[dict]) -> int:
+    """UTF-8 bytes of the documents' text and facts: what the byte budget counts."""
+    total = 0
+    for d in documents:
+        total += len((d.get("text") or "").encode())
+        for f in d.get("facts", []):
+            total += sum(len(str(v).encode()) for v in f.values())
+    return total
+
+
 @router.post(
     "/ingest",
     status_code=202,
@@ -116,10 +140,14 @@ def body_hash(body: IngestRequest) -> str:
             "description": "too many documents, or a document too long (names the limit)",
         },
         422: {"model": ErrorResponse, "description": "invalid field or limit exceeded"},
-        429: {"model": ErrorResponse, "description": "queue over max_queue_depth (Retry-After)"},
+        429: {
+            "model": ErrorResponse,
+            "description": "queue over max_queue_depth, or the key's ingest_bytes_per_minute spent (Retry-After)",
+        },
     },
 )
 async def ingest(
+    request: Request,
     body: IngestRequest,
     store: StoreDep,
     engine: EngineDep,
@@ -150,6 +178,14 @@ async def ingest(
     documents = [d.model_dump(exclude_none=True) for d in body.documents]
     for d in documents:
         d["facts"] = [{k: v for k, v in f.items() if v is not None} for f in d.get("facts", [])]
+    cost = document_bytes(documents)
+    if settings.ingest_bytes_per_minute and cost > settings.ingest_bytes_per_minute:
+        raise ApiError(
+            413,
+            "too_large",
+            f"{cost} document bytes in one request; ingest_bytes_per_minute = {settings.ingest_bytes_per_minute}",
+            "ingest_bytes_per_minute",
+        )
 
     def create():
         jobs = store.jobs
@@ -159,6 +195,17 @@ async def ingest(
                 if existing.body_sha256 not in (None, digest):
                     raise IdempotencyConflict(idempotency_key, existing.job_id)
                 return existing, True
+        # a new job spends the key's byte budget (a replay above does not)
+        wait = ingest_budget(request, settings).acquire(principal.key_id or "anonymous", cost)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"ingest_bytes_per_minute = {settings.ingest_bytes_per_minute} spent for this key; retry in {retry} s",
+                "ingest_bytes_per_minute",
+                {"Retry-After": str(retry)},
+            )
         depth = len(jobs.queued(include_running=False))
         if depth >= settings.max_queue_depth:
             raise ApiError(

@@ -394,3 +394,27 @@ def test_boundary_fuzz_every_numeric_field(tiny_model_dir, tmp_path):
     assert {"POST /generate", "POST /v1/completions", "POST /ingest", "GET /jobs"} <= set(report.by_operation)
     assert report.server_errors == 0 and report.failures == [], report.summary()
     assert report.by_status[422] > report.cases // 2, report.summary()
+
+
+def test_ingest_bytes_are_capped_per_key_and_minute(server_factory):
+    """Before: a write key could post documents at any byte rate (only the request count was limited),
+    and every process holds them. Now MEMFIT_INGEST_BYTES_PER_MINUTE is a per-key byte budget: a
+    request over the whole budget is a 413, one over what is left a 429 with Retry-After, both naming
+    the setting; nothing is recorded for them, and an Idempotency-Key replay is not charged again."""
+    s = server_factory({"MEMFIT_INGEST_BYTES_PER_MINUTE": "1000"})
+    with s.client(timeout=HANG) as c:
+        big = c.post("/ingest", json={"documents": [{"text": "x" * 1001}]})
+        assert big.status_code == 413 and big.json()["error"]["field"] == "ingest_bytes_per_minute", big.text
+        doc = {"documents": [{"text": "Goju Theipouquis was born in Peivistead. " + "y" * 560}]}
+        first = c.post("/ingest", json=doc, headers={"Idempotency-Key": "k1"})
+        assert first.status_code == 202, first.text
+        again = c.post("/ingest", json=doc, headers={"Idempotency-Key": "k1"})  # a replay: same job, free
+        assert again.status_code in (200, 202) and again.json()["job_id"] == first.json()["job_id"], (
+            again.text
+        )
+        over = c.post("/ingest", json=doc)
+        assert over.status_code == 429, over.text
+        assert over.json()["error"]["field"] == "ingest_bytes_per_minute"
+        assert int(over.headers["Retry-After"]) >= 1
+        jobs = c.get("/jobs").json()["jobs"]
+        assert [j["job_id"] for j in jobs] == [first.json()["job_id"]]  # nothing recorded for the refusals
