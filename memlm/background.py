@@ -16,6 +16,7 @@ num_tokens).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,12 +105,28 @@ class BackgroundStats:
         )
 
 
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a model directory: [model.safetensors], or the shards that
+    model.safetensors.index.json names (sorted); [] when it has neither."""
+    d = Path(model_dir)
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    index = d / "model.safetensors.index.json"
+    if not index.exists():
+        return []
+    names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    missing = [n for n in names if not (d / n).exists()]
+    if missing or not names:
+        raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3] or 'none listed'}")
+    return [d / n for n in names]
+
+
 def model_base_id(model_dir: str | Path) -> str:
-    """sha256 of the model directory's weights file (identifies the base a background belongs to)."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("model*.safetensors"))
+    """sha256 over the bytes of the weight files in order (`weight_files`): for one model.safetensors
+    its sha256. Identifies the base a background, and a store, belongs to."""
+    files = weight_files(model_dir)
     if not files:
-        raise FileNotFoundError(f"no model*.safetensors in {model_dir}")
+        raise FileNotFoundError(f"no model.safetensors (or sharded index) in {model_dir}")
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:

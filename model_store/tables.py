@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from memlm.background import model_base_id, weight_files
 from memlm.delta import SlotDelta
 
 Rows = dict[int, tuple[torch.Tensor, torch.Tensor]]  # {layer: (indices (t,) sorted unique, rows (t, d))}
@@ -37,22 +36,6 @@ def find_value_keys(keys: list[str], memory_layers: list[int] | None = None) -> 
     return found
 
 
-def weight_files(model_dir: str | Path) -> list[Path]:
-    """The weight files of a model directory: [model.safetensors], or the shards that
-    model.safetensors.index.json names (sorted); [] when it has neither."""
-    d = Path(model_dir)
-    if (d / "model.safetensors").exists():
-        return [d / "model.safetensors"]
-    index = d / "model.safetensors.index.json"
-    if not index.exists():
-        return []
-    names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-    missing = [n for n in names if not (d / n).exists()]
-    if missing or not names:
-        raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3] or 'none listed'}")
-    return [d / n for n in names]
-
-
 def has_weights(model_dir: str | Path) -> bool:
     """Whether `model_dir` holds a safetensors checkpoint (one file or an index of shards)."""
     d = Path(model_dir)
@@ -60,17 +43,8 @@ def has_weights(model_dir: str | Path) -> bool:
 
 
 def weights_id(model_dir: str | Path) -> str:
-    """sha256 over the bytes of the weight files in order: for one model.safetensors its sha256 (the
-    base id of every store), for shards the same value as memlm.background.model_base_id."""
-    files = weight_files(model_dir)
-    if not files:
-        raise FileNotFoundError(f"no model.safetensors (or sharded index) in {model_dir}")
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """The base id of every store: memlm.background.model_base_id (sha256 over the weight files)."""
+    return model_base_id(model_dir)
 
 
 def weight_keys(model_dir: str | Path) -> list[str]:
