@@ -230,24 +230,51 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> MemoryLMOutput:
-        cache = cache if cache is not None else past_key_values
-        h, cache, indices = self.model(
+        return lm_forward(
+            self.model,
+            self.lm_head,
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
-            use_cache=bool(use_cache),
+            cache=cache if cache is not None else past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             memory_overlay=memory_overlay,
         )
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            # labels are the input ids (shifted here); -100 marks positions that carry no loss
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
-        return MemoryLMOutput(loss=loss, logits=logits, cache=cache, memory_indices=indices)
+
+
+def lm_forward(
+    body: nn.Module,
+    lm_head: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
+    labels: torch.Tensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int = 0,
+    memory_overlay: MemoryOverlay | None = None,
+) -> MemoryLMOutput:
+    """Body -> logits (the last `logits_to_keep` positions, 0: all) -> next-token loss where labels
+    are given: the causal-LM head every memory model shares (native and retrofitted)."""
+    h, cache, indices = body(
+        input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=bool(use_cache),
+        memory_overlay=memory_overlay,
+    )
+    if logits_to_keep:
+        h = h[:, -logits_to_keep:]
+    logits = lm_head(h)
+    loss = None
+    if labels is not None:
+        # labels are the input ids (shifted here); -100 marks positions that carry no loss
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+        )
+    return MemoryLMOutput(loss=loss, logits=logits, cache=cache, memory_indices=indices)

@@ -306,28 +306,20 @@ class RetrofittedLM(nn.Module):
         past_key_values=None,
         **kwargs,
     ):
-        from .modeling import MemoryLMOutput
+        from .modeling import lm_forward
 
-        cache = cache if cache is not None else past_key_values
-        h, cache, indices = self.model(
+        return lm_forward(
+            self.model,
+            self.lm_head,
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
-            use_cache=bool(use_cache),
+            cache=cache if cache is not None else past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             memory_overlay=memory_overlay,
         )
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
-        return MemoryLMOutput(loss=loss, logits=logits, cache=cache, memory_indices=indices)
 
 
 def is_retrofitted(model_dir: str | Path) -> bool:
