@@ -71,6 +71,9 @@ class Job:
     progress: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
+    # who the key belongs to, as recorded by /ingest: "key:<key id>" (the key is prefixed with it) or
+    # "anonymous"; None on records written before keys were scoped (see find_by_idempotency_key)
+    idempotency_scope: str | None = None
     body_sha256: str | None = None
     request_id: str | None = None  # X-Request-ID of the ingest (service/logs.py): the worker logs it
     attempts: int = 0
@@ -183,16 +186,19 @@ class JobLog:
         idempotency_key: str | None = None,
         body_sha256: str | None = None,
         request_id: str | None = None,
+        idempotency_scope: str | None = None,
+        legacy_key: str | None = None,
     ) -> Job:
         """Record the documents, then the job, both fsynced, before returning the queued Job.
 
-        Documents without an "id" get one. With an idempotency key already used: the same body hash
-        returns the existing job; a different one raises IdempotencyConflict.
+        Documents without an "id" get one. With an idempotency key already used (or `legacy_key`
+        recorded before keys were scoped, see find_by_idempotency_key): the same body hash returns
+        the existing job; a different one raises IdempotencyConflict.
         """
         with self._lock, self._locked():
             self.refresh()
             if idempotency_key is not None:
-                existing = self.find_by_idempotency_key(idempotency_key)
+                existing = self.find_by_idempotency_key(idempotency_key, legacy_key)
                 if existing is not None:
                     if body_sha256 is not None and existing.body_sha256 not in (None, body_sha256):
                         raise IdempotencyConflict(idempotency_key, existing.job_id)
@@ -223,6 +229,7 @@ class JobLog:
                 created_at=now,
                 updated_at=now,
                 idempotency_key=idempotency_key,
+                idempotency_scope=idempotency_scope,
                 body_sha256=body_sha256,
                 request_id=request_id,
             )
@@ -279,10 +286,18 @@ class JobLog:
             jobs = [j for j in jobs if j.status == status]
         return jobs if limit is None else jobs[:limit]
 
-    def find_by_idempotency_key(self, key: str) -> Job | None:
+    def find_by_idempotency_key(self, key: str, legacy_key: str | None = None) -> Job | None:
+        """The job recorded with `key`; else, with `legacy_key`, the job recorded under that key
+        before keys were scoped to the caller (no `idempotency_scope`: /ingest wrote the raw
+        Idempotency-Key then), so a client's retry across the upgrade gets its job, not a second
+        one. A record of today's code under the raw key (an anonymous caller) is not a match."""
         with self._lock:
             self.refresh()
             jid = self._by_key.get(key)
+            if jid is None and legacy_key is not None:
+                old = self._jobs.get(self._by_key.get(legacy_key) or "")
+                if old is not None and old.idempotency_scope is None:
+                    return old
             return self._jobs.get(jid) if jid else None
 
     def queued(self, include_running: bool = True) -> builtins.list[Job]:

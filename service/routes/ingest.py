@@ -7,7 +7,9 @@ were recorded already).
 Idempotency-Key: the same key with the same body returns the same job (also after a restart and for
 concurrent retries on any replica of the store: the check and the create are one step under the job
 log's file lock); the same key with a different body is a 409. Keys are scoped to the caller's API
-key: two clients using the same Idempotency-Key get two jobs.
+key: two clients using the same Idempotency-Key get two jobs. A key recorded before that scoping
+(the raw key, no `idempotency_scope` in the job) still answers a keyed caller's replay with its job,
+so a retry across the upgrade is not doubled.
 """
 
 from __future__ import annotations
@@ -173,8 +175,11 @@ async def ingest(
     digest = body_hash(body)
     # scoped to the caller's API key: another client's same key is another job, never its job
     claim = idempotency_key
+    scope = f"key:{principal.key_id}" if principal.key_id else "anonymous"
+    legacy = None  # the raw key, as recorded before scoping (model_store.JobLog.find_by_idempotency_key)
     if idempotency_key is not None and principal.key_id:
         claim = f"{principal.key_id}:{idempotency_key}"
+        legacy = idempotency_key
     documents = [d.model_dump(exclude_none=True) for d in body.documents]
     for d in documents:
         d["facts"] = [{k: v for k, v in f.items() if v is not None} for f in d.get("facts", [])]
@@ -190,7 +195,7 @@ async def ingest(
     def create():
         jobs = store.jobs
         if claim is not None:
-            existing = jobs.find_by_idempotency_key(claim)
+            existing = jobs.find_by_idempotency_key(claim, legacy)
             if existing is not None:
                 if existing.body_sha256 not in (None, digest):
                     raise IdempotencyConflict(idempotency_key, existing.job_id)
@@ -225,6 +230,8 @@ async def ingest(
             idempotency_key=claim,
             body_sha256=digest,
             request_id=current_request_id(),  # the worker logs under the ingest's X-Request-ID
+            idempotency_scope=scope if claim is not None else None,
+            legacy_key=legacy,
         )
         return job, job.job_id != mine
 

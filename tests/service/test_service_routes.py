@@ -502,3 +502,48 @@ def test_idempotency_keys_are_scoped_to_the_api_key(tiny_model_dir, tmp_path):
         again = ingest("alice-key")
         assert again.json()["job_id"] == a.json()["job_id"] and again.headers["Idempotent-Replayed"] == "true"
         assert ingest("bob-key").json()["job_id"] == b.json()["job_id"]
+
+
+def test_idempotency_keys_recorded_before_scoping_are_honoured(tiny_model_dir, tmp_path):
+    """A job whose Idempotency-Key was recorded unscoped, as /ingest did before keys were scoped to
+    the caller's API key (commit 7f68372: the raw key and the body's hash), is still the job a replay
+    with that key gets after the upgrade (before this fix: a second job, the retry doubled it). A
+    different body is still a 409; an unscoped key recorded by today's code without API keys is not
+    handed to a keyed caller."""
+    from service.routes.ingest import body_hash
+    from service.schemas import IngestRequest
+
+    keys = json.dumps({"alice-key": "write", "bob-key": "write"})
+    app = create_app(settings_for(tiny_model_dir, tmp_path / "store", api_keys=keys), start_runner=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        jobs = app.state.store.jobs
+        legacy = jobs.create_job(
+            None,
+            [dict(d) for d in DOC["documents"]],
+            idempotency_key="nightly-1",
+            body_sha256=body_hash(IngestRequest.model_validate(DOC)),
+        )
+        # what this code records for an anonymous caller (no API keys configured then)
+        jobs.create_job(
+            None,
+            [{"id": "d-2", "text": "Another text."}],
+            idempotency_key="nightly-2",
+            body_sha256=body_hash(IngestRequest.model_validate(DOC)),
+            idempotency_scope="anonymous",
+        )
+
+        def ingest(key: str, idem: str, body=DOC):
+            return c.post(
+                "/ingest", json=body, headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem}
+            )
+
+        r = ingest("alice-key", "nightly-1")
+        assert r.status_code == 202, r.text
+        assert r.json()["job_id"] == legacy.job_id and r.headers["Idempotent-Replayed"] == "true"
+        other = {"documents": [{"id": "d-9", "text": "A different body."}]}
+        assert_error(ingest("alice-key", "nightly-1", other), 409, code="idempotency_conflict")
+        r2 = ingest("bob-key", "nightly-2")
+        assert r2.status_code == 202 and "Idempotent-Replayed" not in r2.headers
+        assert len(jobs.list(None)) == 3
+        # the scoped record from now on: alice's retries keep getting the legacy job
+        assert ingest("alice-key", "nightly-1").json()["job_id"] == legacy.job_id
