@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from memlm.bench_continual import BenchConfig, Context, MethodSpec, run_stream
+    from memfit.bench.continual import BenchConfig, Context, MethodSpec, run_stream
     from memlm.data import invented_facts
     from memlm.paths import default_model_dir
 

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .augment import AugmentSettings, build_stream, document_facts, trains_text
-from .delta import SlotDelta
-from .evaluation import format_question, greedy_complete, is_answered
-from .updater import UpdateSettings, batch_loss, facts_stop_fn, learn_documents
+from memlm.augment import AugmentSettings, build_stream, document_facts, trains_text
+from memlm.delta import SlotDelta
+from memlm.evaluation import format_question, greedy_complete, is_answered
+from memlm.updater import UpdateSettings, batch_loss, facts_stop_fn, learn_documents
 
 LORA_TARGETS = ["qkv", "o_proj", "gate_up", "down"]
 

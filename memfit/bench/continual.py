@@ -36,12 +36,13 @@ from typing import Any
 
 import torch
 
-from .augment import TRAINING_QUESTION_TEMPLATES
+from memlm.augment import TRAINING_QUESTION_TEMPLATES
+from memlm.data.templates import CAPITAL, CITY_COUNTRY
+from memlm.evaluation import answered, perplexity
+from memlm.reach import delta_rows, merge_reads, probe_reads, reach_report, reached
+from memlm.updater import UpdateSettings, learn_documents
+
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
-from .data.templates import CAPITAL, CITY_COUNTRY
-from .evaluation import answered, perplexity
-from .reach import delta_rows, merge_reads, probe_reads, reach_report, reached
-from .updater import UpdateSettings, learn_documents
 
 # ---- configuration ----------------------------------------------------------------------------------
 
@@ -486,7 +487,7 @@ def choose(results: Sequence[tuple[MethodSpec, dict]]) -> tuple[MethodSpec, dict
 
 
 def split_streams(cfg: BenchConfig) -> tuple[list[dict], list[dict]]:
-    from .data import invented_facts
+    from memlm.data import invented_facts
 
     facts = invented_facts(cfg.dev_facts + cfg.test_facts, seed=cfg.seed)
     return facts[: cfg.dev_facts], facts[cfg.dev_facts :]
@@ -494,7 +495,7 @@ def split_streams(cfg: BenchConfig) -> tuple[list[dict], list[dict]]:
 
 def pick_corrections(ctx: Context, n: int, seed: int) -> list[dict]:
     """n corrections of capitals that the base model answers (so there is something to correct)."""
-    from .data import corrections, probe_facts
+    from memlm.data import corrections, probe_facts
 
     known = {f["id"] for f in ctx.probe_known}
     capitals = sum(1 for f in probe_facts() if f["relation"] == "capital")
@@ -540,7 +541,7 @@ def benchmark(
     t_start = time.perf_counter()
     machine_start = machine_info()
     ctx = Context(model_dir, cfg, log)
-    from .background import model_base_id
+    from memlm.background import model_base_id
 
     fingerprint = {"base_id": model_base_id(model_dir), "config": asdict(cfg)}
     prog = Progress(out, resume, fingerprint)
@@ -1072,7 +1073,7 @@ def write_outputs(out: Path, res: dict, main: dict, ablation: dict) -> None:
 def resolve_model(model: str | None, quick: bool, log: Callable[[str], None] = print) -> tuple[Path, str]:
     """The model to benchmark: --model, else the default model, else (with --quick) the tiny preset,
     built on first use."""
-    from .paths import default_model_dir
+    from memlm.paths import default_model_dir
 
     if model:
         return Path(model), ""
@@ -1087,7 +1088,7 @@ def resolve_model(model: str | None, quick: bool, log: Callable[[str], None] = p
     note = f"(tiny preset: no default model at {default})"
     if not (tiny / "config.json").exists():
         log(f"--quick: {note}; building the tiny preset into {tiny}")
-        from .pretrain import pretrain
+        from memlm.pretrain import pretrain
 
         pretrain("tiny", tiny)
     return tiny, note

@@ -30,9 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memlm.delta import LayerDelta, SlotDelta
-
-from .store import Store
-from .swap import LiveTables, copy_rows
+from model_store.store import Store
+from model_store.swap import LiveTables, copy_rows
 
 SYNTH_ROWS, SYNTH_DIM = 65_536, 256
 

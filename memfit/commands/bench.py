@@ -1,4 +1,5 @@
-"""`memfit bench continual|update|serve|swap`: dispatch to the benchmark modules, imported lazily."""
+"""`memfit bench continual|update|serve|swap`: dispatch to the benchmark modules (memfit/bench/), imported
+lazily."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "continual": "memlm.bench_continual",
-    "update": "workers.bench_update",
-    "serve": "service.bench_serve",
-    "swap": "model_store.bench_swap",
+    "continual": "memfit.bench.continual",
+    "update": "memfit.bench.update",
+    "serve": "memfit.bench.serve",
+    "swap": "memfit.bench.swap",
 }
 
 

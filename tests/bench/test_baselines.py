@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from memlm.baselines import (
+from memfit.bench.baselines import (
     LORA_TARGETS,
     BM25Retriever,
     DenseSettings,

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from memlm.bench_continual import (
+from memfit.bench.continual import (
     BenchConfig,
     Context,
     MethodSpec,
