@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .augment import AugmentSettings, build_stream, document_facts, trains_text
+from .augment import AugmentSettings, TrainingStream, build_stream, document_facts, trains_text
 from .delta import LayerDelta, SlotDelta
 from .selection import count_accesses, idf, select_slots
 
@@ -484,6 +484,26 @@ def _replay_batch(tokenizer, s: UpdateSettings) -> Batch:
     return collate(examples, pad)
 
 
+def training_stream(tokenizer, documents: Sequence[dict], settings) -> TrainingStream:
+    """The documents' training examples in batches (memlm.augment): chunks, paraphrases and QA forms.
+
+    `settings` is an UpdateSettings or any settings with its augmentation fields (`max_seq_len`,
+    `paraphrases`, `question_rewrites`, `seed`, `train_text`, `batch_size`; the benchmark's dense
+    baselines pass theirs), so that every method trains on the same examples. Documents with nothing to
+    train are an error."""
+    aug = AugmentSettings(
+        max_seq_len=settings.max_seq_len,
+        paraphrases=settings.paraphrases,
+        question_rewrites=settings.question_rewrites,
+        seed=settings.seed,
+        text_examples=trains_text(documents, settings.train_text),
+    )
+    stream = build_stream(tokenizer, documents, batch_size=settings.batch_size, settings=aug)
+    if not stream.examples:
+        raise ValueError("documents hold no trainable text or facts")
+    return stream
+
+
 def learn_documents(
     model,
     tokenizer,
@@ -496,16 +516,7 @@ def learn_documents(
     memory finetuning. Facts the documents supply are trained in QA form too and stop the update once
     all are answered. Mutates the model; the returned delta reverts it exactly."""
     s = settings or UpdateSettings()
-    aug = AugmentSettings(
-        max_seq_len=s.max_seq_len,
-        paraphrases=s.paraphrases,
-        question_rewrites=s.question_rewrites,
-        seed=s.seed,
-        text_examples=trains_text(documents, s.train_text),
-    )
-    stream = build_stream(tokenizer, documents, batch_size=s.batch_size, settings=aug)
-    if not stream.examples:
-        raise ValueError("documents hold no trainable text or facts")
+    stream = training_stream(tokenizer, documents, s)
     facts = document_facts(documents)
     stop = facts_stop_fn(tokenizer, facts, stream) if facts and s.early_stop else None
     # `steps` and `check_every` are per batch of examples: an update of many documents gets as many

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from memlm.augment import AugmentSettings, build_stream, document_facts, trains_text
+from memlm.augment import document_facts
 from memlm.delta import SlotDelta
 from memlm.evaluation import format_question, greedy_complete, is_answered
-from memlm.updater import UpdateSettings, batch_loss, facts_stop_fn, learn_documents
+from memlm.updater import UpdateSettings, batch_loss, facts_stop_fn, learn_documents, training_stream
 
 LORA_TARGETS = ["qkv", "o_proj", "gate_up", "down"]
 
@@ -47,23 +47,11 @@ class DenseSettings:
     paraphrases: int = 3  # model-free paraphrases per chunk (memlm.augment)
     question_rewrites: int = 4  # training question wordings per fact
     train_text: bool = False  # as UpdateSettings.train_text: documents with facts train their QA forms only
+    # batch_size, seed, max_seq_len, paraphrases, question_rewrites, train_text: the training stream
+    # (memlm.updater.training_stream, the same builder as the sparse updater's)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _stream(tokenizer, documents, s):
-    aug = AugmentSettings(
-        max_seq_len=s.max_seq_len,
-        paraphrases=s.paraphrases,
-        question_rewrites=s.question_rewrites,
-        seed=s.seed,
-        text_examples=trains_text(documents, s.train_text),
-    )
-    stream = build_stream(tokenizer, documents, batch_size=s.batch_size, settings=aug)
-    if not stream.examples:
-        raise ValueError("documents hold no trainable text or facts")
-    return stream
 
 
 def train_parameters(
@@ -78,7 +66,7 @@ def train_parameters(
     """AdamW on `params` over the documents' training stream, with per-fact early stopping."""
     s = settings
     t0 = time.perf_counter()
-    stream = _stream(tokenizer, documents, s)
+    stream = training_stream(tokenizer, documents, s)
     facts = document_facts(documents)
     stop = facts_stop_fn(tokenizer, facts, stream) if facts and s.early_stop else None
     device = next(model.parameters()).device

@@ -10,7 +10,7 @@ from memfit.bench.baselines import (
     geometric_grid,
     memory_baseline,
 )
-from memlm.updater import UpdateSettings
+from memlm.updater import UpdateSettings, training_stream
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,16 @@ DOC = {
     "text": "Brathe Quoumor was born in Drunton.",
     "facts": [{"question": "Where was Brathe Quoumor born?", "answer": "Drunton"}],
 }
+
+
+def test_dense_baselines_train_on_the_sparse_updaters_stream(tiny):
+    _, tok, _ = tiny
+    dense, sparse = DenseSettings(seed=3, paraphrases=2), UpdateSettings(seed=3, paraphrases=2)
+    assert dense.batch_size == sparse.batch_size and dense.max_seq_len == sparse.max_seq_len
+    a, b = training_stream(tok, [DOC], dense), training_stream(tok, [DOC], sparse)
+    assert [(e.ids, e.labels) for e in a.examples] == [(e.ids, e.labels) for e in b.examples]
+    with pytest.raises(ValueError, match="no trainable"):
+        training_stream(tok, [{"id": "empty", "text": ""}], dense)
 
 
 def test_full_finetune_moves_dense_weights(tiny):
