@@ -173,6 +173,15 @@ class JobLog:
         finally:
             self._plock.release()
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the job log's locks (this process's and the file lock) across several reads and
+        writes, with everything other processes appended folded in first: no other writer can change
+        a job between a check made here and the writes that follow it (workers.batching)."""
+        with self._lock, self._locked():
+            self.refresh()
+            yield
+
     @property
     def bad_lines(self) -> int:
         return self._jobs_reader.bad_lines + self._docs_reader.bad_lines

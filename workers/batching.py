@@ -3,7 +3,7 @@
 When single-document ingests pile up, one update of many documents costs far less than one update
 each (one access count, one selection, one evaluation, one publish, one hot swap). The leader job and
 up to `max_batch_jobs - 1` other queued jobs (oldest first, the same update settings, no document id
-in common, no cancel asked) become one *batch job* in the log: `report.batch_of` = the member ids, its
+in common, no cancel asked, still queued when the batch is recorded) become one *batch job* in the log: `report.batch_of` = the member ids, its
 documents = the members' documents. Each member is marked `running` with `report.batch` = the batch
 id; the pipeline runs the batch job once; `finish_members` copies its outcome (status, version,
 parent, evaluation, timings, error) to every member. The version's manifest names the batch job and
@@ -54,32 +54,57 @@ def gather(
     return taken
 
 
-def create_batch(store: Store, members: list[Job], batch_id: str | None = None) -> str:
-    """Record the batch job of `members` and mark each member running under it; returns its id."""
+def create_batch(
+    store: Store, members: list[Job], batch_id: str | None = None
+) -> tuple[str, list[str]] | None:
+    """Record the batch job of `members` and mark each member running under it.
+
+    Returns (the job to run, its member ids): a batch of the members still queued when the batch is
+    recorded. Between `gather` picking them and this, another process may have cancelled some (or
+    asked to): those are dropped (a queued one with cancel_requested is cancelled here, as the
+    pipeline would), so a cancelled job's documents never reach the batch. One member left: (its id,
+    []), it runs on its own, no batch recorded; none left: None. The check and the writes happen
+    under the job log's file lock (JobLog.transaction), so no cancel lands in between.
+    """
     from model_store.joblog import new_job_id
 
-    batch_id = batch_id or new_job_id()
     jobs = store.jobs
-    member_ids = [m.job_id for m in members]
-    documents: list[dict[str, Any]] = [
-        {str(k): r[k] for k in ("id", "text", "facts", "metadata") if k in r}
-        for m in members
-        for r in jobs.documents(m.documents, job_id=m.job_id)
-    ]
-    request_ids = ",".join(dict.fromkeys(str(m.request_id) for m in members if m.request_id))
-    jobs.create_job(
-        batch_id, documents, settings=dict(members[0].settings or {}), request_id=request_ids or None
-    )
-    jobs.update(batch_id, report={"batch_of": member_ids})
-    for m in members:
-        jobs.update(
-            m.job_id,
-            status="running",
-            report={**(m.report or {}), "batch": batch_id},
-            progress={"phase": "batched", "batch": batch_id, "batch_size": len(members)},
+    with jobs.transaction():
+        keep: list[Job] = []
+        for m in members:
+            current = jobs.get(m.job_id)
+            if current is None or current.status != "queued":
+                log.info("batch: job %s is %s now, left out", m.job_id, current and current.status)
+                continue
+            if (current.progress or {}).get("cancel_requested"):
+                jobs.update(m.job_id, status="cancelled", error="cancelled before it started")
+                continue
+            keep.append(current)
+        if not keep:
+            return None
+        if len(keep) == 1:
+            return keep[0].job_id, []
+        batch_id = batch_id or new_job_id()
+        member_ids = [m.job_id for m in keep]
+        documents: list[dict[str, Any]] = [
+            {str(k): r[k] for k in ("id", "text", "facts", "metadata") if k in r}
+            for m in keep
+            for r in jobs.documents(m.documents, job_id=m.job_id)
+        ]
+        request_ids = ",".join(dict.fromkeys(str(m.request_id) for m in keep if m.request_id))
+        jobs.create_job(
+            batch_id, documents, settings=dict(keep[0].settings or {}), request_id=request_ids or None
         )
-    log.info("batch %s: %d jobs, %d documents", batch_id, len(members), len(documents))
-    return batch_id
+        jobs.update(batch_id, report={"batch_of": member_ids})
+        for m in keep:
+            jobs.update(
+                m.job_id,
+                status="running",
+                report={**(m.report or {}), "batch": batch_id},
+                progress={"phase": "batched", "batch": batch_id, "batch_size": len(keep)},
+            )
+    log.info("batch %s: %d jobs, %d documents", batch_id, len(keep), len(documents))
+    return batch_id, member_ids
 
 
 def members_of(batch: Job) -> list[str]:

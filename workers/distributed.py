@@ -336,7 +336,11 @@ class WorkerRuntime:
         if not self.claims.take(batch_id):  # a fresh random id: only fails when Redis does
             raise RuntimeError(f"cannot claim batch job {batch_id}")
         try:
-            create_batch(self.store, members, batch_id)
+            planned = create_batch(self.store, members, batch_id)  # drops members cancelled meanwhile
+            if planned is None:
+                return {"job_id": members[0].job_id, "outcome": "cancelled"}
+            if not planned[1]:
+                return self._run_single(planned[0])
             return self._run_batch(batch_id, claimed=True)
         finally:
             self.claims.release(batch_id)

@@ -146,12 +146,15 @@ class UpdateRunner:
                 self._wake.clear()
                 continue
             try:
-                run_id, members = self._plan(job)
+                planned = self._plan(job)
             except Exception as e:
                 self.last_error = f"cannot batch job {job.job_id}: {type(e).__name__}: {e}"
                 log.exception("update runner: batching job %s", job.job_id)
                 self._stop.wait(self.poll_s)
                 continue
+            if planned is None:  # every job picked was cancelled meanwhile
+                continue
+            run_id, members = planned
             self.current_job = run_id
             try:
                 result = self._run(run_id, members)
@@ -194,9 +197,10 @@ class UpdateRunner:
                 except Exception:
                     log.exception("update runner: on_finished hook failed")
 
-    def _plan(self, job: Job) -> tuple[str, list[str]]:
-        """(the job to run, the member ids when it is a batch). A queued job takes other queued jobs
-        along (workers.batching, up to settings.max_batch_jobs); a batch or batch member left
+    def _plan(self, job: Job) -> tuple[str, list[str]] | None:
+        """(the job to run, the member ids when it is a batch), None when nothing is left to run. A
+        queued job takes other queued jobs along (workers.batching, up to settings.max_batch_jobs;
+        those cancelled before the batch is recorded are left out); a batch or batch member left
         running by a previous process resumes its batch."""
         from .batching import create_batch, gather, members_of
 
@@ -211,8 +215,7 @@ class UpdateRunner:
         extra = gather(self.store, job, limit) if job.status == "queued" else []
         if not extra:
             return job.job_id, []
-        members = [job, *extra]
-        return create_batch(self.store, members), [m.job_id for m in members]
+        return create_batch(self.store, [job, *extra])
 
     def _run(self, run_id: str, members: list[str]) -> JobResult:
         """Run job `run_id` through the pipeline (a batch stops when every member asked to cancel); a

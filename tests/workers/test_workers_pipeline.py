@@ -302,7 +302,7 @@ def test_runner_resumes_a_batch_left_running(tiny_model_dir, tmp_path):
     root = tmp_path / "store"
     store = Store.init(root, tiny_model_dir)
     members = [store.jobs.create_job(None, [d]) for d in _fact_docs(3, "left")]
-    batch_id = create_batch(store, members)
+    batch_id, _ = create_batch(store, members)
     assert all(store.jobs.get(m.job_id).status == "running" for m in members)
     runner = UpdateRunner(store, settings_for(tiny_model_dir, root))
     runner.start()
@@ -313,3 +313,62 @@ def test_runner_resumes_a_batch_left_running(tiny_model_dir, tmp_path):
     batch = store.jobs.get(batch_id)
     assert batch.status == "succeeded" and {j.version for j in jobs} == {batch.version}
     assert len(store.version_ids()) == 2  # the base and the batch's one version
+
+
+def test_batch_drops_a_member_cancelled_after_it_was_picked(tiny_model_dir, tmp_path, monkeypatch):
+    """A member cancelled (by another process: a second JobLog on the same store) between being
+    picked for a batch and being marked running is dropped: the batch is recorded without it, the
+    rest run. Before: create_batch raised InvalidTransition after recording the batch with the
+    cancelled member's documents and marking the leader running; the runner then resumed that batch,
+    published the cancelled job's document, and ran the member after it again on its own."""
+    from model_store import JobLog
+    from workers import batching
+
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_dir)
+    docs = _fact_docs(3, "race")
+    ids = [store.jobs.create_job(None, [d], QUICK).job_id for d in docs]
+    other_process = JobLog(store.log_dir)
+    gather = batching.gather
+
+    def gather_then_cancel(*a, **kw):
+        picked = gather(*a, **kw)
+        if picked and not other_process.get(ids[1]).terminal:
+            other_process.cancel(ids[1])  # the race: after gather picked it, before create_batch
+        return picked
+
+    monkeypatch.setattr(batching, "gather", gather_then_cancel)  # the runner looks it up per plan
+    settings = settings_for(tiny_model_dir, root).model_copy(update={"max_batch_jobs": 3})
+    runner = UpdateRunner(store, settings)
+    runner.start()
+    try:
+        jobs = _wait_terminal(store, ids, timeout=240)
+    finally:
+        runner.stop()
+    assert [j.status for j in jobs] == ["succeeded", "cancelled", "succeeded"], [
+        (j.status, j.error) for j in jobs
+    ]
+    assert runner.last_error is None, runner.last_error
+    published = [store.manifest(v) for v in store.version_ids() if v > 0]
+    assert len(published) == 1, [m["documents"] for m in published]  # one batch, nothing run twice
+    assert sorted(published[0]["documents"]) == sorted([docs[0]["id"], docs[2]["id"]])
+    batch = store.jobs.get(published[0]["job_id"])
+    assert batch.report["batch_of"] == [ids[0], ids[2]] and batch.documents == published[0]["documents"]
+    assert jobs[1].version is None and "batch" not in (jobs[1].report or {})
+
+
+def test_create_batch_with_every_member_but_one_cancelled(tiny_model_dir, tmp_path):
+    """create_batch keeps only the members still queued: none left -> no batch; one left -> that job
+    runs on its own (no batch recorded); a queued member flagged cancel_requested is cancelled."""
+    from workers.batching import create_batch
+
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    a, b, c = (store.jobs.create_job(None, [d], QUICK) for d in _fact_docs(3, "solo"))
+    store.jobs.cancel(b.job_id)
+    store.jobs.update(c.job_id, progress={"cancel_requested": True})
+    assert create_batch(store, [a, b, c]) == (a.job_id, [])
+    assert store.jobs.get(a.job_id).status == "queued"  # the pipeline marks it running
+    assert store.jobs.get(c.job_id).status == "cancelled"
+    store.jobs.cancel(a.job_id)
+    assert create_batch(store, [a, b, c]) is None
+    assert len(store.jobs.list(None)) == 3  # no batch job recorded
