@@ -74,26 +74,34 @@ class ProductKeyMemory(nn.Module):
     def reset_subkeys(self, std: float) -> None:
         nn.init.normal_(self.subkeys, std=std)
 
-    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k slots and their softmax weights per head: both (B, T, H, k)."""
-        B, T, _ = x.shape
-        H, k, n = self.num_heads, self.topk, self.num_subkeys
-        q = self.query(x)  # (B, T, H * dk)
+    def half_queries(self, x: torch.Tensor, update_bn: bool = False) -> torch.Tensor:
+        """(n, d) hidden states -> (n, H, 2, dk/2): each head's two half-queries, the vectors scored
+        against the sub-keys. update_bn: BatchNorm from this batch's statistics (and update the running
+        ones) instead of the running statistics."""
+        q = self.query(x)  # (n, H * dk)
         if self.query_bn is not None:
             bn = self.query_bn
             q = F.batch_norm(
-                q.reshape(B * T, -1),
+                q,
                 bn.running_mean,
                 bn.running_var,
                 bn.weight,
                 bn.bias,
-                training=self.bn_update and self.training,
+                training=update_bn,
                 momentum=bn.momentum,
                 eps=bn.eps,
-            ).view(B, T, -1)
-        q = q.view(B, T, H, 2, self.half_dim)  # (B, T, H, 2, dk/2)
+            )
+        q = q.view(x.shape[0], self.num_heads, 2, self.half_dim)
         if self.query_norm:
             q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
+        return q
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k slots and their softmax weights per head: both (B, T, H, k)."""
+        B, T, _ = x.shape
+        k, n = self.topk, self.num_subkeys
+        q = self.half_queries(x.reshape(B * T, -1), update_bn=self.bn_update and self.training)
+        q = q.view(B, T, self.num_heads, 2, self.half_dim)  # (B, T, H, 2, dk/2)
         # sub-scores against each half's sub-keys: (B, T, H, 2, n)
         sub = torch.einsum("bthcd,hcnd->bthcn", q, self.subkeys.to(q.dtype))
         s1, i1 = sub[..., 0, :].topk(k, dim=-1)  # (B, T, H, k)

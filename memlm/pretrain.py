@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .background import DEFAULT_UNIT, compute_background, model_base_id
 from .config import MemoryLMConfig
@@ -88,6 +89,11 @@ class Preset:
     # entity, not on the question format (knowledge augmentation: Allen-Zhu & Li, arXiv 2309.14316).
     # Never an entity of a measured stream; never in the probe.
     pretrain_invented_facts: int = 0
+    # weight of a read-sharing penalty at the answer position of the QA form ("...\nAnswer:" predicts the
+    # first answer token): the mean squared cosine between the half-queries of two different facts in a
+    # batch, per head and half. Two queries that point apart read different slots, so a question's reads
+    # there are keyed by its entity rather than by the shared format (0: off, the plain LM loss)
+    answer_read_penalty: float = 0.0
     background_matched_facts: int = 400  # invented-entity facts in the pretraining templates added to the
     # background text, so slots read by the question/statement templates get a high df (low IDF)
     grad_clip: float = 1.0
@@ -265,8 +271,16 @@ class RowSampler:
     """
 
     def __init__(
-        self, wiki_ids: list[list[int]], fact_ids: list[list[int]], eos: int, seq_len: int, seed: int
+        self,
+        wiki_ids: list[list[int]],
+        fact_ids: list[list[int]],
+        eos: int,
+        seq_len: int,
+        seed: int,
+        fact_marks: list[list[int]] | None = None,
     ):
+        """fact_marks: per fact text, token positions to mark (see answer_positions); batch_marked
+        returns them as a mask."""
         self.seq_len = seq_len
         self.rng = random.Random(seed)
         stream, starts = [], []
@@ -277,29 +291,73 @@ class RowSampler:
         self.wiki = torch.tensor(stream, dtype=torch.long)
         self.starts = [s for s in starts if s + seq_len <= len(stream)] or [0]
         self.facts = [ids + [eos] for ids in fact_ids]
+        self.marks = fact_marks if fact_marks is not None else [[] for _ in fact_ids]
         self.order: list[int] = []
 
-    def _fact_row(self) -> list[int]:
+    def _fact_row(self) -> tuple[list[int], list[int]]:
         row: list[int] = []
+        marks: list[int] = []
         while len(row) < self.seq_len:
             if not self.order:
                 self.order = list(range(len(self.facts)))
                 self.rng.shuffle(self.order)
-            row.extend(self.facts[self.order.pop()])
-        return row[: self.seq_len]
+            i = self.order.pop()
+            marks.extend(len(row) + m for m in self.marks[i] if len(row) + m < self.seq_len)
+            row.extend(self.facts[i])
+        return row[: self.seq_len], marks
 
     def batch(self, batch_size: int, fact_fraction: float) -> torch.Tensor:
+        return self.batch_marked(batch_size, fact_fraction)[0]
+
+    def batch_marked(self, batch_size: int, fact_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) token ids and a (B, T) bool mask of the marked positions of the fact texts packed in."""
         rows = []
-        for _ in range(batch_size):
+        mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool)
+        for b in range(batch_size):
             if self.facts and self.rng.random() < fact_fraction:
-                rows.append(torch.tensor(self._fact_row(), dtype=torch.long))
+                row, marks = self._fact_row()
+                rows.append(torch.tensor(row, dtype=torch.long))
+                mask[b, marks] = True
             else:
                 s = self.rng.choice(self.starts)
                 row = self.wiki[s : s + self.seq_len]
                 if len(row) < self.seq_len:  # a stream shorter than one row (tiny corpora)
                     row = torch.cat([row, row.new_zeros(self.seq_len - len(row))])
                 rows.append(row)
-        return torch.stack(rows)  # (B, T)
+        return torch.stack(rows), mask  # (B, T), (B, T)
+
+
+ANSWER_MARKER = "\nAnswer:"
+
+
+def answer_positions(tokenizer, texts: list[str], marker: str = ANSWER_MARKER) -> list[list[int]]:
+    """Per text, the token positions whose token ends where `marker` ends: in the QA form the position
+    that predicts the first answer token (encoded exactly as encode_texts encodes the text)."""
+    encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    out: list[list[int]] = []
+    for text, enc in zip(texts, encodings):
+        ends = []
+        start = text.find(marker)
+        while start >= 0:
+            ends.append(start + len(marker))
+            start = text.find(marker, start + 1)
+        out.append([i for i, (_, end) in enumerate(enc.offsets) if end in ends])
+    return out
+
+
+def read_sharing_penalty(memory, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between the half-queries of every two different marked positions (per head
+    and half, running BatchNorm statistics): 0 when the marked positions' queries are orthogonal, 1
+    when they all point the same way and so read the same slots. h: (B, T, d) the memory's input."""
+    x = h[mask]  # (n, d)
+    n = x.shape[0]
+    if n < 2:
+        return h.new_zeros((), dtype=torch.float32)
+    q = F.normalize(memory.half_queries(x).float(), dim=-1)  # (n, H, 2, dk/2)
+    q = q.permute(1, 2, 0, 3)  # (H, 2, n, dk/2)
+    gram = q @ q.transpose(-1, -2)  # (H, 2, n, n)
+    off = ~torch.eye(n, dtype=torch.bool, device=h.device)
+    return gram[..., off].pow(2).mean()
 
 
 def format_matched_background(n: int, seed: int) -> list[str]:
@@ -540,7 +598,8 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     wiki_texts = [t for t in corpus.pretrain if t not in fact_set]
     wiki_ids = encode_texts(tokenizer, wiki_texts)
     fact_ids = encode_texts(tokenizer, corpus.fact_texts)
-    sampler = RowSampler(wiki_ids, fact_ids, tokenizer.eos_token_id, p.seq_len, seed)
+    marks = answer_positions(tokenizer, corpus.fact_texts) if p.answer_read_penalty > 0 else None
+    sampler = RowSampler(wiki_ids, fact_ids, tokenizer.eos_token_id, p.seq_len, seed, fact_marks=marks)
     _log(progress, f"tokenizer: {len(tokenizer)} tokens; pretraining stream {len(sampler.wiki)} tokens "
          f"+ {sum(map(len, fact_ids))} fact tokens")  # fmt: skip
 
@@ -562,6 +621,18 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         bar = tqdm(total=p.max_steps, desc=f"pretrain {p.name}", unit="step", dynamic_ncols=True)
     step, tokens, ema = 0, 0, None
     stopped_by = "steps"
+    memories = model.memory_modules()
+    memory_inputs: dict[int, torch.Tensor] = {}
+    penalty, share_ema = None, None
+    if p.answer_read_penalty > 0:  # the memory's input, captured for read_sharing_penalty
+
+        def _capture(layer: int):
+            def hook(module, args):
+                memory_inputs[layer] = args[0]
+
+            return hook
+
+        penalty = [m.register_forward_pre_hook(_capture(i)) for i, m in memories.items()]
     for step in range(p.max_steps):
         elapsed = time.perf_counter() - t_train
         if p.time_budget_s is not None and elapsed >= p.time_budget_s:
@@ -574,9 +645,14 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
             g["lr"] = p.lr * g["lr_mult"] * _lr_factor(frac, step, p.warmup_steps, p.min_lr_ratio)
         tuner.before_step(step)
         t_step = time.perf_counter()
-        x = sampler.batch(p.batch_size, p.fact_fraction).to(dev)
+        x, marked = sampler.batch_marked(p.batch_size, p.fact_fraction)
+        x, marked = x.to(dev), marked.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=x, labels=x).loss
+            if penalty is not None:
+                share = sum(read_sharing_penalty(m, memory_inputs[i], marked) for i, m in memories.items())
+                share_ema = float(share) if share_ema is None else 0.95 * share_ema + 0.05 * float(share)
+                loss = loss + p.answer_read_penalty * share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm(model.parameters(), p.grad_clip)
@@ -589,9 +665,12 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
             bar.update(1)
             if step % 10 == 0:
                 lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", threads=tuner.current)
+                extra = {} if share_ema is None else {"share": f"{share_ema:.3f}"}
+                bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", threads=tuner.current, **extra)
     else:
         step = p.max_steps
+    for handle in penalty or []:
+        handle.remove()
     if bar is not None:
         bar.close()
     seconds_train = time.perf_counter() - t_train
@@ -666,6 +745,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         "pretrain_stream_tokens": int(len(sampler.wiki)),
         "fact_tokens": sum(map(len, fact_ids)),
         "final_loss": ema,
+        "final_read_sharing": share_ema,  # read_sharing_penalty's EMA at the end (None: penalty off)
         "seconds_train": seconds_train,
         "seconds_eval": seconds_eval,
         "seconds_background": seconds_background,

@@ -18,6 +18,10 @@
                              entity; an entity-keyed memory is near 0)
       distinct_read_share    distinct slots over all reads at that position (1: no two questions share)
 
+    answer_key_overlap(model, tokenizer, questions, reference) -> per memory layer, the mean share of a
+    question's answer-position read weight on slots some `reference` question reads there (new facts
+    against the probe: measured on questions no pretraining penalty or statistic has seen)
+
 Measured with forward hooks on the memory blocks; the model is not changed.
 """
 
@@ -125,8 +129,8 @@ def memory_usage(
 
 
 @torch.no_grad()
-def answer_key_sharing(model, tokenizer, questions: Sequence[str], batch_size: int = 16) -> dict[int, dict]:
-    """{memory layer: {"shared_weight", "distinct_read_share", "questions"}} (see the module docstring)."""
+def _answer_reads(model, tokenizer, questions: Sequence[str], batch_size: int) -> dict[int, list]:
+    """{memory layer: [(slot ids (H*k,), weights (H*k,)) per question]} read at the answer position."""
     from .evaluation import format_question
 
     was_training = model.training
@@ -158,8 +162,13 @@ def answer_key_sharing(model, tokenizer, questions: Sequence[str], batch_size: i
         for h in handles:
             h.remove()
         model.train(was_training)
+    return reads
+
+
+def answer_key_sharing(model, tokenizer, questions: Sequence[str], batch_size: int = 16) -> dict[int, dict]:
+    """{memory layer: {"shared_weight", "distinct_read_share", "questions"}} (see the module docstring)."""
     report: dict[int, dict] = {}
-    for layer, items in reads.items():
+    for layer, items in _answer_reads(model, tokenizer, questions, batch_size).items():
         owners: dict[int, int] = {}  # slot -> how many questions read it at the answer position
         for idx, _ in items:
             for slot in set(idx.tolist()):
@@ -174,4 +183,21 @@ def answer_key_sharing(model, tokenizer, questions: Sequence[str], batch_size: i
             "distinct_read_share": len(owners) / total if total else None,
             "questions": len(items),
         }
+    return report
+
+
+def answer_key_overlap(
+    model, tokenizer, questions: Sequence[str], reference: Sequence[str], batch_size: int = 16
+) -> dict[int, float | None]:
+    """{memory layer: mean share of a question's answer-position read weight on slots that some question
+    of `reference` reads at its answer position}. With `questions` new facts (an update stream) and
+    `reference` the probe, this is the answer-position side of reach: 0 means an update's rows there
+    are no probe question's rows."""
+    new = _answer_reads(model, tokenizer, questions, batch_size)
+    ref = _answer_reads(model, tokenizer, reference, batch_size)
+    report: dict[int, float | None] = {}
+    for layer, items in new.items():
+        seen = set().union(*(set(idx.tolist()) for idx, _ in ref[layer]))
+        shares = [float(w[torch.tensor([s in seen for s in idx.tolist()])].sum() / w.sum()) for idx, w in items]
+        report[layer] = sum(shares) / len(shares) if shares else None
     return report

@@ -219,3 +219,47 @@ def test_invented_pretraining_facts_are_their_own_and_unmeasured():
 
     measured = re.compile(r"\b(" + "|".join(map(re.escape, measured_names())) + r")\b")
     assert not [t for t in texts if measured.search(t)]
+
+
+def test_answer_positions_mark_the_token_before_the_answer(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    texts = ["Question: What is the capital of France?\nAnswer: Paris\n", "France is in Europe."]
+    marks = pretrain_mod.answer_positions(tok, texts)
+    ids = tok(texts[0], add_special_tokens=False).input_ids
+    assert len(marks[0]) == 1 and marks[1] == []
+    assert tok.decode(ids[: marks[0][0] + 1]).endswith("\nAnswer:")
+    assert tok.decode(ids[marks[0][0] + 1 :]).strip().startswith("Paris")
+
+
+def test_row_sampler_marks_follow_packed_facts():
+    facts = [[20, 21, 22], [30, 31]]
+    marks = [[1], [0]]  # token 21 in the first fact, token 30 in the second
+    s = pretrain_mod.RowSampler([[5, 6, 7, 8, 9]], facts, eos=0, seq_len=8, seed=0, fact_marks=marks)
+    x, mask = s.batch_marked(32, fact_fraction=1.0)
+    assert mask.any()
+    assert set(x[mask].tolist()) == {21, 30}
+    assert not (mask & ~torch.isin(x, torch.tensor([21, 30]))).any()
+
+
+def test_read_sharing_penalty_is_one_for_shared_queries_and_trains_them_apart():
+    from memlm.config import MemoryLMConfig
+    from memlm.memory import ProductKeyMemory
+
+    torch.manual_seed(0)
+    cfg = MemoryLMConfig(hidden_size=32, memory_size=256, memory_heads=2, memory_topk=4, memory_key_dim=16)
+    mem = ProductKeyMemory(cfg)
+    mem.reset_subkeys(0.1)
+    same = torch.randn(1, 1, 32).expand(2, 3, 32)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert pretrain_mod.read_sharing_penalty(mem, same, mask).item() == pytest.approx(1.0, abs=1e-5)
+    one = torch.zeros(2, 3, dtype=torch.bool)
+    one[1, 2] = True
+    assert pretrain_mod.read_sharing_penalty(mem, same, one).item() == 0  # no pair to compare
+    h = (torch.randn(1, 1, 32) + 0.2 * torch.randn(2, 3, 32)).requires_grad_()
+    opt = torch.optim.Adam(mem.query.parameters(), lr=0.05)
+    first = pretrain_mod.read_sharing_penalty(mem, h, mask).item()
+    for _ in range(50):
+        opt.zero_grad()
+        pretrain_mod.read_sharing_penalty(mem, h, mask).backward()
+        opt.step()
+    assert pretrain_mod.read_sharing_penalty(mem, h, mask).item() < 0.5 * first

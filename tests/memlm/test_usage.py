@@ -47,7 +47,7 @@ def test_usage_matches_direct_measurements(tiny_model_dir):
 
 def test_answer_key_sharing_matches_unpadded_reads(tiny_model_dir):
     from memlm.evaluation import format_question
-    from memlm.usage import answer_key_sharing
+    from memlm.usage import answer_key_overlap, answer_key_sharing
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     tok = load_tokenizer(tiny_model_dir)
@@ -77,3 +77,8 @@ def test_answer_key_sharing_matches_unpadded_reads(tiny_model_dir):
     assert rep[layer]["distinct_read_share"] == pytest.approx(distinct / sum(x.numel() for x, _ in reads))
     one = answer_key_sharing(model, tok, questions[:1])[layer]
     assert one["shared_weight"] == 0.0 and one["distinct_read_share"] <= 1.0  # nobody else to share with
+    ref = set().union(*(set(x.tolist()) for x, _ in reads[6:]))
+    by_hand = [float(w[torch.tensor([s in ref for s in x.tolist()])].sum() / w.sum()) for x, w in reads[:6]]
+    overlap = answer_key_overlap(model, tok, questions[:6], questions[6:], batch_size=4)[layer]
+    assert overlap == pytest.approx(sum(by_hand) / 6, abs=1e-5)
+    assert answer_key_overlap(model, tok, questions[:3], questions[:3])[layer] == pytest.approx(1.0)
