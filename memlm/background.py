@@ -246,10 +246,7 @@ def compute_for_model_dir(
     background split) and save them beside the model."""
     import json
 
-    from transformers import AutoModelForCausalLM
-
-    import memlm  # noqa: F401  (registers the model with the Auto classes)
-    from memlm.tokenizer import load_tokenizer
+    from .loading import load
 
     model_dir = Path(model_dir)
     report_file = model_dir / "training_report.json"
@@ -270,8 +267,7 @@ def compute_for_model_dir(
             **({"probe_cities": int(preset["probe_cities"])} if "probe_cities" in preset else {}),
         )
         texts = background_texts(corpus, preset, seed)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    tokenizer = load_tokenizer(model_dir)
+    model, tokenizer = load(model_dir)
     stats = compute_background(
         model,
         tokenizer,

@@ -83,7 +83,8 @@ class RetrofitMemoryMLP(nn.Module):
         return out
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Llama / Qwen2 / Mistral-like or GPT-2 model, in order."""
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "layers"):  # Llama, Qwen2, Mistral-like
         return inner.layers
@@ -106,7 +107,7 @@ def retrofit(model: nn.Module, spec: RetrofitSpec, seed: int = 0) -> nn.Module:
     """Insert a memory into `model` in place and return it."""
     if spec.mode not in ("parallel", "replace"):
         raise ValueError(f"retrofit mode {spec.mode!r} is not 'parallel' or 'replace'")
-    blocks = _blocks(model)
+    blocks = decoder_blocks(model)
     if not 0 <= spec.layer < len(blocks):
         raise ValueError(f"layer {spec.layer} outside 0..{len(blocks) - 1}")
     block = blocks[spec.layer]
@@ -153,7 +154,9 @@ def memory_modules(model: nn.Module) -> dict[int, ProductKeyMemory]:
     """{layer: memory} of a retrofitted (or native memlm) model."""
     if hasattr(model, "memory_modules"):
         return model.memory_modules()
-    return {i: b.mlp.memory for i, b in enumerate(_blocks(model)) if isinstance(b.mlp, RetrofitMemoryMLP)}
+    return {
+        i: b.mlp.memory for i, b in enumerate(decoder_blocks(model)) if isinstance(b.mlp, RetrofitMemoryMLP)
+    }
 
 
 @contextlib.contextmanager

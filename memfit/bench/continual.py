@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+import memlm
 from memlm.augment import TRAINING_QUESTION_TEMPLATES
 from memlm.data.templates import CAPITAL, CITY_COUNTRY
 from memlm.evaluation import answered, perplexity
@@ -137,7 +138,6 @@ class Context:
     """Loads fresh copies of the base model and holds the evaluation sets (built once)."""
 
     def __init__(self, model_dir: Path, cfg: BenchConfig, log: Callable[[str], None] = print):
-        import memlm  # noqa: F401  (registers the Auto classes)
         from memlm.background import BackgroundStats
         from memlm.tokenizer import load_tokenizer
 
@@ -160,10 +160,9 @@ class Context:
         self.base_probe_accuracy = sum(hits) / len(hits) if hits else float("nan")
 
     def load(self):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir))
-        return model.eval()
+        """A fresh copy of the base model (eval mode, frozen: each method unfreezes what it trains)."""
+        model, _ = memlm.load(self.model_dir)
+        return model
 
     def ppl(self, model) -> float:
         if not self.heldout_text:

@@ -15,9 +15,9 @@ def run(args) -> int:
         print(f"a model already exists at {out} (use --force to rebuild)")
         report = out / "training_report.json"
         if report.exists():
-            from memlm.pretrain import _summary
+            from memlm import report_summary
 
-            print(json.dumps(_summary(json.loads(report.read_text())), indent=2))
+            print(json.dumps(report_summary(json.loads(report.read_text())), indent=2))
         return 0
 
     from memfit.extras import check

@@ -132,7 +132,14 @@ def run(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memlm.retrofit import RetrofitSpec, _blocks, memory_modules, retrofit, save_retrofitted, warmup
+    from memlm.retrofit import (
+        RetrofitSpec,
+        decoder_blocks,
+        memory_modules,
+        retrofit,
+        save_retrofitted,
+        warmup,
+    )
 
     print(f"loading {src}", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.float32).eval()
@@ -146,12 +153,12 @@ def run(args) -> int:
         print(f"note: no tokenizer in {src} ({type(e).__name__}); the output has none either", flush=True)
     base_params = sum(p.numel() for p in model.parameters())
     try:
-        layers = _layers(args.layers, len(_blocks(model)))
+        layers = _layers(args.layers, len(decoder_blocks(model)))
     except ValueError as e:
         print(f"memfit retrofit: {e}", file=sys.stderr)
         return 2
     print(
-        f"{type(model).__name__}: {len(_blocks(model))} blocks, {base_params / 1e6:.2f}M parameters; "
+        f"{type(model).__name__}: {len(decoder_blocks(model))} blocks, {base_params / 1e6:.2f}M parameters; "
         f"{args.mode} memory of {args.slots} slots at layer(s) {', '.join(map(str, layers))}",
         flush=True,
     )

@@ -4,6 +4,8 @@ from .corpus import Corpus, build_corpus, countries, large_cities, probe_facts, 
 from .invented import corrections, invented_facts
 from .templates import (
     ALL_RELATIONS,
+    CAPITAL,
+    CITY_COUNTRY,
     CORPUS_RELATIONS,
     CORPUS_TEMPLATES,
     HELDOUT_QUESTION_TEMPLATES,
@@ -16,6 +18,8 @@ from .templates import (
 
 __all__ = [
     "ALL_RELATIONS",
+    "CAPITAL",
+    "CITY_COUNTRY",
     "CORPUS_RELATIONS",
     "CORPUS_TEMPLATES",
     "HELDOUT_QUESTION_TEMPLATES",
