@@ -1,4 +1,4 @@
-"""Evaluation, defined once (CONTRACTS.md "Evaluation"), used by pretraining reports, the benchmark and
+"""Evaluation, defined once (docs/contracts.md "Evaluation"), used by pretraining reports, the benchmark and
 the service's update gate.
 
 - Completion: greedy decoding of up to 16 new tokens, free generation (no teacher forcing).

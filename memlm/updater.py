@@ -11,7 +11,7 @@ Everything but the selected rows is bit-identical after an update: other paramet
 to the optimizer, never receive a gradient (their requires_grad is off during the update), and the
 final write is an `index_copy_` of the selected rows only. The Adam here is built on the (t, d) row
 tensors, so its moments and step counts exist only for the selected rows; a masked Adam/AdamW over the
-whole table would move unselected rows through momentum and weight decay (DESIGN.md).
+whole table would move unselected rows through momentum and weight decay (docs/design.md).
 
 Loss scale and learning rate: the loss is summed over target tokens and averaged over sequences
 (`loss_reduction="sum"`). With the per-token mean a value row's gradient shrinks with the number of
@@ -440,7 +440,7 @@ def sparse_update(
 
 
 def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[Any, Overlay], bool]:
-    """A stop_fn: True once every fact is answered (greedy decoding, CONTRACTS.md). A teacher-forced
+    """A stop_fn: True once every fact is answered (greedy decoding, docs/contracts.md). A teacher-forced
     pre-check (one forward) decides which facts are worth a generation. With a TrainingStream, the
     facts answered at each check leave the training batches (per-fact early stopping); a fact that
     drops out of the answers later comes back."""

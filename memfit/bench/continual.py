@@ -9,7 +9,7 @@ same checkpoint (Lin et al. 2025, section 4, at the scale of this project's defa
                      Pareto grid on the first 100
       corrections -> "the capital of X is now Y": new value answered, old value not, the rest retained
 
-Metrics (CONTRACTS.md "Evaluation", memlm.evaluation): learning = share of the stream's facts answered
+Metrics (docs/contracts.md "Evaluation", memlm.evaluation): learning = share of the stream's facts answered
 right after their own update (ingested / held-out wording); recall = share of all facts so far still
 answered at the end; retention = share of the base-answered probe facts still answered; forgetting =
 (retention_before - retention_after) / retention_before with retention_before = 1 on that set; held-out

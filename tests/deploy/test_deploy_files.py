@@ -28,7 +28,7 @@ GRAFANA = ROOT / "deploy" / "grafana" / "provisioning"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
 API_PORT = 8000
-# the probe paths of CONTRACTS.md ("GET /healthz (process alive)  GET /readyz (model loaded ...)")
+# the probe paths of docs/contracts.md "HTTP" ("GET /healthz: the process is alive. GET /readyz: ...")
 CONTRACT_PROBE_PATHS = {"/healthz", "/readyz"}
 # MEMFIT_* variables that are read outside Settings on purpose
 NON_SETTINGS_ENV = {
