@@ -2,6 +2,8 @@
 
     continual  memfit.bench.continual   continual learning of new facts: sparse memory finetuning
                                         against full finetuning, LoRA, ablations and BM25 retrieval
+               .continual_stream        its configuration, model under test, learners, one stream
+               .continual_report        its summaries, aims and targets, results.md, plots
                memfit.bench.baselines   the baselines it compares with (peft, rank_bm25: the [bench] extra)
     update     memfit.bench.update      end-to-end update latency through a live `memfit serve`
     serve      memfit.bench.serve       generation throughput and latency of the engine
