@@ -95,20 +95,35 @@ class JsonlReader:
         self.offset = 0
         self.bad_lines = 0
 
-    def read_new(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
+    def read_new(self, f: Any = None) -> list[dict[str, Any]]:
+        return [rec for _, _, rec in self.read_new_spans(f)]
+
+    def read_new_spans(self, f: Any = None) -> list[tuple[int, int, dict[str, Any]]]:
+        """Like read_new, with each record's byte offset and length in the file (its line, newline
+        included), so that a reader can keep offsets and read a record again (read_record_at).
+        `f`: an open binary file of `path` to read from (the caller checked what file it is)."""
+        if f is not None:
+            f.seek(self.offset)
+            data = f.read()
+        else:
+            try:
+                with open(self.path, "rb") as fh:
+                    fh.seek(self.offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                return []
         end = data.rfind(b"\n")
         if end < 0:
             return []
         chunk = data[: end + 1]
+        start = self.offset
         self.offset += len(chunk)
         out = []
-        for line in chunk.split(b"\n"):
+        pos = 0
+        while pos < len(chunk):
+            nl = chunk.index(b"\n", pos)
+            line = chunk[pos:nl]
+            at, pos = start + pos, nl + 1
             if not line.strip():
                 continue
             try:
@@ -117,10 +132,19 @@ class JsonlReader:
                 self.bad_lines += 1
                 continue
             if isinstance(rec, dict):
-                out.append(rec)
+                out.append((at, len(line) + 1, rec))
             else:
                 self.bad_lines += 1
         return out
+
+
+def read_record_at(f: Any, offset: int, length: int) -> dict[str, Any]:
+    """The JSON record of the line at `offset` (`length` bytes) of the binary file `f`."""
+    f.seek(offset)
+    rec = json.loads(f.read(length))
+    if not isinstance(rec, dict):
+        raise ValueError(f"{getattr(f, 'name', f)} at {offset}: not a JSON object")
+    return rec
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
