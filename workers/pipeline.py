@@ -23,7 +23,10 @@ and the publish run under the store's writer lock. A job found `running` (its pr
 again from the active version: training is deterministic in its inputs and nothing was published.
 
 Cancellation happens at step boundaries: between optimizer steps, before evaluation, before publish.
-So does the time limit (`time_limited`: past it the job fails with JobTimedOut). A job is started at
+A cancel is recorded under the store's writer lock and only when no delivery of the job has
+published (else the published version is recorded, as for a redelivery): a `cancelled` job never
+has a live version. Progress writes read the cancel flag and write under the job log's lock, so a
+flag another process writes meanwhile is never overwritten. So does the time limit (`time_limited`: past it the job fails with JobTimedOut). A job is started at
 most `settings.max_attempts` times in a row (`Job.deliveries`, reset when it is queued again): a job
 whose every start died with its process is failed on the next delivery instead of run again.
 """
@@ -299,11 +302,11 @@ class Pipeline:
             raise KeyError(f"job {job_id} not found")
         if job.terminal:
             return _result(job)
-        if job.status == "queued" and _cancel_requested(job):
-            return _result(jobs.update(job_id, status="cancelled", error="cancelled before it started"))
 
         t_start = time.time()
         timings: dict[str, float] = {"queued": round(max(0.0, t_start - job.created_at), 4)}
+        if job.status == "queued" and _cancel_requested(job):
+            return self._record_cancelled(job, timings, "cancelled before it started", {})
 
         done = self._finish_if_published(job, timings)
         if done is not None:
@@ -333,15 +336,11 @@ class Pipeline:
             return self._train_evaluate_publish(job, timings, phase, t_start)
         except JobCancelled:
             timings["total"] = round(time.time() - t_start, 4)
-            log.info("job %s cancelled", job_id)
-            return _result(
-                jobs.update(
-                    job_id,
-                    status="cancelled",
-                    error="cancelled while running",
-                    timings=timings,
-                    progress={"phase": "cancelled"},
-                )
+            return self._record_cancelled(
+                job,
+                timings,
+                "cancelled while running",
+                {"timings": timings, "progress": {"phase": "cancelled"}},
             )
         except Exception as e:  # a failed job is recorded; the runner keeps going
             log.exception("job %s failed", job_id)
@@ -358,6 +357,23 @@ class Pipeline:
                     progress={"phase": "failed"},
                 )
             )
+
+    def _record_cancelled(self, job: Job, timings: dict[str, float], error: str, extra: dict) -> JobResult:
+        """Record the job `cancelled`, unless a delivery of it published meanwhile (two deliveries of
+        one job run at once when its claim lapsed): then record that version instead. Under the
+        store's writer lock, which every publish holds from its find_version_of_job check on, so no
+        publish of this job lands between the check here and the record."""
+        jobs = self.store.jobs
+        with self.store.lock:
+            current = jobs.get(job.job_id) or job
+            if current.terminal:
+                return _result(current)
+            done = self._finish_if_published(current, timings)
+            if done is not None:
+                log.info("job %s: cancel came after its version was published; recorded that", job.job_id)
+                return done
+            log.info("job %s %s", job.job_id, error)
+            return _result(jobs.update(job.job_id, status="cancelled", error=error, **extra))
 
     def _finish_if_published(self, job: Job, timings: dict[str, float]) -> JobResult | None:
         v = find_version_of_job(self.store, job.job_id)
@@ -670,10 +686,13 @@ class _PhaseReporter:
         if not force and now - self._last_write < PROGRESS_EVERY_S:
             return
         self._last_write = now
-        job = self.jobs.get(self.job_id)
-        if job is not None and _cancel_requested(job):
-            raise JobCancelled
-        self.jobs.update(self.job_id, progress=dict(self.progress))
+        # read, check and write in one step under the job log's lock: `progress` is replaced whole,
+        # so a cancel flag another process wrote between a read and the write would be lost
+        with self.jobs.transaction():
+            job = self.jobs.get(self.job_id)
+            if job is not None and _cancel_requested(job):
+                raise JobCancelled
+            self.jobs.update(self.job_id, progress=dict(self.progress))
 
 
 # ---- document revert and replay (memfit revert --document, memfit replay) -----------------------

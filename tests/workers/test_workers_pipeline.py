@@ -372,3 +372,80 @@ def test_create_batch_with_every_member_but_one_cancelled(tiny_model_dir, tmp_pa
     store.jobs.cancel(a.job_id)
     assert create_batch(store, [a, b, c]) is None
     assert len(store.jobs.list(None)) == 3  # no batch job recorded
+
+
+def test_a_cancel_flagged_during_a_progress_write_is_not_lost(env, monkeypatch):
+    """Another process (an API replica) flags a cancel while the pipeline writes its progress, between
+    its read of the job and its write (injected there). Before: the pipeline's write replaced the
+    whole `progress`, cancel_requested included: the cancel was lost and the job published. After:
+    the read, the check and the write are one step under the job log's lock; the flag lands after
+    the write and the job stops at the next step boundary."""
+    import sys
+
+    from model_store import JobLog
+
+    store, pipe = env
+    before = store.active()
+    job = store.jobs.create_job(
+        None,
+        [{"id": "flag-me", "text": "The river of Taia is the Ousse."}],
+        {"steps": 12, "early_stop": False},
+    )
+    replica = JobLog(store.log_dir)
+
+    def flag_cancel() -> None:  # what the API's cancel of a running job writes
+        current = replica.get(job.job_id)
+        replica.update(job.job_id, progress={**(current.progress or {}), "cancel_requested": True})
+
+    real_get = store.jobs.get
+    fired: list[threading.Thread] = []
+
+    def get(job_id: str):
+        found = real_get(job_id)
+        in_write = sys._getframe(1).f_code.co_name == "_write"
+        if in_write and not fired and found is not None and (found.progress or {}).get("phase") == "training":
+            t = threading.Thread(target=flag_cancel)
+            fired.append(t)
+            t.start()
+            t.join(0.5)  # done at once, unless the pipeline holds the job log's lock
+        return found
+
+    monkeypatch.setattr(store.jobs, "get", get)
+    res = pipe.run_job(job.job_id)
+    monkeypatch.undo()
+    fired[0].join(10)
+    assert fired and (replica.get(job.job_id).progress or {}).get("cancel_requested") in (True, None)
+    assert res.status == "cancelled", (res.status, store.jobs.get(job.job_id).progress)
+    assert find_version_of_job(store, job.job_id) is None and store.active() == before
+
+
+def test_a_cancel_never_records_cancelled_over_a_live_version(env):
+    """Two deliveries of one job (a claim lapsed during a Redis blip and the sweep resent it): the
+    other one publishes while this one trains, and a cancel then reaches this one. Before: this
+    delivery recorded `cancelled` although the job's version was active. After: it records the
+    published version (succeeded), as a redelivery does."""
+    store, pipe = env
+    job = store.jobs.create_job(
+        None,
+        [{"id": "twice", "text": "The bridge of Taia is made of glass."}],
+        {"steps": 6, "early_stop": False},
+    )
+    calls = {"n": 0}
+
+    def should_cancel() -> bool:
+        calls["n"] += 1
+        if calls["n"] == 2:  # this delivery is training; the other one publishes (and dies before recording)
+            parent = store.active()
+            idx = torch.tensor([1, 2, 3], dtype=torch.int64)
+            layers = {}
+            for layer in store.table_info:
+                old = store.rows_at(parent, {layer: idx})[layer]
+                layers[layer] = LayerDelta(idx, old + 0.01, old)
+            store.publish(SlotDelta(layers), parent, job_id=job.job_id, documents=["twice"])
+        return calls["n"] >= 2
+
+    res = pipe.run_job(job.job_id, should_cancel=should_cancel)
+    live = find_version_of_job(store, job.job_id)
+    assert live is not None and live in store.chain(store.active())
+    done = store.jobs.get(job.job_id)
+    assert (res.status, done.status, done.version) == ("succeeded", "succeeded", live), (res, done.status)
