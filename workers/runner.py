@@ -15,7 +15,8 @@ process that died is started again by the next one, at most `settings.max_attemp
 (then it fails); a runner that is stopped hands its job back to the queue, which resets that count.
 
 Cancel: a queued job becomes `cancelled` at once; a running one is flagged (in memory and in the job
-log, so a restart does not lose it) and stops at the next step boundary; a batch stops when every
+log, so a restart does not lose it: a job handed back to the queue keeps the flag and the next
+process records it cancelled) and stops at the next step boundary; a batch stops when every
 member asked. Retry: failed or cancelled -> queued.
 """
 
@@ -162,7 +163,7 @@ class UpdateRunner:
                 # handed back to the queue: a deliberate stop is not a start that died with its
                 # process (MEMFIT_MAX_ATTEMPTS counts those); the next process runs it from the start
                 try:
-                    self.store.jobs.update(run_id, status="queued", progress={"phase": "interrupted"})
+                    self._hand_back(run_id)
                 except Exception:
                     log.exception("update runner: handing job %s back to the queue", run_id)
                 log.info("update runner stopping; job %s is queued again and reruns after restart", run_id)
@@ -196,6 +197,16 @@ class UpdateRunner:
                     self.on_finished(result, finished)
                 except Exception:
                     log.exception("update runner: on_finished hook failed")
+
+    def _hand_back(self, run_id: str) -> None:
+        """Queue the interrupted job again, keeping a cancel another process flagged in the log and
+        the pipeline had not read yet (replacing `progress` lost it: the next process ran the job)."""
+        jobs = self.store.jobs
+        with jobs.transaction():
+            current = jobs.get(run_id)
+            flagged = current is not None and bool((current.progress or {}).get("cancel_requested"))
+            progress = {"phase": "interrupted", **({"cancel_requested": True} if flagged else {})}
+            jobs.update(run_id, status="queued", progress=progress)
 
     def _plan(self, job: Job) -> tuple[str, list[str]] | None:
         """(the job to run, the member ids when it is a batch), None when nothing is left to run. A

@@ -449,3 +449,41 @@ def test_a_cancel_never_records_cancelled_over_a_live_version(env):
     assert live is not None and live in store.chain(store.active())
     done = store.jobs.get(job.job_id)
     assert (res.status, done.status, done.version) == ("succeeded", "succeeded", live), (res, done.status)
+
+
+def test_a_cancel_flagged_before_the_runner_stops_survives_the_restart(tiny_model_dir, tmp_path):
+    """Another process flags a cancel of the running job; the embedded runner is stopped before the
+    pipeline reads the flag and hands the job back to the queue. Before: the hand-back replaced
+    `progress` ({"phase": "interrupted"}), the flag was lost and the next process ran the job to
+    the end. After: the flag is kept; the next process records the job cancelled without running it."""
+    from model_store import JobLog
+
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_dir)
+    job = store.jobs.create_job(
+        None, [{"id": "long", "text": "Taia exports glass."}], {"steps": 300, "early_stop": False}
+    )
+    settings = settings_for(tiny_model_dir, root)
+    runner = UpdateRunner(store, settings)
+    runner.start()
+    try:
+        deadline = time.time() + 120
+        while (
+            time.time() < deadline and (store.jobs.get(job.job_id).progress or {}).get("phase") != "training"
+        ):
+            time.sleep(0.05)
+        replica = JobLog(store.log_dir)
+        current = replica.get(job.job_id)
+        assert current.status == "running"
+        replica.update(job.job_id, progress={**(current.progress or {}), "cancel_requested": True})
+    finally:
+        runner.stop(timeout=60)
+    assert store.jobs.get(job.job_id).status in ("queued", "cancelled")
+    after = UpdateRunner(Store(root), settings)
+    after.start()
+    try:
+        (done,) = _wait_terminal(Store(root), [job.job_id], timeout=120)
+    finally:
+        after.stop()
+    assert done.status == "cancelled" and done.version is None, (done.status, done.progress)
+    assert Store(root).active() == 0
