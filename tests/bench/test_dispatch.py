@@ -1,6 +1,8 @@
 """`memfit bench NAME` dispatches to memfit/bench/, the one place the benchmark code lives."""
 
 import importlib
+import subprocess
+import sys
 
 from memfit.cli import build_parser
 from memfit.commands.bench import BENCHMARKS
@@ -24,3 +26,16 @@ def test_no_benchmark_module_inside_the_library_packages():
         if p.stem.startswith("bench") or p.stem == "baselines"
     ]
     assert not stray, f"benchmark code belongs in memfit/bench/: {stray}"
+
+
+def test_bench_modules_import_without_the_bench_extra():
+    """peft, rank_bm25 and matplotlib load only where a baseline or a plot needs them, so `memfit bench
+    update|serve|swap` run on the runtime install."""
+    code = (
+        "import sys\n"
+        "for m in ('peft', 'rank_bm25', 'matplotlib'):\n"
+        "    sys.modules[m] = None  # as if memfit[bench] were not installed\n"
+        "import memfit.bench.continual, memfit.bench.update, memfit.bench.serve, memfit.bench.swap\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
