@@ -94,6 +94,10 @@ class Preset:
     # batch, per head and half. Two queries that point apart read different slots, so a question's reads
     # there are keyed by its entity rather than by the shared format (0: off, the plain LM loss)
     answer_read_penalty: float = 0.0
+    # what the penalty trains: "query" (the memory's query projection and BatchNorm only; the hidden state
+    # it reads is detached, so the layers below keep training on the LM loss alone) or "model" (the
+    # gradient also reaches every layer below the memory)
+    answer_read_penalty_scope: str = "query"
     background_matched_facts: int = 400  # invented-entity facts in the pretraining templates added to the
     # background text, so slots read by the question/statement templates get a high df (low IDF)
     grad_clip: float = 1.0
@@ -101,6 +105,14 @@ class Preset:
     # evaluation
     eval_texts: int = 200  # held-out texts for perplexity (also stored in probe.json)
     background_unit: str = DEFAULT_UNIT
+
+    def __post_init__(self) -> None:
+        if self.answer_read_penalty_scope not in ("query", "model"):
+            raise ValueError(
+                f"answer_read_penalty_scope: expected 'query' or 'model', got {self.answer_read_penalty_scope!r}"
+            )
+        if self.answer_read_penalty < 0:
+            raise ValueError(f"answer_read_penalty: must be >= 0, got {self.answer_read_penalty}")
 
     def model_config(self) -> MemoryLMConfig:
         return MemoryLMConfig(
@@ -650,7 +662,11 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=x, labels=x).loss
             if penalty is not None:
-                share = sum(read_sharing_penalty(m, memory_inputs[i], marked) for i, m in memories.items())
+                detach = p.answer_read_penalty_scope == "query"
+                share = sum(
+                    read_sharing_penalty(m, memory_inputs[i].detach() if detach else memory_inputs[i], marked)
+                    for i, m in memories.items()
+                )
                 share_ema = float(share) if share_ema is None else 0.95 * share_ema + 0.05 * float(share)
                 loss = loss + p.answer_read_penalty * share
         optimizer.zero_grad(set_to_none=True)

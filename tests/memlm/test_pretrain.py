@@ -263,3 +263,11 @@ def test_read_sharing_penalty_is_one_for_shared_queries_and_trains_them_apart():
         pretrain_mod.read_sharing_penalty(mem, h, mask).backward()
         opt.step()
     assert pretrain_mod.read_sharing_penalty(mem, h, mask).item() < 0.5 * first
+
+
+def test_preset_rejects_a_bad_penalty_scope_or_weight():
+    assert pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=model"]).answer_read_penalty_scope == "model"
+    with pytest.raises(ValueError, match="answer_read_penalty_scope"):
+        pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=everything"])
+    with pytest.raises(ValueError, match="answer_read_penalty"):
+        pretrain_mod.preset_with("tiny", ["answer_read_penalty=-1"])
