@@ -1,12 +1,10 @@
 """`memfit bench NAME` dispatches to memfit/bench/, the one place the benchmark code lives."""
 
 import importlib
-import subprocess
-import sys
 
 from memfit.cli import build_parser
 from memfit.commands.bench import BENCHMARKS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_c
 
 
 def test_every_bench_name_dispatches_to_a_module_of_memfit_bench():
@@ -37,5 +35,5 @@ def test_bench_modules_import_without_the_bench_extra():
         "    sys.modules[m] = None  # as if memfit[bench] were not installed\n"
         "import memfit.bench.continual, memfit.bench.update, memfit.bench.serve, memfit.bench.swap\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    res = python_c(code)
     assert res.returncode == 0, res.stderr[-2000:]

