@@ -312,9 +312,10 @@ def test_browser_logs_in_sees_the_charts_and_needs_admin_to_activate(keyed_serve
         # the charts: the page rendered /versions into the knowledge view and the versions table
         plotted = json.loads(
             browser.wait(
+                # the cards too: /versions may render before the first /dashboard/data poll answers
                 "(() => { const t = document.getElementById('plotted').textContent;"
-                " return JSON.parse(t).knowledge && document.querySelectorAll('#versions-table tbody tr').length"
-                " === 2 ? t : null })()",
+                " const p = JSON.parse(t); return p.knowledge && p.cards.active !== undefined"
+                " && document.querySelectorAll('#versions-table tbody tr').length === 2 ? t : null })()",
                 what="plotted data",
             )
         )
