@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import memlm  # noqa: F401
     from memlm.background import BackgroundStats
+    from memlm.data import invented_facts
     from memlm.data.templates import QA_TEMPLATE
     from memlm.paths import default_model_dir
     from memlm.tokenizer import load_tokenizer
-    from memlm.data import invented_facts
     from memlm.usage import answer_key_overlap, answer_key_sharing, memory_usage
 
     model_dir = Path(args.model) if args.model else default_model_dir("default")

@@ -198,6 +198,8 @@ def answer_key_overlap(
     report: dict[int, float | None] = {}
     for layer, items in new.items():
         seen = set().union(*(set(idx.tolist()) for idx, _ in ref[layer]))
-        shares = [float(w[torch.tensor([s in seen for s in idx.tolist()])].sum() / w.sum()) for idx, w in items]
+        shares = [
+            float(w[torch.tensor([s in seen for s in idx.tolist()])].sum() / w.sum()) for idx, w in items
+        ]
         report[layer] = sum(shares) / len(shares) if shares else None
     return report

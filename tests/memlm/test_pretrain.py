@@ -266,7 +266,10 @@ def test_read_sharing_penalty_is_one_for_shared_queries_and_trains_them_apart():
 
 
 def test_preset_rejects_a_bad_penalty_scope_or_weight():
-    assert pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=model"]).answer_read_penalty_scope == "model"
+    assert (
+        pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=model"]).answer_read_penalty_scope
+        == "model"
+    )
     with pytest.raises(ValueError, match="answer_read_penalty_scope"):
         pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=everything"])
     with pytest.raises(ValueError, match="answer_read_penalty"):
