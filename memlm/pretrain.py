@@ -635,7 +635,8 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     stopped_by = "steps"
     memories = model.memory_modules()
     memory_inputs: dict[int, torch.Tensor] = {}
-    penalty, share_ema = None, None
+    hooks, share_ema = None, None
+    detach = p.answer_read_penalty_scope == "query"
     if p.answer_read_penalty > 0:  # the memory's input, captured for read_sharing_penalty
 
         def _capture(layer: int):
@@ -644,7 +645,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
 
             return hook
 
-        penalty = [m.register_forward_pre_hook(_capture(i)) for i, m in memories.items()]
+        hooks = [m.register_forward_pre_hook(_capture(i)) for i, m in memories.items()]
     for step in range(p.max_steps):
         elapsed = time.perf_counter() - t_train
         if p.time_budget_s is not None and elapsed >= p.time_budget_s:
@@ -661,8 +662,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         x, marked = x.to(dev), marked.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=x, labels=x).loss
-            if penalty is not None:
-                detach = p.answer_read_penalty_scope == "query"
+            if hooks is not None:
                 share = sum(
                     read_sharing_penalty(m, memory_inputs[i].detach() if detach else memory_inputs[i], marked)
                     for i, m in memories.items()
@@ -685,7 +685,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
                 bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", threads=tuner.current, **extra)
     else:
         step = p.max_steps
-    for handle in penalty or []:
+    for handle in hooks or []:
         handle.remove()
     if bar is not None:
         bar.close()
