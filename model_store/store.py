@@ -1,6 +1,6 @@
 """Store: versioned slot tables on disk (base checkpoint + immutable slot deltas + active pointer).
 
-Layout (see CONTRACTS.md "Store"):
+Layout (see docs/contracts.md "Store"):
 
     STORE/store.json                 format, base id (sha256 of base/model.safetensors), value-table keys
     STORE/base/                      the transformers model directory (version 0) + background.safetensors

@@ -1,6 +1,6 @@
 """The live engine: one loaded model, hot swap between store versions, and generation.
 
-Consistency rule (CONTRACTS.md "HTTP"): a request is served entirely by the version it was admitted
+Consistency rule (docs/contracts.md "HTTP"): a request is served entirely by the version it was admitted
 with. The value tables belong to `model_store.swap.LiveTables`; every forward pass (one decoding
 step) runs under `live.swap_lock.read()`, so a swap (`write()`) happens only between steps. At each
 step the request compares the live version with its own: when they differ (a swap happened since

@@ -1,7 +1,7 @@
 """The one error format of the HTTP API, and the checks of ids that arrive in paths.
 
 Every error body is ``{"error": {"code": "...", "message": "...", "field": "..." | null}}``
-(CONTRACTS.md). Routes raise :class:`ApiError`; :func:`install_error_handlers` renders it, FastAPI's
+(docs/contracts.md "HTTP"). Routes raise :class:`ApiError`; :func:`install_error_handlers` renders it, FastAPI's
 and Starlette's ``HTTPException`` (404, 405, ...), request validation errors (422, naming the field)
 and oversized bodies (413, naming the limit) in that format, and never lets bad input become a 500.
 

@@ -1,6 +1,6 @@
 """Prometheus metrics of one app instance (a per-app CollectorRegistry, so tests can build several apps).
 
-Naming (DESIGN.md item 8): `memfit_` prefix, base units (`_seconds`), `_total` on counters, explicit
+Naming (docs/design.md item 8): `memfit_` prefix, base units (`_seconds`), `_total` on counters, explicit
 buckets, and no high-cardinality labels: the `endpoint` label is the route template
 (`/jobs/{job_id}`), never the raw path, and nothing is labelled by prompt, job, document or key.
 """

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger("memfit.metrics")
 
-# bounded label values (DESIGN.md item 8: no high-cardinality labels)
+# bounded label values (docs/design.md item 8: no high-cardinality labels)
 WHICH = ("active", "latest")  # the version served / the newest version with an evaluation
 WRITE_BANDS = (("1", 1, 1), ("2", 2, 2), ("3-4", 3, 4), ("5-8", 5, 8), ("9+", 9, None))
 TOP_SLOT_FRACTION = 0.01  # "the most-rewritten slots": the top 1% of all slots by write count

@@ -1,4 +1,4 @@
-"""Request and response schemas of the HTTP API (CONTRACTS.md "HTTP"), with examples for /openapi.json.
+"""Request and response schemas of the HTTP API (docs/contracts.md "HTTP"), with examples for /openapi.json.
 
 Static bounds live here; bounds that come from Settings (max documents per request, max prompt
 characters, ...) are checked in the routes so that they follow the running configuration, and their
@@ -40,7 +40,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every 4xx/5xx body (CONTRACTS.md): `{"error": {"code", "message", "field"}}`."""
+    """Every 4xx/5xx body (docs/contracts.md "HTTP"): `{"error": {"code", "message", "field"}}`."""
 
     error: ErrorDetail
 

@@ -6,7 +6,7 @@ Integration points (kept small on purpose):
   unless given settings); `workers.tasks` registers its tasks on it.
 - `app` (module attribute, lazy): for `celery -A workers.celery_app worker ...`.
 
-Policy (DESIGN.md house style 7):
+Policy (docs/design.md house style item 7):
 - `acks_late` + `task_reject_on_worker_lost`: a task is acknowledged only after it ran, so a worker
   killed mid-update gets its task redelivered; the task is idempotent by job id (workers.tasks).
 - `worker_prefetch_multiplier=1`: a worker holds at most one unstarted update, so a pile-up of jobs

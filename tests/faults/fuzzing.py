@@ -9,7 +9,7 @@ is sent with `Authorization: Bearer <admin key>` (a tenth keep the generated, mo
 the auth path is fuzzed too) and checked:
 
 - no 5xx: never a 500; the one 5xx allowed is a 503 the operation declares (min_version not served in
-  time, still starting) that carries Retry-After, as CONTRACTS.md says (schemathesis'
+  time, still starting) that carries Retry-After, as docs/contracts.md "HTTP" says (schemathesis'
   `not_a_server_error` would flag it too, so this check is ours);
 - `response_schema_conformance`, `status_code_conformance`, `content_type_conformance`: the answer
   (body, status, content type) is one the OpenAPI document declares for that operation.
