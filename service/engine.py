@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,19 +103,6 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-def load_model(model_dir: str | Path, device: str = "cpu"):
-    """The model and tokenizer of a model directory (a store's base), in eval mode, frozen."""
-    from memlm.retrofit import load_memory_model  # a native model, or a `memfit retrofit` one wrapped
-    from memlm.tokenizer import load_tokenizer
-
-    model = load_memory_model(model_dir)
-    model.to(device)  # type: ignore[arg-type]
-    model.eval()
-    model.requires_grad_(False)
-    tokenizer = load_tokenizer(model_dir)
-    return model, tokenizer
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -312,7 +298,9 @@ class Engine:
 
     @classmethod
     def from_store(cls, store: Store, settings, metrics=None, device: str = "cpu") -> Engine:
-        model, tokenizer = load_model(store.base_dir, device)
+        import memlm
+
+        model, tokenizer = memlm.load(store.base_dir, device)
         engine = cls(store, model, tokenizer, settings, metrics)
         engine.switch_to(store.active())
         return engine

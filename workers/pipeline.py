@@ -127,17 +127,6 @@ def build_update_settings(settings: Any, overrides: dict[str, Any] | None):
     return UpdateSettings(**values)
 
 
-def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """Model (eval mode, frozen) and tokenizer of a model directory (the store's base)."""
-    from memlm.retrofit import load_memory_model  # a native model, or a `memfit retrofit` one wrapped
-    from memlm.tokenizer import load_tokenizer
-
-    model = load_memory_model(model_dir).to(device)  # type: ignore[arg-type]
-    model.eval()
-    model.requires_grad_(False)
-    return model, load_tokenizer(model_dir)
-
-
 def default_settings() -> Any:
     """Settings from the environment (MEMFIT_*), for callers that give none (the CLI)."""
     from service.settings import Settings
@@ -227,11 +216,12 @@ class Pipeline:
         """Load the training copy at version 0, measure the base reference, move to the active version."""
         if self.model is not None:
             return
+        import memlm
         from memlm.background import BackgroundStats
         from memlm.evaluation import answered, perplexity_with_overlay
 
         base = self.store.base_dir
-        model, tok = load_model(base, self.device)
+        model, tok = memlm.load(base, self.device)
         self.model, self.tokenizer = model, tok
         self.background = BackgroundStats.load(base)
         facts, texts = load_probe(getattr(self.settings, "probe_file", None) or base)
