@@ -62,6 +62,23 @@ def probe_reads(
     return text_reads(model, tokenizer, probe_texts(model, tokenizer, facts, key))
 
 
+def protected_slots(
+    reads: Sequence[Mapping[int, torch.Tensor]], num_slots: Mapping[int, int], min_prompts: int = 1
+) -> dict[int, torch.Tensor]:
+    """{memory layer: bool mask (N,)} of the slots that at least `min_prompts` of `reads` (e.g. the
+    `probe_reads` of a preservation set of known facts) read. An update that never selects them cannot
+    reach those prompts (the module docstring: exact at the first memory layer, whose reads no value
+    change moves)."""
+    if min_prompts < 1:
+        raise ValueError(f"min_prompts must be >= 1, got {min_prompts}")
+    counts = {int(layer): torch.zeros(int(n), dtype=torch.long) for layer, n in num_slots.items()}
+    for r in reads:
+        for layer, slots in r.items():
+            if int(layer) in counts:
+                counts[int(layer)][slots.reshape(-1).cpu().long()] += 1
+    return {layer: c >= min_prompts for layer, c in counts.items()}
+
+
 def reached(reads: Sequence[Mapping[int, torch.Tensor]], changed: Mapping[int, torch.Tensor]) -> list[bool]:
     """Per probe: does it read any changed row? `changed`: {memory layer: slot ids the update wrote}."""
     sets = {int(layer): idx.reshape(-1).cpu().long() for layer, idx in changed.items()}

@@ -69,6 +69,7 @@ def select_slots(
     method: str = "tfidf",
     generator: torch.Generator | None = None,
     max_df: float | None = None,
+    protected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sorted LongTensor of the slots to train, chosen among the accessed ones (counts > 0).
 
@@ -76,11 +77,19 @@ def select_slots(
     all: every accessed slot (t ignored). `df` may be None only for tf, random and all.
     `max_df` (tfidf only): "stop slots" -- slots read by more than this share of the background
     documents are never candidates, however often the batch reads them (see UpdateSettings.max_df).
+    `protected` (any method): a bool mask (N,) of slots that are never candidates, e.g. the slots a
+    preservation set of known facts reads (memlm.reach.protected_slots).
     """
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
     counts = counts.cpu()
     candidates = torch.nonzero(counts > 0).flatten()  # ascending slot ids
+    if protected is not None:
+        if protected.shape != counts.shape:
+            raise ValueError(
+                f"protected mask has shape {tuple(protected.shape)}, counts {tuple(counts.shape)}"
+            )
+        candidates = candidates[~protected.cpu().bool()[candidates]]
     if method == "all":
         return candidates
     if t < 0:

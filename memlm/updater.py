@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -326,9 +326,13 @@ def sparse_update(
     stop_fn: Callable[[Any, Overlay], bool] | None = None,
     progress: Callable[[dict], None] | None = None,
     replay: Batch | None = None,
+    protected: Mapping[int, torch.Tensor] | None = None,
 ) -> SlotDelta:
     """Train the top-t value rows per memory layer on `batches`; write them into the model; return the
     delta (its `revert` restores the model exactly).
+
+    `protected`: {memory layer: bool mask (N,)} of slots never selected (memlm.reach.protected_slots: the
+    slots a preservation set of known facts reads); the top-t is then taken among the others.
 
     `batches`: a list of batches (cycled over the steps) or a source with `all_batches()` (used for
     access counting and the loss report) and `batch(step)` (the batch of a step; None ends training).
@@ -352,7 +356,8 @@ def sparse_update(
             df, num_docs = background_df(background, layer)
             if s.method == "tfidf" and df is None:
                 raise ValueError("tfidf selection needs background statistics (memlm.background)")
-            selected[layer] = select_slots(c, df, num_docs, s.top_t, s.method, gen, s.max_df).to(device)
+            mask = None if protected is None else protected.get(layer)
+            selected[layer] = select_slots(c, df, num_docs, s.top_t, s.method, gen, s.max_df, mask).to(device)
         old_rows = {layer: tables[layer].detach()[idx].clone() for layer, idx in selected.items()}
         rows = {layer: old_rows[layer].clone().requires_grad_(True) for layer in selected}
         overlay: Overlay = {layer: (selected[layer], rows[layer]) for layer in selected}
@@ -427,6 +432,7 @@ def sparse_update(
         "accessed_slots": {str(k): int((c > 0).sum()) for k, c in counts.items()},
         "rows_changed": changed,
         "replay": s.replay if keep is not None else 0,
+        "slots_protected": {str(k): int(v.sum()) for k, v in (protected or {}).items()},
     }
     # the delta holds the rows that actually changed (a selected row whose gradient stayed zero is left
     # out), so its size, the version's slots_changed and the rows a hot swap writes agree
@@ -511,6 +517,7 @@ def learn_documents(
     background,
     settings: UpdateSettings | None = None,
     progress: Callable[[dict], None] | None = None,
+    protected: Mapping[int, torch.Tensor] | None = None,
 ) -> SlotDelta:
     """Teach `documents` ({"id", "text", "facts": [{"question", "answer"}], "metadata"}) by sparse
     memory finetuning. Facts the documents supply are trained in QA form too and stop the update once
@@ -525,7 +532,9 @@ def learn_documents(
     if passes > 1:
         s = s.replace(steps=s.steps * passes, check_every=max(s.check_every, passes))
     replay = _replay_batch(tokenizer, s) if s.replay > 0 else None
-    delta = sparse_update(model, stream, background, s, stop_fn=stop, progress=progress, replay=replay)
+    delta = sparse_update(
+        model, stream, background, s, stop_fn=stop, progress=progress, replay=replay, protected=protected
+    )
     delta.report["documents"] = [str(d.get("id", f"doc-{n}")) for n, d in enumerate(documents)]
     delta.report["examples"] = len(stream.examples)
     delta.report["facts"] = len(facts)

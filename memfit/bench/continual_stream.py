@@ -15,7 +15,7 @@ from typing import Any
 
 import memlm
 from memlm.evaluation import answered, perplexity
-from memlm.reach import delta_rows, merge_reads, probe_reads, reach_report, reached
+from memlm.reach import delta_rows, merge_reads, probe_reads, protected_slots, reach_report, reached
 from memlm.updater import UpdateSettings, learn_documents
 
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
@@ -131,6 +131,10 @@ class Context:
         # the relations in turn, so that the probe checked along the stream holds both the capitals (the
         # relation a fifth of the stream shares) and the other relation, not only the first in the file
         self.probe = interleave_relations(self.probe_known)[: cfg.probe_facts]
+        # the known facts not in the measured probe: a preservation set whose slots a sparse setting
+        # with "preserve" keeps out of selection (its own rows in the results: it spends knowledge of
+        # what must be kept, though never the measured probe itself)
+        self.preservation = interleave_relations(self.probe_known)[cfg.probe_facts :]
         self.base_perplexity = self.ppl(base)
         self.base_probe_accuracy = sum(hits) / len(hits) if hits else float("nan")
 
@@ -167,6 +171,11 @@ class Learner:
         self.reads: list | None = None  # memory reads of each probe text at the current state (memlm.reach)
         self.retriever = BM25Retriever() if spec.kind == "retrieval" else None
         self.lora = None
+        self.protected = None
+        if spec.kind == "sparse" and spec.settings.get("preserve"):
+            self.protected = _preservation_mask(
+                model, ctx, spec.settings["preserve"], int(spec.settings.get("preserve_min", 1))
+            )
         if spec.kind == "lora":
             self.lora = LoRAUpdater(model, _dense(spec.settings, ctx.cfg))
         if spec.kind == "full":
@@ -175,12 +184,11 @@ class Learner:
     def update(self, doc: dict, index: int) -> dict:
         kind, tok = self.spec.kind, self.ctx.tokenizer
         if kind == "sparse":
-            s = UpdateSettings(**{"steps": self.ctx.cfg.steps, **self.spec.settings}).replace(
-                seed=self.seed + index
-            )
+            fields = {k: v for k, v in self.spec.settings.items() if k not in ("preserve", "preserve_min")}
+            s = UpdateSettings(**{"steps": self.ctx.cfg.steps, **fields}).replace(seed=self.seed + index)
             if self.reads is None:
                 self.reads = probe_reads(self.model, tok, self.ctx.probe)
-            delta = learn_documents(self.model, tok, [doc], self.ctx.background, s)
+            delta = learn_documents(self.model, tok, [doc], self.ctx.background, s, protected=self.protected)
             for layer, ld in delta.layers.items():
                 changed = (ld.new_rows != ld.old_rows).any(-1)
                 self.touched.update((layer, int(i)) for i in ld.indices[changed].tolist())
@@ -216,6 +224,18 @@ class Learner:
 
     def perplexity(self) -> float:
         return self.ctx.base_perplexity if self.retriever is not None else self.ctx.ppl(self.model)
+
+
+def _preservation_mask(model, ctx: Context, preserve, min_prompts: int = 1) -> dict[int, Any]:
+    """The slots that `preserve` facts of the preservation set (all of it for True) read, prompt and
+    greedy answer, on the base model: at least `min_prompts` of them. Computed once: the
+    reads of the first memory layer never change under value-only updates (memlm.reach)."""
+    facts = ctx.preservation if preserve is True else ctx.preservation[: int(preserve)]
+    if not facts:
+        raise ValueError("the preservation set is empty: every known fact is in the measured probe")
+    reads = probe_reads(model, ctx.tokenizer, facts)
+    sizes = {layer: int(t.shape[0]) for layer, t in model.value_tables().items()}
+    return protected_slots(reads, sizes, min_prompts)
 
 
 def _dense(settings: dict, cfg: BenchConfig) -> DenseSettings:

@@ -1,0 +1,53 @@
+"""Protected slots: rows a preservation set reads are never selected, so the update cannot reach it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memlm.reach import delta_rows, ids_reads, protected_slots, reached
+from memlm.selection import select_slots
+from memlm.updater import UpdateSettings, sparse_update
+
+from .test_reach import _logits, _probes
+from .test_updater import fake_background, random_batches, tiny_random_model
+
+
+def test_protected_slots_counts_prompts_not_reads():
+    reads = [{1: torch.tensor([0, 3])}, {1: torch.tensor([3, 5])}, {2: torch.tensor([7])}]
+    masks = protected_slots(reads, {1: 8, 2: 8})
+    assert masks[1].tolist() == [True, False, False, True, False, True, False, False]
+    assert masks[2].nonzero().flatten().tolist() == [7]
+    assert protected_slots(reads, {1: 8}, min_prompts=2)[1].nonzero().flatten().tolist() == [3]
+    with pytest.raises(ValueError, match="min_prompts"):
+        protected_slots(reads, {1: 8}, min_prompts=0)
+
+
+@pytest.mark.parametrize("method", ["tfidf", "tf", "random", "all"])
+def test_select_slots_never_picks_a_protected_slot(method):
+    counts = torch.tensor([5, 4, 3, 2, 1, 0, 9, 8])
+    df = torch.zeros(8, dtype=torch.long)
+    protected = torch.tensor([True, False, False, False, False, False, True, False])
+    chosen = select_slots(counts, df, 10, 3, method, torch.Generator().manual_seed(0), protected=protected)
+    assert not protected[chosen].any()
+    assert chosen.numel() == (6 - 1 if method == "all" else 3)  # 7 accessed, 2 protected
+    if method in ("tfidf", "tf"):
+        assert chosen.tolist() == [1, 2, 7]  # the top 3 of what is left, not of all
+    with pytest.raises(ValueError, match="protected mask"):
+        select_slots(counts, df, 10, 3, method, protected=protected[:4])
+
+
+def test_update_with_a_protected_set_leaves_its_prompts_bit_identical():
+    model = tiny_random_model()
+    keep = _probes(40, seed=9)
+    reads = ids_reads(model, keep)
+    sizes = {layer: int(t.shape[0]) for layer, t in model.value_tables().items()}
+    masks = protected_slots(reads, sizes)
+    before = _logits(model, keep)
+    settings = UpdateSettings(top_t=8, steps=6, lr=50.0, method="tfidf", early_stop=False, idf_lr_power=0.0)
+    delta = sparse_update(model, random_batches(), fake_background(model), settings, protected=masks)
+    changed = delta_rows(delta)
+    assert sum(v.numel() for v in changed.values()) > 0  # something was still trained
+    assert not any(reached(reads, changed))
+    assert all(torch.equal(a, b) for a, b in zip(before, _logits(model, keep)))
+    assert delta.report["slots_protected"] == {str(k): int(v.sum()) for k, v in masks.items()}
