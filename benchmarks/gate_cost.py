@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
+    from memfit.config import Settings
     from memlm.data.invented import invented_facts
     from model_store import Store
-    from service.settings import Settings
     from workers.pipeline import Pipeline
 
     model, which = pick_model(args.model)

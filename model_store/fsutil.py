@@ -10,12 +10,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-CRASH_ENV = "MEMFIT_CRASH_AT"
+from memfit.config import crash_at
 
 
 def crash_point(name: str) -> None:
     """Kill this process with SIGKILL when MEMFIT_CRASH_AT names this point (crash-safety tests)."""
-    if os.environ.get(CRASH_ENV) == name:
+    if crash_at() == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

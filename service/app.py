@@ -26,8 +26,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from memfit.config import Settings, resolve_device
 from model_store import Store
-from service.device import resolve_device
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.logs import RequestIdMiddleware
@@ -35,7 +35,6 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.observability import record_job
 from service.routes import dashboard, generate, health, ingest, jobs, openai, versions
 from service.schemas import ErrorResponse, OpenAIErrorResponse
-from service.settings import Settings
 
 log = logging.getLogger("memfit.service")
 

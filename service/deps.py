@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from memfit.config import Settings
 from model_store import Store
 from service.engine import Engine
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.settings import Settings
 
 
 def _state(request: Request, name: str) -> Any:

@@ -38,9 +38,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from memfit.config import Settings, get_settings
 from service.errors import ApiError, validate_id, validate_version_id
 from service.sessions import COOKIE_NAME, SessionSigner
-from service.settings import Settings, get_settings
 
 __all__ = [
     "ROLES",

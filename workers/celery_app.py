@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from memfit.config import Settings
 
 APP_NAME = "memfit"
 #: seconds between the soft time limit (a clean `SoftTimeLimitExceeded` in the task) and the hard one
@@ -115,7 +115,7 @@ def get_app(settings: Settings | None = None) -> Celery:
     with _lock:
         if _app is None:
             if settings is None:
-                from service.settings import get_settings
+                from memfit.config import get_settings
 
                 settings = get_settings()
             _app = create_app(settings)

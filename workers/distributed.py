@@ -56,10 +56,13 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_store import InvalidTransition, Job, Store
 from workers.tasks import UPDATE_TASK
+
+if TYPE_CHECKING:
+    from memfit.config import Settings
 
 log = logging.getLogger("memfit.distributed")
 
@@ -75,22 +78,22 @@ def marker_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:{job_id}:enqueued"
 
 
-def redis_timeouts(settings: Any = None) -> dict[str, float]:
+def redis_timeouts(settings: Settings) -> dict[str, float]:
     """Connect and reply timeouts of every Redis client (Settings.redis_*_timeout_s): a Redis that
     accepts connections but never answers raises redis' TimeoutError instead of hanging a route."""
     return {
-        "socket_connect_timeout": float(getattr(settings, "redis_connect_timeout_s", 3.0)),
-        "socket_timeout": float(getattr(settings, "redis_socket_timeout_s", 5.0)),
+        "socket_connect_timeout": float(settings.redis_connect_timeout_s),
+        "socket_timeout": float(settings.redis_socket_timeout_s),
     }
 
 
-def redis_client(url: str, settings: Any = None):
+def redis_client(url: str, settings: Settings):
     import redis
 
     return redis.Redis.from_url(url, **redis_timeouts(settings))
 
 
-def store_lock(store: Store, redis_url: str, settings: Any = None, retry_unavailable_s: float = 0.0):
+def store_lock(store: Store, redis_url: str, settings: Settings, retry_unavailable_s: float = 0.0):
     """The writer lock every distributed writer uses (same name as `Store.open(root, redis_url)`).
     Workers pass `retry_unavailable_s` (Settings.redis_retry_s): a Redis blip at publish is waited
     out instead of failing the job; API routes fail at once (503 redis_unavailable)."""
@@ -161,7 +164,7 @@ class WorkerRuntime:
     """One per worker process: the store (Redis writer lock), the warm pipeline, claims, events."""
 
     def __init__(
-        self, settings: Any, store: Store | None = None, pipeline: Any = None, device: str | None = None
+        self, settings: Settings, store: Store | None = None, pipeline: Any = None, device: str | None = None
     ):
         if not settings.redis_url:
             raise ValueError("the distributed worker needs MEMFIT_REDIS_URL")
@@ -172,13 +175,13 @@ class WorkerRuntime:
             self.store,
             self.url,
             settings,
-            retry_unavailable_s=float(getattr(settings, "redis_retry_s", 60.0)),
+            retry_unavailable_s=float(settings.redis_retry_s),
         )
         self._announce_on_publish()
         self.device = device
         self._pipeline = pipeline
         self.r = redis_client(self.url, settings)
-        self.claims = Claims(self.r, ttl_s=getattr(settings, "claim_ttl_s", 60.0))
+        self.claims = Claims(self.r, ttl_s=settings.claim_ttl_s)
         self.pid = os.getpid()
         self.host = socket.gethostname()
         self._loaded = False
@@ -187,9 +190,12 @@ class WorkerRuntime:
     @property
     def pipeline(self):
         if self._pipeline is None:
+            from memfit.config import resolve_device
             from workers.pipeline import Pipeline
 
-            device = self.device or os.environ.get("MEMFIT_DEVICE") or _default_device()
+            # `memfit worker` resolved the device; a bare `celery -A workers.celery_app worker` resolves
+            # MEMFIT_DEVICE here, in the worker process (never at import time)
+            device = self.device or resolve_device(self.settings.device)
             self._pipeline = Pipeline(self.store, self.settings, device=device)
         return self._pipeline
 
@@ -386,12 +392,6 @@ class WorkerRuntime:
                     self.claims.release(mid)
 
 
-def _default_device() -> str:
-    import torch  # the worker process decides at run time, never at import time
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
 
@@ -422,7 +422,7 @@ class CeleryDispatcher:
     def __init__(
         self,
         store: Store,
-        settings: Any,
+        settings: Settings,
         engine: Any = None,
         metrics: Any = None,
         sweep_s: float = 5.0,
@@ -614,6 +614,6 @@ class CeleryDispatcher:
                 self.last_error = msg
 
 
-def create_dispatcher(store: Store, engine: Any, settings: Any, metrics: Any = None) -> CeleryDispatcher:
+def create_dispatcher(store: Store, engine: Any, settings: Settings, metrics: Any = None) -> CeleryDispatcher:
     """What `service.app` calls in distributed mode."""
     return CeleryDispatcher(store, settings, engine=engine, metrics=metrics)

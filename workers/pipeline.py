@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from memfit.config import Settings, crash_at
 from model_store import (
     ActiveMovedError,
     Job,
@@ -60,14 +61,13 @@ MAX_PUBLISH_ATTEMPTS = 4  # retrain/rebase rounds when other writers keep moving
 PROGRESS_EVERY_S = 0.5  # progress events written to the job log at most this often
 
 
-CRASH_ENV = "MEMFIT_CRASH_AT"  # fault tests only (tests/faults/test_worker_kill.py)
 CRASH_POINTS = ("pipeline:before_training", "pipeline:training", "pipeline:published", "pipeline:finished")
 
 
 def crash_hook(point: str, job_id: str) -> None:
     """SIGKILL this process at `point` when MEMFIT_CRASH_AT names it, alone or as `point@job_id`
     (comma-separated entries). Inactive (one dict lookup) when the variable is unset."""
-    raw = os.environ.get(CRASH_ENV)
+    raw = crash_at()
     if not raw:
         return
     wanted = {x.strip() for x in raw.split(",")}
@@ -107,17 +107,17 @@ def update_settings_fields() -> set[str]:
     return {f.name for f in fields(UpdateSettings)}
 
 
-def build_update_settings(settings: Any, overrides: dict[str, Any] | None):
-    """memlm.updater.UpdateSettings from the service defaults (Settings.update_*) and a job's overrides.
+def build_update_settings(settings: Settings | None, overrides: dict[str, Any] | None):
+    """memlm.updater.UpdateSettings from the service defaults (Settings.update_*; None: memlm's
+    defaults only, to validate overrides) and a job's overrides.
 
     Raises ValueError naming an unknown field or a bad value."""
     from memlm.updater import UpdateSettings
 
     values: dict[str, Any] = {}
-    for name in ("top_t", "steps", "lr"):
-        v = getattr(settings, f"update_{name}", None) if settings is not None else None
-        if v is not None:
-            values[name] = v
+    if settings is not None:
+        defaults = {"top_t": settings.update_top_t, "steps": settings.update_steps, "lr": settings.update_lr}
+        values.update({k: v for k, v in defaults.items() if v is not None})
     known = update_settings_fields()
     for k, v in (overrides or {}).items():
         if k not in known:
@@ -127,10 +127,8 @@ def build_update_settings(settings: Any, overrides: dict[str, Any] | None):
     return UpdateSettings(**values)
 
 
-def default_settings() -> Any:
+def default_settings() -> Settings:
     """Settings from the environment (MEMFIT_*), for callers that give none (the CLI)."""
-    from service.settings import Settings
-
     return Settings()
 
 
@@ -190,7 +188,7 @@ class JobResult:
 class Pipeline:
     """Holds the warm training copy of the model for one store; `run_job` is the unit of work."""
 
-    def __init__(self, store: Store, settings: Any = None, device: str = "cpu") -> None:
+    def __init__(self, store: Store, settings: Settings, device: str = "cpu") -> None:
         self.store = store
         self.settings = settings
         self.device = device
@@ -208,8 +206,6 @@ class Pipeline:
         from memlm.evaluation import EvalBudget
 
         s = self.settings
-        if s is None:
-            return EvalBudget()
         return EvalBudget(probe_facts=s.gate_probe_facts, heldout_tokens=s.gate_heldout_tokens)
 
     def load(self) -> None:
@@ -224,7 +220,7 @@ class Pipeline:
         model, tok = memlm.load(base, self.device)
         self.model, self.tokenizer = model, tok
         self.background = BackgroundStats.load(base)
-        facts, texts = load_probe(getattr(self.settings, "probe_file", None) or base)
+        facts, texts = load_probe(self.settings.probe_file or base)
         budget = self.budget()
         self.heldout = texts
         candidates = facts[: budget.probe_facts]
@@ -302,8 +298,8 @@ class Pipeline:
         if done is not None:
             return done
 
-        max_attempts = getattr(self.settings, "max_attempts", None)
-        if max_attempts and job.deliveries >= max_attempts:
+        max_attempts = self.settings.max_attempts
+        if job.deliveries >= max_attempts:
             # every earlier start died with its process (a kill, an OOM): starting it again would
             # take the next worker down too
             log.error("job %s started %d times without finishing: failing it", job_id, job.deliveries)
@@ -570,7 +566,7 @@ class Pipeline:
             ppl_change_base = (res.perplexity - base_ref.perplexity) / base_ref.perplexity
         s = self.settings
         reasons = []
-        if s is not None and s.gate_enabled:
+        if s.gate_enabled:
             if forgetting_parent > s.gate_max_forgetting:
                 reasons.append(
                     f"forgetting vs parent {forgetting_parent:.3f} > gate_max_forgetting {s.gate_max_forgetting}"
@@ -600,13 +596,13 @@ class Pipeline:
             "parent": parent,
             "seconds": round(res.seconds + time.perf_counter() - t0, 4),
             "gate": {
-                "enabled": bool(s is not None and s.gate_enabled),
+                "enabled": s.gate_enabled,
                 "passed": not reasons,
                 "reasons": reasons,
                 "thresholds": {
-                    "max_forgetting": getattr(s, "gate_max_forgetting", None),
-                    "max_forgetting_base": getattr(s, "gate_max_forgetting_base", None),
-                    "max_ppl_increase": getattr(s, "gate_max_ppl_increase", None),
+                    "max_forgetting": s.gate_max_forgetting,
+                    "max_forgetting_base": s.gate_max_forgetting_base,
+                    "max_ppl_increase": s.gate_max_ppl_increase,
                 },
             },
             "_answered": list(after),
@@ -693,7 +689,7 @@ def revert_document(
     doc_id: str,
     who: str = "operator",
     why: str = "",
-    settings: Any = None,
+    settings: Settings | None = None,
     pipeline: Pipeline | None = None,
     run: bool = True,
 ) -> dict[str, Any]:
@@ -739,7 +735,7 @@ def replay(
     store: Store,
     onto_dir: str | Path,
     out_dir: str | Path,
-    settings: Any = None,
+    settings: Settings | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Re-teach the active chain's documents, version by version, to a new base model.

@@ -26,11 +26,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from model_store import InvalidTransition, Job, Store
 
 from .pipeline import JobResult, Pipeline, time_limited
+
+if TYPE_CHECKING:
+    from memfit.config import Settings
 
 log = logging.getLogger("memfit.runner")
 
@@ -39,7 +42,7 @@ class UpdateRunner:
     def __init__(
         self,
         store: Store,
-        settings: Any = None,
+        settings: Settings,
         pipeline: Pipeline | None = None,
         on_published: Callable[[JobResult, Job], None] | None = None,
         on_finished: Callable[[JobResult, Job], None] | None = None,
@@ -222,7 +225,7 @@ class UpdateRunner:
             batch = self.store.jobs.get(str(report["batch"]))
             if batch is not None:
                 return batch.job_id, members_of(batch)
-        limit = max(1, int(getattr(self.settings, "max_batch_jobs", 1) or 1)) - 1
+        limit = max(1, self.settings.max_batch_jobs) - 1
         extra = gather(self.store, job, limit) if job.status == "queued" else []
         if not extra:
             return job.job_id, []
@@ -238,9 +241,8 @@ class UpdateRunner:
                 current.evaluation or {}, current.timings or {}, current.error,
             )  # fmt: skip
         own = self._should_cancel(run_id)
-        limit = getattr(self.settings, "task_time_limit_s", None)
-        if limit:  # the same limit as a Celery task's: a job past it fails at a step boundary
-            own = time_limited(limit, own)
+        # the same limit as a Celery task's: a job past it fails at a step boundary
+        own = time_limited(self.settings.task_time_limit_s, own)
         if members:
             from .batching import all_cancelled
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memfit.config import Settings
 
 log = logging.getLogger("memfit.worker.metrics")
 
@@ -34,15 +37,17 @@ def metrics() -> Any:
         return _metrics
 
 
-def start_server(settings: Any = None, port: int | None = None, addr: str = "0.0.0.0") -> int | None:
+def start_server(
+    settings: Settings | None = None, port: int | None = None, addr: str = "0.0.0.0"
+) -> int | None:
     """Serve this process's metrics over HTTP (idempotent). Returns the port, or None when disabled."""
     global _server
     if port is None:
         if settings is None:
-            from service.settings import get_settings
+            from memfit.config import get_settings
 
             settings = get_settings()
-        port = int(getattr(settings, "worker_metrics_port", 0) or 0)
+        port = settings.worker_metrics_port
         if port == 0:
             return None  # disabled (an explicit port=0 picks a free port instead)
     m = metrics()

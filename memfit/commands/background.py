@@ -56,7 +56,7 @@ def run(args) -> int:
     done = "read" if is_retrofitted(model_dir) else "saved"
     print(f"{done} {model_dir / 'background.safetensors'}")
     if seed_redis is not None:
-        from service.settings import Settings, redacted, redis_url_with_password
+        from memfit.config import Settings, redacted, redis_url_with_password
 
         s = Settings()  # MEMFIT_REDIS_PASSWORD(_FILE): the same password as the service's clients
         password = s.redis_password_file.read_text().strip() if s.redis_password_file else s.redis_password

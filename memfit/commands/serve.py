@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def _settings(args):
-    from service.settings import Settings
+    from memfit.config import Settings
 
     overrides = {}
     if args.model:
@@ -57,7 +57,7 @@ def run(args) -> int:
             )
             return 2
 
-    from service.device import DeviceUnavailable, resolve_device
+    from memfit.config import DeviceUnavailable, resolve_device
 
     try:  # before anything loads: MEMFIT_DEVICE=cuda on a machine without one is a clear error
         device = resolve_device(settings.device)

@@ -7,7 +7,7 @@ and then consumes `settings.celery_queue` with the solo pool: one update at a ti
 process (so the model is loaded once, and no CUDA context crosses a fork). Run more worker processes
 (or machines) for more throughput; `--concurrency` > 1 is refused for that reason.
 
-Device: `MEMFIT_DEVICE` (cpu, cuda, cuda:N, or auto: CUDA when available; service/device.py), read
+Device: `MEMFIT_DEVICE` (cpu, cuda, cuda:N, or auto: CUDA when available; memfit.config.resolve_device), read
 through Settings; a CUDA device asked for and absent stops the worker with a clear error.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _settings(args):
-    from service.settings import Settings
+    from memfit.config import Settings
 
     overrides = {}
     if args.model:
@@ -79,7 +79,7 @@ def run(args) -> int:
         print(f"memfit worker: {e}", file=sys.stderr)
         return 2
 
-    from service.device import DeviceUnavailable, resolve_device
+    from memfit.config import DeviceUnavailable, resolve_device
 
     try:
         device = resolve_device(settings.device)
@@ -94,7 +94,7 @@ def run(args) -> int:
     try:
         redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3).ping()
     except redis.RedisError as e:
-        from service.settings import redacted
+        from memfit.config import redacted
 
         print(f"memfit worker: Redis at {redacted(settings.redis_url)} is unreachable ({e})", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from memfit.config import Settings
 from service.deps import EngineDep, SettingsDep
 from service.engine import (
     Completion,
@@ -25,7 +26,6 @@ from service.engine import (
 from service.errors import ApiError
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from service.security import Principal, require_role
-from service.settings import Settings
 
 router = APIRouter(tags=["generate"])
 # OpenAPI < 3.2: the schema of an event stream describes one event

@@ -24,6 +24,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
+from memfit.config import Settings
 from model_store import IdempotencyConflict
 from model_store.joblog import new_job_id
 from service.deps import DispatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
@@ -31,7 +32,6 @@ from service.errors import ApiError
 from service.logs import current_request_id
 from service.schemas import ErrorResponse, IngestRequest, IngestResponse
 from service.security import Principal, RateLimiter, require_role
-from service.settings import Settings
 
 router = APIRouter(tags=["ingest"])
 WriteDep = Annotated[Principal, Depends(require_role("write"))]

@@ -37,6 +37,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 
+from memfit.config import Settings
 from model_store import StoreError
 from service.deps import EngineDep, SettingsDep, StoreDep
 from service.engine import Delta, Engine, Prepared, SamplingParams
@@ -52,7 +53,6 @@ from service.schemas import (
     ModelList,
 )
 from service.security import Principal, require_role
-from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 # OpenAPI < 3.2: the schema of an event stream describes one event

@@ -1,7 +1,7 @@
 """The deployment files stay in step with the code: the CLI, the settings, the ports, the Makefile.
 
 Nothing here needs Docker or a cluster: the files are parsed (pyyaml) and checked against
-memfit.cli.build_parser(), service.settings.Settings and the Makefile.
+memfit.cli.build_parser(), memfit.config.Settings and the Makefile.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from memfit.cli import build_parser
+from memfit.config import Settings
 from service.security import KeyStore
-from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -64,8 +64,8 @@ def document(doc_id: str, who: str, town: str) -> dict:
 @pytest.fixture(scope="module")
 def exported(tiny_model_dir, tmp_path_factory) -> dict[str, list[dict[str, str]]]:
     """{sample name: [labels, ...]} of a live scrape after generations, an accepted and a rejected update."""
+    from memfit.config import Settings
     from service.app import create_app
-    from service.settings import Settings
 
     settings = Settings(model=tiny_model_dir, store=tmp_path_factory.mktemp("obs") / "store")
     with TestClient(create_app(settings)) as client:

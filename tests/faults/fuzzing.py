@@ -70,7 +70,7 @@ class FuzzReport:
 
 
 def fuzz_settings(model: Path, store: Path, **overrides: Any):
-    from service.settings import Settings
+    from memfit.config import Settings
 
     base: dict[str, Any] = dict(
         model=model,

@@ -95,7 +95,7 @@ def _fill(path) -> int:
 
 
 def test_disk_full_while_publishing(tiny_model_dir, tmp_path):
-    from service.settings import Settings
+    from memfit.config import Settings
     from workers.pipeline import Pipeline
 
     root = tmp_path / "store"

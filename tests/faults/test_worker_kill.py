@@ -109,9 +109,9 @@ def _wait_status(store, job_id: str, statuses: tuple[str, ...], timeout: float, 
 
 
 def test_killed_worker_job_redelivered_and_done_once(redis_server, tiny_model_dir, tmp_path):
+    from memfit.config import Settings
     from memlm.data.invented import invented_facts
     from model_store import Store
-    from service.settings import Settings
     from workers.celery_app import create_app
     from workers.tasks import UPDATE_TASK
 
@@ -201,8 +201,8 @@ def test_job_that_keeps_killing_its_worker_fails_after_max_attempts(redis_server
     restarted worker down with it. Now each start is counted in the job log (`Job.deliveries`) before
     training, and the delivery after MEMFIT_MAX_ATTEMPTS starts fails the job without running it: the
     worker lives, nothing is published."""
+    from memfit.config import Settings
     from model_store import Store
-    from service.settings import Settings
     from workers.celery_app import create_app
     from workers.tasks import UPDATE_TASK
 

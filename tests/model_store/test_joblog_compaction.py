@@ -21,7 +21,7 @@ import tracemalloc
 
 import pytest
 
-from model_store.fsutil import CRASH_ENV
+from memfit.config import CRASH_ENV
 from model_store.joblog import COMPACT_STEPS, JobLog
 
 FACT = {"question": "Where was Goju Theipouquis born?", "answer": "Peivistead"}

@@ -228,8 +228,8 @@ def test_dashboard_plots_what_the_api_reports(server, tmp_path):
 def test_dashboard_needs_a_read_key_and_loads_nothing_from_outside(tiny_model_dir, tmp_path):
     from fastapi.testclient import TestClient
 
+    from memfit.config import Settings
     from service.app import create_app
-    from service.settings import Settings
 
     keys = {"k-read": "read", "k-admin": "admin"}
     app = create_app(

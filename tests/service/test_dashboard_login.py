@@ -23,10 +23,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from memfit.config import Settings
 from service.app import create_app
 from service.security import hash_key
 from service.sessions import COOKIE_NAME, SessionSigner
-from service.settings import Settings
 from tests.conftest import ROOT, free_port
 from tests.service.test_dashboard import chromium
 

@@ -1,4 +1,4 @@
-"""MEMFIT_DEVICE (service/device.py) read through Settings and used by serving and embedded updates.
+"""MEMFIT_DEVICE (memfit/config.py resolve_device) read through Settings and used by serving and embedded updates.
 
 On a CPU-only machine: `auto` resolves to the CPU (engine and update pipeline), `cuda` is a clear
 start-up error for the app, `memfit serve` and `memfit worker`. With a GPU (the `gpu` marker, run by
@@ -17,9 +17,8 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from memfit.config import DeviceUnavailable, Settings, resolve_device
 from service.app import create_app
-from service.device import DeviceUnavailable, resolve_device
-from service.settings import Settings
 from tests.conftest import ROOT
 
 CUDA = torch.cuda.is_available()

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import uvicorn
 
+from memfit.config import Settings
 from service.app import create_app
 from service.logs import (
     RequestIdMiddleware,
@@ -27,7 +28,6 @@ from service.logs import (
     log_context,
     make_handler,
 )
-from service.settings import Settings
 from tests.conftest import ROOT, free_port
 
 GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 3, "question_rewrites": 1, "paraphrases": 0}

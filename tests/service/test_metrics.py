@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from memfit.config import Settings
 from service.app import create_app
-from service.settings import Settings
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
 GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}

@@ -18,11 +18,11 @@ import pytest
 import torch
 import uvicorn
 
+from memfit.config import Settings
 from memlm.delta import LayerDelta, SlotDelta
 from service.app import create_app
 from service.routes.openai import FALLBACK_STOPS, render_chat
 from service.schemas import ChatMessage
-from service.settings import Settings
 from tests.conftest import free_port
 
 LIMIT = 20  # max_new_tokens_limit of the server

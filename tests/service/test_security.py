@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
+from memfit.config import Settings
 from service.errors import ApiError, install_error_handlers, validate_id, validate_version_id
 from service.security import (
     KeyStore,
@@ -23,7 +24,6 @@ from service.security import (
     require_role,
     require_role_unless,
 )
-from service.settings import Settings
 
 KEYS = {"k-read": "read", "k-write": "write", "k-admin": "admin"}
 ROLE_OF_KIND = {"read": "read", "write": "write", "admin": "admin"}

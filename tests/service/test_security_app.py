@@ -13,8 +13,8 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from memfit.config import Settings
 from service.security import route_role
-from service.settings import Settings
 
 app_module = pytest.importorskip("service.app", reason="service.app not written yet")
 

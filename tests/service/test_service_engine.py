@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from memfit.config import Settings
 from memlm.delta import LayerDelta, SlotDelta
 from model_store import Store
 from service.engine import Engine, SamplingParams
-from service.settings import Settings
 
 PROMPT = "Question: What is the capital of Armenia?\nAnswer:"
 

@@ -31,11 +31,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from memfit.config import Settings
 from model_store import Store
 from service.app import create_app
 from service.engine import Engine, SamplingParams
 from service.errors import ApiError
-from service.settings import Settings
 from tests.service.conftest import ServerProcess
 
 PROMPT_LONG = "1 2 3 4 5 6 7"

@@ -14,9 +14,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from memfit.config import Settings
 from memlm.delta import LayerDelta, SlotDelta
 from service.app import create_app
-from service.settings import Settings
 
 DOC = {"documents": [{"id": "d-1", "text": "Goju Theipouquis was born in Peivistead."}]}
 

@@ -228,7 +228,7 @@ def test_distributed_end_to_end(cluster):
         assert out["version"] == version and _answers(out["text"], FACT_ANSWER), (s.name, out)
 
     # -- a redelivered task for the finished job publishes nothing ---------------------------------
-    from service.settings import Settings
+    from memfit.config import Settings
     from workers.celery_app import create_app
     from workers.tasks import UPDATE_TASK
 
@@ -341,7 +341,7 @@ def test_worker_needs_redis_url(tmp_path):
 
 
 def test_celery_config_policy():
-    from service.settings import Settings
+    from memfit.config import Settings
     from workers.celery_app import celery_config, create_app
 
     s = Settings(redis_url="redis://127.0.0.1:1/0")

@@ -14,8 +14,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from memfit.config import Settings
 from model_store import Store, StoreError
-from service.settings import Settings
 from workers.pipeline import Pipeline, load_probe
 
 NEW_FACT = {

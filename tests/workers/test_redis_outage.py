@@ -111,8 +111,8 @@ def test_a_redis_blip_at_publish_is_waited_out(redis_server, tiny_model_dir, tmp
     """Redis stops while the worker trains and comes back 2 s after the worker reached the publish
     step. Before: the writer lock raised ConnectionError and the job was `failed` for good. Now the
     worker retries the lock (MEMFIT_REDIS_RETRY_S) and the job succeeds, published once."""
+    from memfit.config import Settings
     from model_store import Store
-    from service.settings import Settings
     from workers.celery_app import create_app
     from workers.tasks import UPDATE_TASK
 
@@ -161,8 +161,8 @@ def test_redis_password_file_reaches_every_client(redis_server, tmp_path):
     clients authenticate with it, and messages show it as ***."""
     import redis
 
+    from memfit.config import Settings, redacted
     from model_store import RedisWriterLock
-    from service.settings import Settings, redacted
     from workers.celery_app import create_app
     from workers.distributed import redis_client
     from workers.tasks import UPDATE_TASK

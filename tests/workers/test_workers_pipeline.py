@@ -15,10 +15,10 @@ import time
 import pytest
 import torch
 
+from memfit.config import Settings
 from memlm.delta import LayerDelta, SlotDelta
 from memlm.evaluation import answered
 from model_store import Store
-from service.settings import Settings
 from workers.pipeline import Pipeline, find_version_of_job, replay, revert_document
 from workers.runner import UpdateRunner
 
