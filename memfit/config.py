@@ -83,7 +83,7 @@ class ServingSettings(BaseModel):
     max_stop_sequences: int = Field(8, ge=0)
     min_version_wait_s: float = Field(10.0, ge=0, description="bounded wait of min_version before 503")
 
-    # logs (service/logs.py)
+    # logs (memfit/logs.py)
     log_level: str = Field("INFO", description="root log level: DEBUG, INFO, WARNING, ERROR")
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line (request_id, job_id, version); text: classic"

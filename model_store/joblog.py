@@ -107,7 +107,7 @@ class Job:
     # "anonymous"; None on records written before keys were scoped (see find_by_idempotency_key)
     idempotency_scope: str | None = None
     body_sha256: str | None = None
-    request_id: str | None = None  # X-Request-ID of the ingest (service/logs.py): the worker logs it
+    request_id: str | None = None  # X-Request-ID of the ingest (memfit/logs.py): the worker logs it
     attempts: int = 0
     # starts since the job was last put in the queue (created, retried, or handed back by a stopping
     # runner): every start but the last died with its process (workers.pipeline: MEMFIT_MAX_ATTEMPTS)

@@ -27,10 +27,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from memfit.config import Settings, resolve_device
+from memfit.logs import RequestIdMiddleware
 from model_store import Store
 from service.engine import Engine
 from service.errors import install_error_handlers
-from service.logs import RequestIdMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.observability import record_job
 from service.routes import dashboard, generate, health, ingest, jobs, openai, versions

@@ -476,7 +476,7 @@ class CeleryDispatcher:
 
     def send(self, job_id: str) -> None:
         """Publish the task, then mark the job as enqueued (raises when Redis is unreachable)."""
-        from service.logs import current_request_id
+        from memfit.logs import current_request_id
 
         rid = current_request_id()  # the ingest's X-Request-ID: the worker logs the job under it
         self.app.send_task(

@@ -250,7 +250,7 @@ class UpdateRunner:
                 return own() or all_cancelled(self.store, members)
         else:
             cancel = own
-        from service.logs import log_context
+        from memfit.logs import log_context
 
         # every line logged for this job carries its id and the X-Request-ID of its ingest
         with log_context(job_id=run_id, request_id=getattr(current, "request_id", None)):

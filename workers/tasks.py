@@ -43,12 +43,12 @@ def register(app: Celery) -> None:
     )
     def update(job_id: str, request_id: str | None = None) -> dict[str, Any]:
         """Run or finish the update job `job_id` (see workers.distributed.WorkerRuntime.handle)."""
-        from service.logs import log_context
+        from memfit.logs import log_context
         from workers.distributed import worker_runtime
 
         runtime = worker_runtime()
         rid = request_id or task_request_id(update.request) or _recorded_request_id(runtime, job_id)
-        with log_context(job_id=str(job_id), request_id=rid):  # the ingest's X-Request-ID (service/logs.py)
+        with log_context(job_id=str(job_id), request_id=rid):  # the ingest's X-Request-ID (memfit/logs.py)
             out = runtime.handle(str(job_id))
             log.info("update task %s: %s", job_id, out.get("outcome"), extra={"version": out.get("version")})
             return out

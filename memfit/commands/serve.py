@@ -42,7 +42,7 @@ def usage_lines(base: str) -> list[str]:
 
 
 def run(args) -> int:
-    from service.logs import configure_logging
+    from memfit.logs import configure_logging
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
@@ -121,7 +121,7 @@ def run(args) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers propagate to the JSON handler of configure_logging
-        access_log=False,  # service.logs.RequestIdMiddleware logs each request (with its X-Request-ID)
+        access_log=False,  # memfit.logs.RequestIdMiddleware logs each request (with its X-Request-ID)
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0

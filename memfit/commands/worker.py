@@ -52,7 +52,7 @@ def _open_store(settings, model_given: bool):
 
 
 def run(args) -> int:
-    from service.logs import configure_logging
+    from memfit.logs import configure_logging
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
@@ -110,7 +110,7 @@ def run(args) -> int:
         print(f"memfit worker: {e}", file=sys.stderr)
         return 2
     set_worker_runtime(runtime)
-    from workers.worker_metrics import instrument, start_server
+    from service.worker_metrics import instrument, start_server
 
     instrument(runtime.pipeline, runtime.store)  # job metrics on this worker's own /metrics
     start_server(settings)  # MEMFIT_WORKER_METRICS_PORT (docs/observability.md)

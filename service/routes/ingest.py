@@ -25,11 +25,11 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
 from memfit.config import Settings
+from memfit.logs import current_request_id
 from model_store import IdempotencyConflict
 from model_store.joblog import new_job_id
 from service.deps import DispatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
 from service.errors import ApiError
-from service.logs import current_request_id
 from service.schemas import ErrorResponse, IngestRequest, IngestResponse
 from service.security import Principal, RateLimiter, require_role
 

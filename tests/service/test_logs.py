@@ -1,4 +1,4 @@
-"""Structured logs (service/logs.py): JSON lines carrying the request id, job id and version.
+"""Structured logs (memfit/logs.py): JSON lines carrying the request id, job id and version.
 
 Embedded mode: real HTTP against the app under uvicorn (in this process, so the update runner's lines
 are captured too). Distributed mode: the request id travels in the Celery task's kwargs and its
@@ -21,13 +21,13 @@ import pytest
 import uvicorn
 
 from memfit.config import Settings
-from service.app import create_app
-from service.logs import (
+from memfit.logs import (
     RequestIdMiddleware,
     clean_request_id,
     log_context,
     make_handler,
 )
+from service.app import create_app
 from tests.conftest import ROOT, free_port
 
 GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 3, "question_rewrites": 1, "paraphrases": 0}
@@ -168,7 +168,7 @@ def test_formatter_context_and_extra():
 
 def test_celery_task_takes_the_request_id_from_its_header(tmp_path):
     """The task reads `memfit_request_id` from the message header (or its kwargs) into the log context."""
-    from service.logs import current_request_id
+    from memfit.logs import current_request_id
     from workers import distributed
     from workers.celery_app import create_app as celery_app
     from workers.tasks import UPDATE_TASK
@@ -179,7 +179,7 @@ def test_celery_task_takes_the_request_id_from_its_header(tmp_path):
         store = None
 
         def handle(self, job_id):
-            from service.logs import current
+            from memfit.logs import current
 
             seen.append((job_id, current_request_id(), current("job_id")))
             return {"job_id": job_id, "outcome": "succeeded", "version": 3}

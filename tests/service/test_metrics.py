@@ -398,7 +398,7 @@ def test_queue_depth_moves(tiny_model_dir, tmp_path):
 
 def test_worker_endpoint_exports_job_metrics():
     """A Celery worker process serves its own /metrics (MEMFIT_WORKER_METRICS_PORT)."""
-    from workers import worker_metrics
+    from service import worker_metrics
     from workers.pipeline import JobResult
 
     port = worker_metrics.start_server(port=0, addr="127.0.0.1")
@@ -441,7 +441,7 @@ def test_worker_instrumentation_records_each_finished_job_once():
     """memfit worker wraps its pipeline: a job run here is recorded; a redelivered finished one is not."""
     from types import SimpleNamespace
 
-    from workers import worker_metrics
+    from service import worker_metrics
     from workers.pipeline import JobResult
 
     statuses = {"j_new": "queued", "j_done": "succeeded"}

@@ -8,6 +8,9 @@ Workers run `--pool=solo` (one process, one job at a time), so one endpoint per 
 
 `memfit worker` calls `start_server(settings)` and `instrument(runtime.pipeline, store)` once per process:
 from then on every job the pipeline finishes here is recorded (`observe_job`).
+
+It lives in service/, beside the Metrics it serves, not in workers/: the pipeline knows nothing of
+Prometheus, and `memfit worker` (the command line, above both) wires the two together.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ The request id of an ingest is recorded in the job (`Job.request_id`), so the pr
 job, the embedded runner or a Celery worker, logs under the same id (`workers/runner.py`,
 `workers/tasks.py`, which also receives it in the task's `memfit_request_id` header).
 
-Nothing here imports the web stack, so workers use it too.
+Nothing here imports the web stack (the middleware is plain ASGI), so every layer above memlm uses it:
+it sits beside memfit/config.py at the bottom of the layers.
 """
 
 from __future__ import annotations
