@@ -1,5 +1,6 @@
 """All memfit settings: one pydantic-settings class, environment prefix MEMFIT_, at the bottom of the
-layers (model_store, workers, service and the command line import it; it imports only memlm.paths).
+layers (model_store, workers, service and the command line import it; it imports memlm.paths only
+when a default path is needed, so importing it loads neither torch nor transformers).
 
 `Settings` is the only reader of `MEMFIT_*` variables, with these exceptions on purpose (each read
 where there are no Settings, or must not validate them; tests/deploy/test_deploy_files.py and
@@ -29,19 +30,31 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from memlm.paths import default_model_dir, default_store_dir
-
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 CRASH_ENV = "MEMFIT_CRASH_AT"  # fault tests only (tests/faults/test_worker_kill.py, tests/model_store)
+#: seconds between the soft time limit (a clean `SoftTimeLimitExceeded` in the task) and the hard one
+SOFT_LIMIT_MARGIN_S = 60
+
+
+def _default_model_dir() -> Path:
+    from memlm.paths import default_model_dir  # imported when used: `import memfit.config` stays light
+
+    return default_model_dir()
+
+
+def _default_store_dir() -> Path:
+    from memlm.paths import default_store_dir
+
+    return default_store_dir()
 
 
 class PathSettings(BaseModel):
     """Where things live."""
 
     model: Path = Field(
-        default_factory=default_model_dir, description="base model directory (seeds an empty store)"
+        default_factory=_default_model_dir, description="base model directory (seeds an empty store)"
     )
-    store: Path = Field(default_factory=default_store_dir, description="store directory")
+    store: Path = Field(default_factory=_default_store_dir, description="store directory")
 
 
 class ServingSettings(BaseModel):
@@ -204,6 +217,13 @@ class Settings(
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def soft_limit_s(hard: int) -> int:
+    """Seconds before the hard limit (MEMFIT_TASK_TIME_LIMIT_S) at which an update is told to stop:
+    SOFT_LIMIT_MARGIN_S, or a quarter of the hard limit when that is shorter (a 30 s limit must not
+    cancel every job after 1 s). The Celery task's soft limit and the worker's own deadline."""
+    return max(1, int(hard - min(SOFT_LIMIT_MARGIN_S, hard / 4)))
 
 
 def redis_url_with_password(url: str, password: str) -> str:

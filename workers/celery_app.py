@@ -21,23 +21,13 @@ Policy (docs/design.md house style item 7):
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Celery
 
-if TYPE_CHECKING:
-    from memfit.config import Settings
+from memfit.config import Settings, get_settings, soft_limit_s
 
 APP_NAME = "memfit"
-#: seconds between the soft time limit (a clean `SoftTimeLimitExceeded` in the task) and the hard one
-SOFT_LIMIT_MARGIN_S = 60
-
-
-def soft_limit_s(hard: int) -> int:
-    """Seconds before the hard limit at which a task is told to stop: SOFT_LIMIT_MARGIN_S, or a
-    quarter of the hard limit when that is shorter (a 30 s limit must not cancel every job after 1 s)."""
-    return max(1, int(hard - min(SOFT_LIMIT_MARGIN_S, hard / 4)))
-
 
 _lock = threading.Lock()
 _app: Celery | None = None
@@ -115,8 +105,6 @@ def get_app(settings: Settings | None = None) -> Celery:
     with _lock:
         if _app is None:
             if settings is None:
-                from memfit.config import get_settings
-
                 settings = get_settings()
             _app = create_app(settings)
         return _app

@@ -5,7 +5,7 @@ Integration points: `register(app)` (called by workers.celery_app.create_app) de
 app; the API sends them by name (`memfit.update`, see workers.distributed.TASK_NAME) with
 `send_task`, so an API process never imports the pipeline or torch.
 
-The body is one call: `workers.distributed.worker_runtime().handle(job_id)`, which runs the update
+The body is one call: `workers.runtime.worker_runtime(settings).handle(job_id)`, which runs the update
 pipeline (workers.pipeline) for the job, or merges it with other queued jobs into one batched
 update, and does nothing for a job that is already finished or published. A redelivered task
 (acks_late: the worker died before acknowledging) is therefore harmless: it never publishes twice.
@@ -25,7 +25,7 @@ UPDATE_TASK = "memfit.update"
 
 
 def register(app: Celery) -> None:
-    from workers.celery_app import soft_limit_s
+    from memfit.config import soft_limit_s
 
     settings = app.conf.memfit_settings
     hard = int(settings.task_time_limit_s)
@@ -42,11 +42,11 @@ def register(app: Celery) -> None:
         shared=False,  # one app per Settings (tests build several): keep each task on its own app
     )
     def update(job_id: str, request_id: str | None = None) -> dict[str, Any]:
-        """Run or finish the update job `job_id` (see workers.distributed.WorkerRuntime.handle)."""
+        """Run or finish the update job `job_id` (see workers.runtime.WorkerRuntime.handle)."""
         from memfit.logs import log_context
-        from workers.distributed import worker_runtime
+        from workers.runtime import worker_runtime
 
-        runtime = worker_runtime()
+        runtime = worker_runtime(settings)
         rid = request_id or task_request_id(update.request) or _recorded_request_id(runtime, job_id)
         with log_context(job_id=str(job_id), request_id=rid):  # the ingest's X-Request-ID (memfit/logs.py)
             out = runtime.handle(str(job_id))

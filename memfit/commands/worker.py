@@ -101,7 +101,7 @@ def run(args) -> int:
 
     from workers.background_redis import BackgroundMismatch
     from workers.celery_app import get_app
-    from workers.distributed import WorkerRuntime, set_worker_runtime
+    from workers.runtime import WorkerRuntime, set_worker_runtime
 
     runtime = WorkerRuntime(settings, store, device=device)
     try:

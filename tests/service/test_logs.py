@@ -169,7 +169,7 @@ def test_formatter_context_and_extra():
 def test_celery_task_takes_the_request_id_from_its_header(tmp_path):
     """The task reads `memfit_request_id` from the message header (or its kwargs) into the log context."""
     from memfit.logs import current_request_id
-    from workers import distributed
+    from workers import runtime as distributed_runtime
     from workers.celery_app import create_app as celery_app
     from workers.tasks import UPDATE_TASK
 
@@ -186,14 +186,14 @@ def test_celery_task_takes_the_request_id_from_its_header(tmp_path):
 
     app = celery_app(Settings(redis_url="redis://127.0.0.1:1/0"))
     task = app.tasks[UPDATE_TASK]
-    distributed.set_worker_runtime(FakeRuntime())  # type: ignore[arg-type]
+    distributed_runtime.set_worker_runtime(FakeRuntime())  # type: ignore[arg-type]
     try:
         with Captured() as cap:
             task.apply(args=["j_head"], headers={"memfit_request_id": "from-header"}).get()
             task.apply(args=["j_kw"], kwargs={"request_id": "from-kwargs"}).get()
         lines = [x for x in cap.lines() if x["logger"] == "memfit.worker"]
     finally:
-        distributed.set_worker_runtime(None)
+        distributed_runtime.set_worker_runtime(None)
     assert seen == [("j_head", "from-header", "j_head"), ("j_kw", "from-kwargs", "j_kw")]
     assert [(x["job_id"], x["request_id"], x["version"]) for x in lines] == [
         ("j_head", "from-header", 3),

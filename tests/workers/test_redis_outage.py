@@ -164,7 +164,7 @@ def test_redis_password_file_reaches_every_client(redis_server, tmp_path):
     from memfit.config import Settings, redacted
     from model_store import RedisWriterLock
     from workers.celery_app import create_app
-    from workers.distributed import redis_client
+    from workers.runtime import redis_client
     from workers.tasks import UPDATE_TASK
 
     password = "s3cret/with:odd@chars"
