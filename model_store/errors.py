@@ -73,6 +73,15 @@ class RevertConflict(StoreError):
         )
 
 
+class DocumentNotTaught(StoreError):
+    """A document revert of a document no version of the active chain taught."""
+
+    def __init__(self, document_id: str, active: int) -> None:
+        self.document_id = document_id
+        self.active = active
+        super().__init__(f"document {document_id!r} is not taught by the active version {active}")
+
+
 class NeedsRetrain(StoreError):
     """A document revert that is not exact: its version also taught other documents.
 

@@ -39,6 +39,7 @@ from .errors import (
     ActiveMovedError,
     BaseMismatchError,
     CorruptVersionError,
+    DocumentNotTaught,
     NeedsRetrain,
     RebaseConflict,
     RevertConflict,
@@ -858,7 +859,7 @@ class Store:
             eff = self.effective_chain()
             hits = [v for v in self.versions_with_document(doc_id) if v in eff]
             if not hits:
-                raise StoreError(f"document {doc_id!r} is not taught by the active version {self.active()}")
+                raise DocumentNotTaught(str(doc_id), self.active())
             for v in hits:
                 m = self.manifest(v)
                 if m.get("documents") != [str(doc_id)]:

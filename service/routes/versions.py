@@ -9,7 +9,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path
 from fastapi.responses import JSONResponse
 
-from model_store import CorruptVersionError, RevertConflict, StoreError, UnknownVersionError
+from model_store import (
+    CorruptVersionError,
+    DocumentNotTaught,
+    RevertConflict,
+    StoreError,
+    UnknownVersionError,
+)
 from service.deps import DispatcherDep, EngineDep, SettingsDep, StoreDep
 from service.errors import ApiError, validate_id
 from service.schemas import (
@@ -177,9 +183,9 @@ async def revert_document(
             )
         except RevertConflict as e:
             raise ApiError(409, "revert_conflict", str(e), "document_id") from None
+        except DocumentNotTaught as e:
+            raise ApiError(404, "document_not_found", str(e), "document_id") from None
         except StoreError as e:
-            if "not taught" in str(e):
-                raise ApiError(404, "document_not_found", str(e), "document_id") from None
             raise ApiError(409, "revert_failed", str(e), "document_id") from None
 
     out = await asyncio.to_thread(work)

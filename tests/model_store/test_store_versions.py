@@ -9,6 +9,7 @@ from model_store import (
     ActiveMovedError,
     BaseMismatchError,
     CorruptVersionError,
+    DocumentNotTaught,
     GCPolicy,
     RebaseConflict,
     Store,
@@ -200,8 +201,9 @@ def test_document_revert(h, store):
     store.load_delta(v1).revert(expect)
     assert h.tables_equal(after, expect) and not h.tables_equal(after, before)
     assert [d["id"] for d in store.active_chain_documents()] == ["b", "c"]
-    with pytest.raises(StoreError, match="not taught"):
+    with pytest.raises(DocumentNotTaught, match="not taught") as not_taught:
         store.revert_document("a")
+    assert not_taught.value.document_id == "a" and not_taught.value.active == store.active()
     assert len(new) == 1
 
 

@@ -266,7 +266,7 @@ def test_versions_4xx(app_client):
     assert_error(c.post("/versions/999999/activate"), 404, "version_id")
     r = c.post("/documents/%2e%2e/revert")
     assert 400 <= r.status_code < 500 and set(r.json()) == {"error"}
-    assert_error(c.post("/documents/never-ingested/revert"), 404, "document_id")
+    assert_error(c.post("/documents/never-ingested/revert"), 404, "document_id", code="document_not_found")
 
 
 def test_activate_rejected_version_is_409(app_client):
