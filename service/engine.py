@@ -23,8 +23,11 @@ No request can stop serving: a row that cannot be built (or sampled) fails only 
 whatever escapes a wave fails that wave's requests and the thread goes on; a decoding thread that
 dies anyway is recorded and started again by `check_decoders` (before each submit, and by /readyz,
 which answers 503 when it found one dead). Admission control: at most `settings.max_waiting`
-requests wait (`submit` answers 503 + Retry-After past it); a request past its `deadline` or
+requests wait (`submit` raises Overloaded past it); a request past its `deadline` or
 `cancelled` (client gone) is dropped from the queue, or its row stops at the next step.
+
+The engine speaks no HTTP: what it refuses or stops is an error of service/engine_errors.py, and
+service/errors.py maps those to statuses (503 + Retry-After for Overloaded, ...) in one place.
 
 The other methods are blocking; the routes call them through `Engine.executor` (tokenising) or a
 thread (store reads), never on the event loop.
@@ -48,7 +51,17 @@ import torch.nn.functional as F
 
 from model_store import LiveTables, Store, StoreError, SwapResult, UnknownVersionError
 from model_store.errors import CorruptVersionError
-from service.errors import ApiError
+from service.engine_errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    EmptyPrompt,
+    GenerationFailed,
+    Overloaded,
+    PromptTooLong,
+    ShuttingDown,
+    UnknownVersion,
+    VersionNotServable,
+)
 
 log = logging.getLogger("memfit.engine")
 
@@ -306,9 +319,9 @@ class Engine:
         return engine
 
     def close(self, drain_s: float = 0.0) -> None:
-        """Stop: new requests get a 503 at once; with `drain_s` > 0 the requests admitted already
-        (decoding, or waiting for a slot) get up to that many seconds to finish first (the app
-        passes MEMFIT_SHUTDOWN_GRACE_S). Whatever still waits then gets a 503 `unavailable`."""
+        """Stop: new requests get ShuttingDown at once; with `drain_s` > 0 the requests admitted
+        already (decoding, or waiting for a slot) get up to that many seconds to finish first (the app
+        passes MEMFIT_SHUTDOWN_GRACE_S). Whatever still waits then gets ShuttingDown."""
         if drain_s > 0:
             with self._pending_cond:
                 self._draining = True
@@ -324,7 +337,7 @@ class Engine:
             self._pending_cond.notify_all()
         for _req, emit in pending:
             try:
-                emit(ApiError(503, "unavailable", "the server is shutting down", None, {"Retry-After": "1"}))
+                emit(ShuttingDown("the server is shutting down", retry_after_s=1))
             except Exception:
                 pass
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -442,22 +455,23 @@ class Engine:
         return "off_chain"
 
     def check_pinnable(self, v: int) -> None:
-        """ApiError unless `v` is a retained (published, not rejected, intact) version."""
+        """UnknownVersion or VersionNotServable unless `v` is a retained (published, not rejected,
+        intact) version."""
         try:
             m = self.store.manifest(v)
         except UnknownVersionError:
-            raise ApiError(404, "version_not_found", f"version {v} does not exist", "version") from None
+            raise UnknownVersion(f"version {v} does not exist", "version") from None
         except CorruptVersionError as e:
-            raise ApiError(409, "version_corrupt", str(e), "version") from None
+            raise VersionNotServable(str(e), "version", code="version_corrupt") from None
         if m.get("state") == "rejected":
-            raise ApiError(
-                409, "version_rejected", f"version {v} was rejected by the evaluation gate", "version"
+            raise VersionNotServable(
+                f"version {v} was rejected by the evaluation gate", "version", code="version_rejected"
             )
         try:
             self.store.check_loadable(v)
         except StoreError as e:
-            raise ApiError(
-                409, "version_unavailable", f"version {v} cannot be served: {e}", "version"
+            raise VersionNotServable(
+                f"version {v} cannot be served: {e}", "version", code="version_unavailable"
             ) from None
 
     # -- generation ------------------------------------------------------------------------------
@@ -465,11 +479,9 @@ class Engine:
         """Tokenise and admit: the request is served by `version` or the version live now."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
-            raise ApiError(422, "invalid_request", "prompt encodes to no tokens", "prompt")
+            raise EmptyPrompt("prompt encodes to no tokens", "prompt")
         if self.context_length and len(ids) >= self.context_length:
-            raise ApiError(
-                413,
-                "prompt_too_long",
+            raise PromptTooLong(
                 f"prompt is {len(ids)} tokens; the model's context is {self.context_length} tokens "
                 "(prompt + generated)",
                 "prompt",
@@ -486,26 +498,24 @@ class Engine:
     def submit(self, req: Prepared, emit: Callable[[Any], None]) -> None:
         """Queue `req` for decoding. `emit` is called from a decoding thread with each Delta (the last
         has done=True) or with an exception. Concurrent requests of one version are decoded together
-        (up to settings.max_batch_size rows per forward pass). ApiError 503 (Retry-After) when the
-        engine is closing or settings.max_waiting requests wait already."""
+        (up to settings.max_batch_size rows per forward pass). ShuttingDown when the engine is
+        closing, Overloaded when settings.max_waiting requests wait already."""
         self.check_decoders()
         with self._pending_cond:
             if self._closed or self._draining:
-                raise ApiError(503, "unavailable", "the server is shutting down", None, {"Retry-After": "1"})
+                raise ShuttingDown("the server is shutting down", retry_after_s=1)
             if self.max_waiting is not None and len(self._pending) >= self.max_waiting:
                 self.rejected += 1
                 raise self.overloaded()
             self._pending.append((req, emit))
             self._pending_cond.notify()
 
-    def overloaded(self) -> ApiError:
-        return ApiError(
-            503,
-            "overloaded",
+    def overloaded(self) -> Overloaded:
+        return Overloaded(
             f"{len(self._pending)} generation requests wait for a decoding slot; "
             f"max_waiting = {self.max_waiting} (MEMFIT_MAX_WAITING): retry later",
             "MEMFIT_MAX_WAITING",
-            {"Retry-After": "1"},
+            retry_after_s=1,
         )
 
     @property
@@ -596,9 +606,7 @@ class Engine:
                     self.metrics.generation_finished.labels("error").inc()
                 try:
                     emit(
-                        ApiError(
-                            500,
-                            "generation_failed",
+                        GenerationFailed(
                             f"generation could not start for this request: {type(e).__name__}: {e}",
                         )
                     )
@@ -796,16 +804,14 @@ class Engine:
         )
 
 
-def deadline_error(req: Prepared) -> ApiError:
-    """503 for a generation that ran past MEMFIT_REQUEST_TIMEOUT_S (its row has stopped)."""
+def deadline_error(req: Prepared) -> DeadlineExceeded:
+    """A generation that ran past MEMFIT_REQUEST_TIMEOUT_S (its row has stopped)."""
     t = req.timeout_s
     what = f" within request_timeout_s = {t:g} s" if t is not None else " before its deadline"
-    return ApiError(
-        503,
-        "deadline_exceeded",
+    return DeadlineExceeded(
         f"the generation did not finish{what}; it was stopped (ask for fewer tokens, or retry later)",
         "MEMFIT_REQUEST_TIMEOUT_S",
-        {"Retry-After": "1"},
+        retry_after_s=1,
     )
 
 
@@ -819,11 +825,9 @@ def stopped_reason(error: BaseException) -> str:
     return "error"
 
 
-def cancelled_error() -> ApiError:
-    """The request's client went away (nginx's 499); nobody reads this answer."""
-    return ApiError(
-        499, "client_disconnected", "the client closed the connection; the generation was stopped"
-    )
+def cancelled_error() -> ClientDisconnected:
+    """The request's client went away (an HTTP 499); nobody reads this answer."""
+    return ClientDisconnected("the client closed the connection; the generation was stopped")
 
 
 def retry_after_seconds(wait_s: float) -> str:

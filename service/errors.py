@@ -1,9 +1,11 @@
 """The one error format of the HTTP API, and the checks of ids that arrive in paths.
 
 Every error body is ``{"error": {"code": "...", "message": "...", "field": "..." | null}}``
-(docs/contracts.md "HTTP"). Routes raise :class:`ApiError`; :func:`install_error_handlers` renders it, FastAPI's
-and Starlette's ``HTTPException`` (404, 405, ...), request validation errors (422, naming the field)
-and oversized bodies (413, naming the limit) in that format, and never lets bad input become a 500.
+(docs/contracts.md "HTTP"). Routes raise :class:`ApiError`; the engine raises its own errors
+(service/engine_errors.py), which :data:`ENGINE_STATUS` and :func:`as_api_error` map to HTTP here and
+nowhere else. :func:`install_error_handlers` renders both, FastAPI's and Starlette's ``HTTPException``
+(404, 405, ...), request validation errors (422, naming the field) and oversized bodies (413, naming
+the limit) in that format, and never lets bad input become a 500.
 
 Under ``/v1`` (the OpenAI-compatible routes) the same errors take OpenAI's shape, which the official
 client reads into ``APIStatusError.message/.type/.param/.code``:
@@ -25,6 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import engine_errors as ee
 
 log = logging.getLogger("memfit.service")
 
@@ -74,6 +78,32 @@ class ApiError(HTTPException):
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.code!r}, {self.message!r}, field={self.field!r})"
+
+
+# The engine's errors (service/engine_errors.py) as HTTP: the one place they get a status.
+ENGINE_STATUS: dict[type[ee.EngineError], int] = {
+    ee.UnknownVersion: 404,
+    ee.VersionNotServable: 409,
+    ee.EmptyPrompt: 422,
+    ee.PromptTooLong: 413,
+    ee.ShuttingDown: 503,
+    ee.Overloaded: 503,
+    ee.DeadlineExceeded: 503,
+    ee.ClientDisconnected: 499,  # nginx's "client closed request"
+    ee.GenerationFailed: 500,
+}
+
+
+def as_api_error(e: BaseException) -> ApiError | None:
+    """`e` as the client sees it: an ApiError as it is, an engine error mapped by ENGINE_STATUS (its
+    retry_after_s becomes Retry-After), anything else None (an internal error)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ee.EngineError):
+        status = next((s for cls, s in ENGINE_STATUS.items() if isinstance(e, cls)), 500)
+        headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
+        return ApiError(status, e.code, e.message, e.field, headers)
+    return None
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
@@ -196,6 +226,12 @@ def _field_from_loc(loc: Sequence[Any]) -> str | None:
 async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return _respond(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+
+async def _engine_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    api = as_api_error(exc)
+    assert api is not None
+    return await _api_error_handler(request, api)
 
 
 async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -331,6 +367,7 @@ def install_error_handlers(app: FastAPI, max_request_bytes: int | None = None) -
     is the fallback when the app has no settings.
     """
     app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(ee.EngineError, _engine_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     try:

@@ -23,7 +23,8 @@ from service.engine import (
     deadline_error,
     retry_after_seconds,
 )
-from service.errors import ApiError
+from service.engine_errors import EngineError
+from service.errors import ApiError, as_api_error
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from service.security import Principal, require_role
 
@@ -142,7 +143,7 @@ async def admit(
 def _check_pinnable(engine: Engine, version: int, field: str) -> None:
     try:
         engine.check_pinnable(version)
-    except ApiError as e:
+    except EngineError as e:
         e.field = field
         raise
 
@@ -171,7 +172,7 @@ def open_stream(
         except RuntimeError:  # the loop is gone (server shutting down)
             prepared.cancelled.set()
 
-    engine.submit(prepared, put)  # ApiError 503 past settings.max_waiting
+    engine.submit(prepared, put)  # Overloaded (503) past settings.max_waiting
     return _deltas(engine, prepared, queue, request)
 
 
@@ -195,7 +196,8 @@ async def _deltas(
             if item.done:
                 return
     except Exception as e:  # counted unless the request was at fault or its client left (4xx)
-        if m is not None and not (isinstance(e, ApiError) and e.status < 500):
+        known = as_api_error(e)
+        if m is not None and not (known is not None and known.status < 500):
             m.generation_errors.inc()
         raise
     finally:  # done, client gone, deadline or caller stopped: the row stops at the next step
@@ -236,8 +238,9 @@ async def complete(
 
 def stream_error(e: BaseException) -> dict[str, Any]:
     """The in-band error event of a stream whose status line was sent already."""
-    if isinstance(e, ApiError):
-        return {"code": e.code, "message": e.message, "field": e.field}
+    known = as_api_error(e)
+    if known is not None:
+        return {"code": known.code, "message": known.message, "field": known.field}
     return {"code": "internal_error", "message": f"generation failed: {type(e).__name__}", "field": None}
 
 

@@ -41,7 +41,8 @@ from memfit.config import Settings
 from model_store import StoreError
 from service.deps import EngineDep, SettingsDep, StoreDep
 from service.engine import Delta, Engine, Prepared, SamplingParams
-from service.errors import ApiError, openai_error_body
+from service.engine_errors import EngineError
+from service.errors import ApiError, as_api_error, openai_error_body
 from service.routes.generate import admit, check_limits, complete, event_stream, open_stream
 from service.schemas import (
     ChatCompletionRequest,
@@ -157,7 +158,7 @@ async def _admit(
             body.min_version,
             "model" if pinned is not None else "version",
         )
-    except ApiError as e:
+    except (ApiError, EngineError) as e:
         if e.field == "prompt":
             e.field = prompt_field
         raise
@@ -172,8 +173,9 @@ def _usage(d: Any) -> dict[str, int]:
 
 
 def _in_band_error(e: Exception) -> dict[str, Any]:
-    if isinstance(e, ApiError):
-        return openai_error_body(e.status, e.code, e.message, e.field)
+    known = as_api_error(e)
+    if known is not None:
+        return openai_error_body(known.status, known.code, known.message, known.field)
     return openai_error_body(500, "internal_error", f"generation failed: {type(e).__name__}")
 
 

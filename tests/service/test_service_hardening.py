@@ -35,7 +35,8 @@ from memfit.config import Settings
 from model_store import Store
 from service.app import create_app
 from service.engine import Engine, SamplingParams
-from service.errors import ApiError
+from service.engine_errors import GenerationFailed
+from service.errors import as_api_error
 from tests.service.conftest import ServerProcess
 
 PROMPT_LONG = "1 2 3 4 5 6 7"
@@ -222,8 +223,8 @@ def test_a_row_that_cannot_start_fails_alone(tiny_model_dir, tmp_path):
                     engine._pending.append((engine.prepare("The capital of France is", p), q.put))
                 engine._pending_cond.notify_all()
             first, failed, last = (_collect(q) for q in qs)
-            assert isinstance(failed, ApiError) and failed.status == 500, failed
-            assert failed.code == "generation_failed", failed
+            assert isinstance(failed, GenerationFailed), failed  # the engine's own error, no HTTP
+            assert as_api_error(failed).status == 500 and failed.code == "generation_failed", failed
             assert not isinstance(first, BaseException) and first.done
             assert not isinstance(last, BaseException) and last.done
             if joining:
