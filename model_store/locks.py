@@ -76,6 +76,12 @@ return 0
 """
 
 
+def redis_lock_name(base_id: str) -> str:
+    """The Redis writer lock of the stores with this base: one name for every process (API replicas,
+    workers, the CLI) that writes to them."""
+    return f"memfit:store:{base_id[:16]}:writer"
+
+
 class RedisWriterLock(WriterLock):
     """Distributed writer lock on Redis (`SET NX PX` + token-checked release).
 

@@ -137,9 +137,9 @@ class Store:
         writer lock is a RedisWriterLock named after the store's base id, else a file lock."""
         store = cls(root, **kw)
         if redis_url and "lock" not in kw:
-            from .locks import RedisWriterLock
+            from .locks import RedisWriterLock, redis_lock_name
 
-            store.lock = RedisWriterLock(redis_url, name=f"memfit:store:{store.base_id[:16]}:writer")
+            store.lock = RedisWriterLock(redis_url, name=redis_lock_name(store.base_id))
         return store
 
     # -- creation ----------------------------------------------------------------------------------

@@ -80,10 +80,11 @@ def store_lock(store: Store, redis_url: str, settings: Settings, retry_unavailab
     Workers pass `retry_unavailable_s` (Settings.redis_retry_s): a Redis blip at publish is waited
     out instead of failing the job; API routes fail at once (503 redis_unavailable)."""
     from model_store import RedisWriterLock
+    from model_store.locks import redis_lock_name
 
     return RedisWriterLock(
         redis_client(redis_url, settings),
-        name=f"memfit:store:{store.base_id[:16]}:writer",
+        name=redis_lock_name(store.base_id),
         retry_unavailable_s=retry_unavailable_s,
     )
 

@@ -91,3 +91,23 @@ def test_store_with_redis_lock_serialises_publishers(h, store, redis_server):
         t.join()
     assert sorted(map(type, results), key=str) == sorted([int, ActiveMovedError], key=str)
     assert store.active() == 1 and store.version_ids() == [0, 1]
+
+
+def test_every_distributed_writer_takes_the_same_redis_lock(store):
+    """`Store.open(root, redis_url)` (the CLI) and workers.runtime.store_lock (API replicas, workers)
+    name one lock per base: two names would let an operator's rollback race a worker's publish."""
+    from memfit.config import Settings
+    from model_store import Store
+    from model_store.locks import redis_lock_name
+    from workers.runtime import store_lock
+
+    url = "redis://127.0.0.1:1/0"  # never connected: the clients connect on first command
+    cli = Store.open(store.root, url).lock
+    worker = store_lock(store, url, Settings(redis_url=url))
+    assert isinstance(cli, RedisWriterLock) and isinstance(worker, RedisWriterLock)
+    assert (
+        cli.name
+        == worker.name
+        == redis_lock_name(store.base_id)
+        == f"memfit:store:{store.base_id[:16]}:writer"
+    )
