@@ -8,22 +8,8 @@ first (`make run` relies on this). A store whose base differs from an explicit -
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-
-def _settings(args):
-    from memfit.config import Settings
-
-    overrides = {}
-    if args.model:
-        overrides["model"] = Path(args.model).expanduser()
-    if args.store:
-        overrides["store"] = Path(args.store).expanduser()
-    if args.host:
-        overrides["host"] = args.host
-    if args.port:
-        overrides["port"] = args.port
-    return Settings(**overrides)
+from memfit.commands import settings_from_args
 
 
 def usage_lines(base: str) -> list[str]:
@@ -44,7 +30,7 @@ def usage_lines(base: str) -> list[str]:
 def run(args) -> int:
     from memfit.logs import configure_logging
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
     if settings.redis_url:
         try:

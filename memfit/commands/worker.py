@@ -18,16 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-
-def _settings(args):
-    from memfit.config import Settings
-
-    overrides = {}
-    if args.model:
-        overrides["model"] = Path(args.model).expanduser()
-    if args.store:
-        overrides["store"] = Path(args.store).expanduser()
-    return Settings(**overrides)
+from memfit.commands import settings_from_args
 
 
 def _open_store(settings, model_given: bool):
@@ -54,7 +45,7 @@ def _open_store(settings, model_given: bool):
 def run(args) -> int:
     from memfit.logs import configure_logging
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
     if not settings.redis_url:
         print(
