@@ -18,7 +18,12 @@ Model: --model, else the tiny preset from the test cache (.pytest_cache/memfit-t
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +38,33 @@ def tiny_model() -> Path:
     return find_tiny()[0]
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-op", type=int, default=30, help="cases per operation and mode (x2 modes)")
@@ -45,6 +77,13 @@ def main() -> int:
     from tests.faults.fuzzing import run_fuzz
     from tests.service.fuzz_boundaries import BOUNDARY_VALUES, run_boundary_fuzz
 
+    run = {
+        "command": shlex.join(["benchmarks/fuzz_api.py", *sys.argv[1:]]),
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "commit": git_commit(),
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average_start": load_average(),  # 1, 5, 15 min: the box is shared, figures are upper bounds
+    }
     model = args.model or tiny_model()
     with tempfile.TemporaryDirectory(prefix="memfit-fuzz-") as tmp:
         report = run_fuzz(model, Path(tmp), per_op=args.per_op, seed=args.seed)
@@ -65,10 +104,14 @@ def main() -> int:
     errors = sum(r.server_errors for r in runs.values())
     failures = sum(len(r.failures) for r in runs.values())
     print(f"total: {total} requests, {errors} server errors, {failures} check failures")
+    run["load_average_end"] = load_average()
+    for k, v in run.items():
+        print(f"{k}: {v}")
     if args.out:
         args.out.write_text(
             json.dumps(
                 {
+                    "run": run,
                     "cases": total,
                     "server_errors": errors,
                     "unbounded_fields": unbounded,
