@@ -523,6 +523,23 @@ def test_idempotency_keys_recorded_before_scoping_are_honoured(tiny_model_dir, t
             idempotency_key="nightly-1",
             body_sha256=body_hash(IngestRequest.model_validate(DOC)),
         )
+
+        def ingest(key: str, idem: str, body=DOC):
+            return c.post(
+                "/ingest", json=body, headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem}
+            )
+
+        # the replay across the upgrade first: only the legacy record exists, written with the
+        # arguments the code before the scoping had (so this part fails on that code by behaviour,
+        # a second job, not by a missing keyword)
+        r = ingest("alice-key", "nightly-1")
+        assert r.status_code == 202, r.text
+        assert r.json()["job_id"] == legacy.job_id and r.headers["Idempotent-Replayed"] == "true"
+        assert len(jobs.list(None)) == 1
+        other = {"documents": [{"id": "d-9", "text": "A different body."}]}
+        assert_error(ingest("alice-key", "nightly-1", other), 409, code="idempotency_conflict")
+        # the scoped record from now on: alice's retries keep getting the legacy job
+        assert ingest("alice-key", "nightly-1").json()["job_id"] == legacy.job_id
         # what this code records for an anonymous caller (no API keys configured then)
         jobs.create_job(
             None,
@@ -531,22 +548,9 @@ def test_idempotency_keys_recorded_before_scoping_are_honoured(tiny_model_dir, t
             body_sha256=body_hash(IngestRequest.model_validate(DOC)),
             idempotency_scope="anonymous",
         )
-
-        def ingest(key: str, idem: str, body=DOC):
-            return c.post(
-                "/ingest", json=body, headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem}
-            )
-
-        r = ingest("alice-key", "nightly-1")
-        assert r.status_code == 202, r.text
-        assert r.json()["job_id"] == legacy.job_id and r.headers["Idempotent-Replayed"] == "true"
-        other = {"documents": [{"id": "d-9", "text": "A different body."}]}
-        assert_error(ingest("alice-key", "nightly-1", other), 409, code="idempotency_conflict")
         r2 = ingest("bob-key", "nightly-2")
         assert r2.status_code == 202 and "Idempotent-Replayed" not in r2.headers
         assert len(jobs.list(None)) == 3
-        # the scoped record from now on: alice's retries keep getting the legacy job
-        assert ingest("alice-key", "nightly-1").json()["job_id"] == legacy.job_id
 
 
 def test_ingested_texts_are_not_held_in_memory(tiny_model_dir, tmp_path):
