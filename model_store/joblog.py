@@ -540,6 +540,28 @@ class JobLog:
     def cancel(self, job_id: str) -> Job:
         return self.update(job_id, status="cancelled")
 
+    def request_cancel(self, job_id: str, flag_queued: bool = False) -> Job:
+        """What an API replica's cancel writes, as one compare-and-set under the log's locks (like
+        every state change): queued -> cancelled at once (or, with `flag_queued`, flagged: a runner
+        of this process has picked it and marks it running next); running -> flagged,
+        `progress.cancel_requested` added to the progress as it is now (the pipeline stops at its
+        next step boundary). A finished job raises InvalidTransition, an unknown one KeyError.
+
+        Read, check and write hold the lock, so a worker's write cannot land in between: before, a
+        cancel that read `running` and wrote after the worker recorded `succeeded` answered 200
+        with the finished job, and replaced the worker's final progress with its stale copy."""
+        with self._lock, self._locked():
+            job = self.get(job_id)  # refreshed under the lock: what every process has written
+            if job is None:
+                raise KeyError(job_id)
+            if job.status == "queued" and not flag_queued:
+                return self.update(job_id, status="cancelled")
+            if job.status in ("queued", "running"):
+                return self.update(job_id, progress={**(job.progress or {}), "cancel_requested": True})
+            raise InvalidTransition(
+                f"job {job_id} is {job.status}: only queued or running jobs can be cancelled"
+            )
+
     def retry(self, job_id: str) -> Job:
         return self.update(job_id, status="queued")
 

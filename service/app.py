@@ -151,7 +151,9 @@ class LogOnlyDispatcher:
         pass
 
     def cancel(self, job_id: str):
-        return self.store.jobs.cancel(job_id)
+        # as the other dispatchers: a running job (another process runs it) is flagged, never
+        # recorded cancelled under the worker's feet
+        return self.store.jobs.request_cancel(job_id)
 
     def retry(self, job_id: str):
         return self.store.jobs.retry(job_id)

@@ -37,7 +37,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from model_store import InvalidTransition, Job, Store
+from model_store import Job, Store
 from workers.runtime import claim_key, marker_key, redis_client, store_lock
 from workers.tasks import UPDATE_TASK
 
@@ -131,19 +131,7 @@ class CeleryDispatcher:
 
     def cancel(self, job_id: str) -> Job:
         """queued -> cancelled at once; running -> flagged in the log, stops at a step boundary."""
-        jobs = self.store.jobs
-        job = jobs.get(job_id)
-        if job is None:
-            raise KeyError(job_id)
-        if job.status == "queued":
-            try:
-                return jobs.cancel(job_id)
-            except InvalidTransition:
-                job = jobs.get(job_id)
-                assert job is not None
-        if job.status in ("queued", "running"):
-            return jobs.update(job_id, progress={**(job.progress or {}), "cancel_requested": True})
-        raise InvalidTransition(f"job {job_id} is {job.status}: only queued or running jobs can be cancelled")
+        return self.store.jobs.request_cancel(job_id)  # one compare-and-set under the log's lock
 
     def retry(self, job_id: str) -> Job:
         job = self.store.jobs.retry(job_id)

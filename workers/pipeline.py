@@ -25,8 +25,9 @@ again from the active version: training is deterministic in its inputs and nothi
 Cancellation happens at step boundaries: between optimizer steps, before evaluation, before publish.
 A cancel is recorded under the store's writer lock and only when no delivery of the job has
 published (else the published version is recorded, as for a redelivery): a `cancelled` job never
-has a live version. Progress writes read the cancel flag and write under the job log's lock, so a
-flag another process writes meanwhile is never overwritten. So does the time limit (`time_limited`: past it the job fails with JobTimedOut). A job is started at
+has a live version. Marking the job running and every progress write read the cancel flag and
+write under the job log's lock, so a flag another process writes meanwhile is never overwritten (the
+API's cancel is a compare-and-set under that lock too: JobLog.request_cancel). So does the time limit (`time_limited`: past it the job fails with JobTimedOut). A job is started at
 most `settings.max_attempts` times in a row (`Job.deliveries`, reset when it is queued again): a job
 whose every start died with its process is failed on the next delivery instead of run again.
 """
@@ -316,7 +317,20 @@ class Pipeline:
                 )
             )
 
-        jobs.update(job_id, status="running", progress={"phase": "loading"}, timings=timings)
+        # compare-and-set under the job log's lock, as the API's cancel is (JobLog.request_cancel):
+        # a cancel recorded since the read above is honoured, and a cancel flag is kept (writing
+        # `progress` whole lost a flag written meanwhile: the job then ran to the end)
+        with jobs.transaction():
+            current = jobs.get(job_id)
+            if current is not None and current.terminal:
+                return _result(current)  # cancelled since the read above (queued -> cancelled)
+            flagged = current is not None and _cancel_requested(current)
+            jobs.update(
+                job_id,
+                status="running",
+                progress={"phase": "loading", **({"cancel_requested": True} if flagged else {})},
+                timings=timings,
+            )
         phase = _PhaseReporter(jobs, job_id, should_cancel, on_phase)
         try:
             return self._train_evaluate_publish(job, timings, phase, t_start)

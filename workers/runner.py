@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from model_store import InvalidTransition, Job, Store
+from model_store import Job, Store
 
 from .pipeline import JobResult, Pipeline, time_limited
 
@@ -92,21 +92,13 @@ class UpdateRunner:
         """queued -> cancelled at once; running -> flagged, cancelled at the next step boundary.
 
         Raises KeyError for an unknown job and InvalidTransition for a finished one."""
-        jobs = self.store.jobs
-        job = jobs.get(job_id)
-        if job is None:
-            raise KeyError(job_id)
-        if job.status == "queued" and self.current_job != job_id:
-            try:
-                return jobs.cancel(job_id)
-            except InvalidTransition:
-                job = jobs.get(job_id)  # it started meanwhile
-                assert job is not None
-        if job.status in ("queued", "running"):
+        # one compare-and-set under the job log's lock (JobLog.request_cancel); a job this runner
+        # has picked is flagged, not cancelled, even while still queued: the pipeline marks it next
+        job = self.store.jobs.request_cancel(job_id, flag_queued=self.current_job == job_id)
+        if not job.terminal:
             with self._cancel_lock:
                 self._cancel.add(job_id)
-            return jobs.update(job_id, progress={**(job.progress or {}), "cancel_requested": True})
-        raise InvalidTransition(f"job {job_id} is {job.status}: only queued or running jobs can be cancelled")
+        return job
 
     def retry(self, job_id: str) -> Job:
         job = self.store.jobs.retry(job_id)

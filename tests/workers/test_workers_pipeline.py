@@ -9,6 +9,7 @@ own tests in tests/workers/test_gate.py).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -487,3 +488,109 @@ def test_a_cancel_flagged_before_the_runner_stops_survives_the_restart(tiny_mode
         after.stop()
     assert done.status == "cancelled" and done.version is None, (done.status, done.progress)
     assert Store(root).active() == 0
+
+
+@pytest.mark.parametrize("mode", ["embedded", "distributed"])
+def test_an_api_cancel_racing_the_workers_last_write_is_a_compare_and_set(env, mode, request, monkeypatch):
+    """An API replica's cancel of a running job reads the job, then writes the flag; the worker (its
+    own JobLog: another process) records the job succeeded in between (injected at the cancel's
+    read). Before: the cancel's write came after the worker's, so the cancel answered 200 with a
+    finished job and replaced its final progress with the stale copy plus the flag. After: the read,
+    the check and the write are one step under the job log's lock (JobLog.request_cancel, as in both
+    dispatchers): the worker's write waits for it, the cancel flags the job that was running, and the
+    worker's final record lands as written."""
+    from model_store import InvalidTransition, JobLog
+
+    store, pipe = env
+    job = store.jobs.create_job(None, [{"id": f"cas-{mode}", "text": "The harbour of Taia is deep."}], QUICK)
+    worker = JobLog(store.log_dir)
+    worker.update(job.job_id, status="running", progress={"phase": "publish", "attempt": 1})
+    api_store = Store(store.root)
+    if mode == "embedded":
+        dispatcher = UpdateRunner(api_store, pipe.settings)  # never started: the API's cancel only
+    else:
+        from workers.distributed import CeleryDispatcher
+
+        redis = request.getfixturevalue("redis_server")
+        dispatcher = CeleryDispatcher(
+            api_store, pipe.settings.model_copy(update={"redis_url": redis.url}), subscribe=False
+        )
+
+    def finish() -> None:  # the worker's last write: the job is done
+        worker.update(job.job_id, status="succeeded", version=store.active(), progress={"phase": "done"})
+
+    real_get = api_store.jobs.get
+    fired: list[threading.Thread] = []
+
+    def get(job_id: str):
+        found = real_get(job_id)
+        if not fired and found is not None and found.status == "running":
+            t = threading.Thread(target=finish)
+            fired.append(t)
+            t.start()
+            t.join(0.5)  # done at once, unless the cancel holds the job log's lock
+        return found
+
+    monkeypatch.setattr(api_store.jobs, "get", get)
+    try:
+        try:
+            answer = dispatcher.cancel(job.job_id)
+        except InvalidTransition:  # a 409: the job had finished
+            answer = None
+    finally:
+        monkeypatch.undo()
+        if mode == "distributed":
+            dispatcher.stop()
+    assert fired, "the cancel never read the job"
+    fired[0].join(10)
+    assert not fired[0].is_alive()
+    final = JobLog(store.log_dir).get(job.job_id)
+    assert (final.status, final.progress) == ("succeeded", {"phase": "done"}), final.progress
+    # the cancel took the lock first: a 200 for a job still running when the flag was written (the
+    # worker's write then waited); had the worker's write come first, a 409
+    assert answer is not None and answer.status == "running", (
+        answer and answer.status,
+        answer and answer.progress,
+    )
+    assert answer.progress == {"phase": "publish", "attempt": 1, "cancel_requested": True}
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_a_cancel_landing_while_the_pipeline_marks_the_job_running_is_honoured(env, state, monkeypatch):
+    """An API replica cancels a job between the pipeline's read of it and its write marking it
+    running (injected at that read): a queued job, or a redelivered one (`running`: its last delivery
+    died). Before: that write replaced `progress` whole, so the running job's cancel flag was lost
+    and the job trained to the end and published; a queued job cancelled meanwhile made run_job
+    raise InvalidTransition. After: marking it running is a compare-and-set under the job log's lock
+    that keeps the flag; the job is recorded cancelled, nothing published."""
+    store, pipe = env
+    before = store.active()
+    job = store.jobs.create_job(
+        None,
+        [{"id": f"mark-{state}", "text": "The lighthouse of Taia is red."}],
+        {"steps": 12, "early_stop": False},
+    )
+    if state == "running":
+        store.jobs.update(job.job_id, status="running", progress={"phase": "training", "step": 3})
+    api = UpdateRunner(Store(store.root), pipe.settings)  # another replica's cancel; never started
+    answers: list = []
+    real_get = store.jobs.get
+    fired: list[threading.Thread] = []
+
+    def get(job_id: str):
+        found = real_get(job_id)
+        if not fired and sys._getframe(1).f_code.co_name == "_run_job":
+            t = threading.Thread(target=lambda: answers.append(api.cancel(job.job_id)))
+            fired.append(t)
+            t.start()
+            t.join(10)
+        return found
+
+    monkeypatch.setattr(store.jobs, "get", get)
+    res = pipe.run_job(job.job_id)
+    monkeypatch.undo()
+    assert fired and answers, "the cancel did not run"
+    assert answers[0].status == ("cancelled" if state == "queued" else "running")
+    done = store.jobs.get(job.job_id)
+    assert (res.status, done.status) == ("cancelled", "cancelled"), (res.status, done.progress)
+    assert find_version_of_job(store, job.job_id) is None and store.active() == before
