@@ -54,8 +54,8 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000, description="at most this many")] = 50,
     status: Annotated[StatusFilter | None, Query(description="only jobs in this state")] = None,
 ) -> JobList:
-    jobs = await asyncio.to_thread(store.jobs.list, limit if status is None else None, status)
-    return JobList(jobs=[job_out(j) for j in jobs[:limit]])
+    jobs = await asyncio.to_thread(store.jobs.list, limit, status)  # filtered, then the newest `limit`
+    return JobList(jobs=[job_out(j) for j in jobs])
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="One job: status, version, timings, evaluation")

@@ -268,3 +268,104 @@ def test_automatic_compaction_bounds_the_log(tmp_path):
 
 def _jobs_only(log: JobLog) -> dict:
     return {j.job_id: j.to_dict() for j in log.list(None)}
+
+
+# what a finished job's record holds after the pipeline (the tiny model's evaluation with the gate on)
+EVALUATION = {
+    "learning": 1.0,
+    "learning_heldout": None,
+    "retention": 0.857,
+    "retention_base": 0.857,
+    "forgetting": 0.143,
+    "forgetting_base": 0.143,
+    "perplexity": 160.96208352116508,
+    "perplexity_parent": 94.91463241874061,
+    "perplexity_change": 0.6958616329149224,
+    "perplexity_change_base": 0.6958616329149224,
+    "probe_facts": 7,
+    "reach": {"share": 1.0, "reached": 7, "probes": 7, "rows_read_changed_mean": 66.14285714285714},
+    "new_facts": 1,
+    "parent": 0,
+    "seconds": 0.2425,
+    "gate": {
+        "enabled": True,
+        "passed": True,
+        "reasons": [],
+        "thresholds": {"max_forgetting": 0.1, "max_forgetting_base": 0.25, "max_ppl_increase": 0.25},
+    },
+}
+
+
+def _finished_jobs(log: JobLog, n: int) -> None:
+    for i in range(n):
+        jid = f"j_{i:016x}"
+        log.create_job(
+            jid,
+            [{"id": f"doc_{i:016x}", "text": f"fact {i}", "facts": [FACT]}],
+            {"steps": 3},
+            idempotency_key=f"kid:key-{i}",
+            body_sha256=f"{i:064x}",
+            idempotency_scope="key:kid",
+            request_id=f"r-{i:016x}",
+        )
+        log.update(jid, status="running", progress={"phase": "loading"})
+        log.update(jid, progress={"phase": "training", "step": 3, "steps": 3, "loss": 1.2345})
+        timings = {"queued": 0.0167, "training": 0.1289, "evaluation": 0.2506, "publish": 0.0297}
+        if i % 10 == 9:
+            log.update(jid, status="failed", error="RuntimeError: " + "x" * 200, progress={"phase": "failed"})
+        else:
+            log.update(
+                jid,
+                status="succeeded",
+                version=i + 1,
+                parent=i,
+                evaluation={**EVALUATION, "parent": i},
+                timings={**timings, "total": 0.5442, "attempts": 1},
+                progress={"phase": "done"},
+            )
+
+
+def test_finished_jobs_are_held_compactly(tmp_path):
+    """Issue 17's remaining memory item: every process held every job's folded state (a finished
+    job with its evaluation ~6 KB as a Job object, terminal jobs never dropped). A finished job is
+    now held as its compressed record and decoded when read: 400 finished jobs (the realistic
+    evaluation, timings, Idempotency-Key, one failed in ten) cost a process that opens the log
+    under 1.5 KB each, replaying the events or loading the snapshot (before: ~6.5 KB), and every
+    read gives the same jobs as the writer's."""
+    n = 400
+    writer = JobLog(tmp_path, compact_bytes=None)
+    _finished_jobs(writer, n)
+    expected = {j.job_id: j.to_dict() for j in writer.list(None)}
+    held = {}
+    for how in ("replay", "snapshot"):
+        if how == "snapshot":
+            writer.compact()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            reader = JobLog(tmp_path)
+            gc.collect()
+            held[how] = tracemalloc.get_traced_memory()[0] / n
+        finally:
+            tracemalloc.stop()
+        assert {j.job_id: j.to_dict() for j in reader.list(None)} == expected
+        assert reader.get("j_0000000000000001").evaluation == {**EVALUATION, "parent": 1}
+        assert reader.counts() == {"succeeded": n - n // 10, "failed": n // 10}
+    assert held["replay"] < 1500 and held["snapshot"] < 1500, held
+    # reads: newest first, a status filter before the limit, Idempotency-Keys, the queue
+    log = JobLog(tmp_path)
+    assert [j.job_id for j in log.list(3)] == [f"j_{i:016x}" for i in (n - 1, n - 2, n - 3)]
+    assert [j.version for j in log.list(2, status="failed")] == [None, None]
+    assert [j.job_id for j in log.list(2, status="failed")] == [f"j_{i:016x}" for i in (n - 1, n - 11)]
+    assert log.find_by_idempotency_key("kid:key-7").job_id == "j_0000000000000007"
+    assert log.queued() == []
+    # a folded job can change again: a retry unfolds it, a finished job's later update is kept
+    failed = "j_0000000000000009"
+    assert log.retry(failed).status == "queued" and [j.job_id for j in log.queued()] == [failed]
+    log.update("j_0000000000000002", timings={"total": 9.0, "stamped": 1})
+    other = JobLog(tmp_path)
+    assert other.get(failed).status == "queued" and other.get(failed).error is None
+    assert other.get("j_0000000000000002").timings == {"total": 9.0, "stamped": 1}
+    got = log.get("j_0000000000000003")
+    got.evaluation["learning"] = -1.0  # a caller changing its copy changes nothing held
+    assert log.get("j_0000000000000003").evaluation["learning"] == 1.0
