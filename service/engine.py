@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from memfit.config import Settings
 from model_store import LiveTables, Store, StoreError, SwapResult, UnknownVersionError
 from model_store.errors import CorruptVersionError
 from service.engine_errors import (
@@ -273,7 +274,7 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, store: Store, model, tokenizer, settings, metrics=None) -> None:
+    def __init__(self, store: Store, model, tokenizer, settings: Settings, metrics=None) -> None:
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
@@ -288,9 +289,9 @@ class Engine:
         self._chain_cache: tuple[int, frozenset[int]] | None = None
         self._swap_listeners: list[Callable[[SwapResult], None]] = []
         self.last_follow_error: str | None = None
-        self.max_batch_size = int(getattr(settings, "max_batch_size", 1) or 1)
+        self.max_batch_size = settings.max_batch_size
         # admission control: at most this many requests wait for a decoding slot (503 past it)
-        self.max_waiting = int(getattr(settings, "max_waiting", 0) or 0) or None
+        self.max_waiting: int | None = settings.max_waiting
         self._pending: list[tuple[Prepared, Callable[[Any], None]]] = []
         self._pending_cond = threading.Condition()
         self._closed = False
@@ -310,7 +311,7 @@ class Engine:
             metrics.generation_waiting.set_function(lambda: float(len(self._pending)))
 
     @classmethod
-    def from_store(cls, store: Store, settings, metrics=None, device: str = "cpu") -> Engine:
+    def from_store(cls, store: Store, settings: Settings, metrics=None, device: str = "cpu") -> Engine:
         import memlm
 
         model, tokenizer = memlm.load(store.base_dir, device)
