@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import uuid
@@ -13,9 +14,18 @@ from typing import Any
 from memfit.config import crash_at
 
 
-def crash_point(name: str) -> None:
-    """Kill this process with SIGKILL when MEMFIT_CRASH_AT names this point (crash-safety tests)."""
-    if crash_at() == name:
+def crash_point(name: str, job_id: str | None = None) -> None:
+    """Kill this process with SIGKILL when MEMFIT_CRASH_AT (comma-separated entries) names this point,
+    alone or, given `job_id`, as `name@job_id` (the crash tests of the store and of the pipeline).
+    Inactive (one dict lookup) when the variable is unset."""
+    raw = crash_at()
+    if not raw:
+        return
+    wanted = {x.strip() for x in raw.split(",")}
+    if name in wanted or (job_id is not None and f"{name}@{job_id}" in wanted):
+        logging.getLogger("memfit.crash").warning(
+            "MEMFIT_CRASH_AT: killing this process at %s (job %s)", name, job_id
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +43,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from memfit.config import Settings, crash_at
+from memfit.config import Settings
 from model_store import (
     ActiveMovedError,
     Job,
@@ -55,6 +53,7 @@ from model_store import (
     Store,
     StoreError,
 )
+from model_store.fsutil import crash_point
 
 log = logging.getLogger("memfit.pipeline")
 
@@ -63,18 +62,6 @@ PROGRESS_EVERY_S = 0.5  # progress events written to the job log at most this of
 
 
 CRASH_POINTS = ("pipeline:before_training", "pipeline:training", "pipeline:published", "pipeline:finished")
-
-
-def crash_hook(point: str, job_id: str) -> None:
-    """SIGKILL this process at `point` when MEMFIT_CRASH_AT names it, alone or as `point@job_id`
-    (comma-separated entries). Inactive (one dict lookup) when the variable is unset."""
-    raw = crash_at()
-    if not raw:
-        return
-    wanted = {x.strip() for x in raw.split(",")}
-    if point in wanted or f"{point}@{job_id}" in wanted:
-        log.warning("MEMFIT_CRASH_AT: killing this process at %s (job %s)", point, job_id)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class JobCancelled(Exception):
@@ -417,12 +404,12 @@ class Pipeline:
 
             t0 = time.perf_counter()
             phase.set("training", parent=parent, attempt=attempt, step=0, steps=us.steps)
-            crash_hook("pipeline:before_training", job.job_id)
+            crash_point("pipeline:before_training", job.job_id)
 
             def progress(info: dict, _job: str = job.job_id) -> None:
                 phase.step(info)
                 if int(info.get("step") or 0) >= 2:
-                    crash_hook("pipeline:training", _job)
+                    crash_point("pipeline:training", _job)
 
             delta = learn_documents(
                 self.model, self.tokenizer, documents, self.background, us, progress=progress
@@ -461,7 +448,7 @@ class Pipeline:
                 log.info("job %s: %s; retraining from the new active version", job.job_id, e)
                 continue
             t_pub += time.perf_counter() - t0
-            crash_hook("pipeline:published", job.job_id)  # published, the job not yet recorded
+            crash_point("pipeline:published", job.job_id)  # published, the job not yet recorded
             timings.update(
                 training=round(t_train, 4),
                 evaluation=round(t_eval, 4),
@@ -496,7 +483,7 @@ class Pipeline:
                 error=error,
                 progress={"phase": "done"},
             )
-            crash_hook("pipeline:finished", job.job_id)  # recorded, the task not yet acknowledged
+            crash_point("pipeline:finished", job.job_id)  # recorded, the task not yet acknowledged
             return _result(done)
         raise StoreError(
             f"the active version kept moving: gave up after {MAX_PUBLISH_ATTEMPTS} retrain attempts"
