@@ -118,6 +118,17 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
 
+    @classmethod
+    def of(cls, parts: list[str], version: int, final: Delta) -> Completion:
+        """The whole answer of a stream: its pieces' text and the final (done) piece's figures."""
+        return cls(
+            text="".join(parts),
+            version=version,
+            finish_reason=final.finish_reason or "length",
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+        )
+
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """One token id from the last position's logits (V,)."""
@@ -796,13 +807,7 @@ class Engine:
             else:
                 parts.append(d.text)
         assert final is not None
-        return Completion(
-            text="".join(parts),
-            version=req.version,
-            finish_reason=final.finish_reason or "length",
-            prompt_tokens=final.prompt_tokens,
-            completion_tokens=final.completion_tokens,
-        )
+        return Completion.of(parts, req.version, final)
 
 
 def deadline_error(req: Prepared) -> DeadlineExceeded:

@@ -29,18 +29,21 @@ from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from service.security import Principal, require_role
 
 router = APIRouter(tags=["generate"])
-# OpenAPI < 3.2: the schema of an event stream describes one event
-SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "description": 'each `data` a JSON object: {"token"} events, then {"done": true, "version", "finish_reason", "usage"}',
-        },
-        "event": {"type": "string"},
-    },
-}
+
+
+def sse_event_schema(data: str) -> dict[str, Any]:
+    """The OpenAPI schema of one event of a `text/event-stream` answer (OpenAPI < 3.2 describes an
+    event stream by its event); `data` says what each event's data holds."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "description": data}, "event": {"type": "string"}},
+    }
+
+
+SSE_EVENT = sse_event_schema(
+    'each `data` a JSON object: {"token"} events, then {"done": true, "version", "finish_reason", "usage"}'
+)
 ReadDep = Annotated[Principal, Depends(require_role("read"))]
 
 
@@ -225,13 +228,7 @@ async def complete(
     parts: list[str] = []
     async for d in open_stream(engine, settings, prepared, request):
         if d.done:
-            return Completion(
-                text="".join(parts),
-                version=prepared.version,
-                finish_reason=d.finish_reason or "length",
-                prompt_tokens=d.prompt_tokens,
-                completion_tokens=d.completion_tokens,
-            )
+            return Completion.of(parts, prepared.version, d)
         parts.append(d.text)
     raise RuntimeError("generation ended without a final event")
 

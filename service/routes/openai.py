@@ -43,7 +43,7 @@ from service.deps import EngineDep, SettingsDep, StoreDep
 from service.engine import Delta, Engine, Prepared, SamplingParams
 from service.engine_errors import EngineError
 from service.errors import ApiError, as_api_error, openai_error_body
-from service.routes.generate import admit, check_limits, complete, event_stream, open_stream
+from service.routes.generate import admit, check_limits, complete, event_stream, open_stream, sse_event_schema
 from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -56,18 +56,7 @@ from service.schemas import (
 from service.security import Principal, require_role
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-# OpenAPI < 3.2: the schema of an event stream describes one event
-SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "description": "each `data` a JSON chunk, the last one `[DONE]`",
-        },
-        "event": {"type": "string"},
-    },
-}
+SSE_EVENT = sse_event_schema("each `data` a JSON chunk, the last one `[DONE]`")
 STREAMS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON, or `text/event-stream` (ending with `data: [DONE]`) when stream is true",
