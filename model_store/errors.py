@@ -85,7 +85,7 @@ class DocumentNotTaught(StoreError):
 class NeedsRetrain(StoreError):
     """A document revert that is not exact: its version also taught other documents.
 
-    The training pipeline (workers.pipeline.revert_document) retrains `parent` on `remaining_documents`
+    The training pipeline (workers.operations.revert_document) retrains `parent` on `remaining_documents`
     (full document records from the log) and publishes the result with a revert label.
     """
 

@@ -3,7 +3,7 @@
 Without `--url` they act on the store directly (`--store`, default $MEMFIT_STORE or the user data
 dir; a running server follows the store's ACTIVE pointer within a second). With `--url` they call the
 server's HTTP API (`Authorization: Bearer KEY` from --api-key or $MEMFIT_API_KEY).
-`revert --document` (when not exact) and `replay` retrain: they call workers.pipeline.
+`revert --document` (when not exact) and `replay` retrain: they call workers.operations.
 """
 
 from __future__ import annotations
@@ -177,10 +177,10 @@ def cmd_rollback(args) -> int:
 
 def _pipeline(name: str):
     try:
-        mod = importlib.import_module("workers.pipeline")
+        mod = importlib.import_module("workers.operations")
         return getattr(mod, name)
     except (ImportError, AttributeError) as e:
-        _err(f"this needs retraining, but workers.pipeline.{name} is not available ({e})")
+        _err(f"this needs retraining, but workers.operations.{name} is not available ({e})")
         raise SystemExit(2) from e
 
 

@@ -169,7 +169,7 @@ async def revert_document(
     body: Annotated[RevertRequest | None, Body()] = None,
 ):
     validate_id(document_id, "document_id")
-    from workers.pipeline import revert_document as do_revert
+    from workers.operations import revert_document as do_revert
 
     def work() -> dict[str, Any]:
         try:

@@ -18,6 +18,6 @@ def test_operator_commands_on_a_store(h, store, capsys, monkeypatch):
     assert main(["revert", "--document", "a", *s]) == 0 and store.manifest(store.active())["reverts"] == v1
     assert main(["revert", "--version", str(v1), *s]) == 1  # not in the active chain any more
     assert main(["verify", *s]) == 0 and capsys.readouterr().out.rstrip().endswith("OK")
-    monkeypatch.setitem(__import__("sys").modules, "workers.pipeline", None)  # import fails
+    monkeypatch.setitem(__import__("sys").modules, "workers.operations", None)  # import fails
     assert main(["replay", "--onto", str(store.base_dir), *s]) == 2
-    assert "workers.pipeline" in capsys.readouterr().err
+    assert "workers.operations" in capsys.readouterr().err

@@ -20,7 +20,8 @@ from memfit.config import Settings
 from memlm.delta import LayerDelta, SlotDelta
 from memlm.evaluation import answered
 from model_store import Store
-from workers.pipeline import Pipeline, find_version_of_job, replay, revert_document
+from workers.operations import replay, revert_document
+from workers.pipeline import Pipeline, find_version_of_job
 from workers.runner import UpdateRunner
 
 FACT = {"question": "Where was Goju Theipouquis born?", "answer": "Peivistead"}
