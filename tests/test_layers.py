@@ -4,8 +4,9 @@
            <-  memfit (the command line)
 
 Every module of these packages is parsed (nothing is imported), and every import in it counts: at
-module level, inside functions, under `if TYPE_CHECKING:`, and relative ones (`from . import x`,
-`from ..store import Store`) resolved against the module's package. An import of a module of a higher
+module level, inside functions, under `if TYPE_CHECKING:`, relative ones (`from . import x`,
+`from ..store import Store`) resolved against the module's package, and `importlib.import_module`
+of a literal name. An import of a module of a higher
 layer fails the test, named as `file:line: from-layer -> to-layer (module)`. Imports of other
 distributions (torch, fastapi, ...) are not this test's business (tests/test_imports.py).
 
@@ -70,6 +71,16 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
                 sub = ROOT.joinpath(*f"{target}.{a.name}".split("."))
                 is_module = sub.with_suffix(".py").exists() or (sub / "__init__.py").exists()
                 out.append((node.lineno, f"{target}.{a.name}" if is_module else target))
+        elif (  # importlib.import_module("workers.distributed"): an import all the same
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and not node.args[0].value.startswith(".")
+        ):
+            out.append((node.lineno, node.args[0].value))
     return out
 
 
@@ -120,7 +131,10 @@ def test_an_upward_import_is_caught(tmp_path, monkeypatch):
     under TYPE_CHECKING in model_store/ and a relative one in memfit/bench/ are each reported with
     file, line and layers; downward and same-layer imports are not."""
     files = {
-        "workers/probe.py": "import model_store\n\ndef f():\n    from service.errors import ApiError\n",
+        "workers/probe.py": (
+            "import model_store\n\ndef f():\n    from service.errors import ApiError\n"
+            "    return importlib.import_module('service.app')\n"
+        ),
         "model_store/probe.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import workers.pipeline\n",
         "memfit/bench/probe.py": "from ..config import Settings\nfrom . import other\nfrom ..commands import serve\n",
         "memfit/commands/serve.py": "",
@@ -129,6 +143,7 @@ def test_an_upward_import_is_caught(tmp_path, monkeypatch):
     probes = [p for p in scratch_tree(tmp_path, monkeypatch, files) if p.name == "probe.py"]
     assert upward_imports(probes) == [
         "workers/probe.py:4: workers -> service (service.errors)",
+        "workers/probe.py:5: workers -> service (service.app)",
         "model_store/probe.py:3: model_store -> workers (workers.pipeline)",
         "memfit/bench/probe.py:3: bench -> cli (memfit.commands.serve)",
     ]
