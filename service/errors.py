@@ -17,6 +17,7 @@ client reads into ``APIStatusError.message/.type/.param/.code``:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
@@ -104,6 +105,11 @@ def as_api_error(e: BaseException) -> ApiError | None:
         headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
         return ApiError(status, e.code, e.message, e.field, headers)
     return None
+
+
+def retry_after_seconds(wait_s: float) -> str:
+    """A Retry-After value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(wait_s)))
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:

@@ -139,7 +139,8 @@ def _drive(fn, prompts: list[str], concurrency: int) -> dict[str, Any]:
 def throughput(model_dir: Path, levels: list[int], per_level: dict[int, int]) -> dict[str, Any]:
     from memfit.config import Settings
     from model_store import Store
-    from service.engine import Engine, SamplingParams
+    from service.engine import Engine
+    from service.generation import SamplingParams
 
     with tempfile.TemporaryDirectory(prefix="memfit-bench-serve-") as tmp:
         store = Store.init(Path(tmp) / "store", model_dir)

@@ -13,18 +13,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from memfit.config import Settings
 from service.deps import EngineDep, SettingsDep
-from service.engine import (
-    Completion,
-    Delta,
-    Engine,
-    Prepared,
-    SamplingParams,
-    cancelled_error,
-    deadline_error,
-    retry_after_seconds,
-)
+from service.engine import Engine
 from service.engine_errors import EngineError
-from service.errors import ApiError, as_api_error
+from service.errors import ApiError, as_api_error, retry_after_seconds
+from service.generation import Completion, Delta, Prepared, SamplingParams, cancelled_error, deadline_error
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from service.security import Principal, require_role
 

@@ -40,9 +40,10 @@ from fastapi.responses import JSONResponse
 from memfit.config import Settings
 from model_store import StoreError
 from service.deps import EngineDep, SettingsDep, StoreDep
-from service.engine import Delta, Engine, Prepared, SamplingParams
+from service.engine import Engine
 from service.engine_errors import EngineError
 from service.errors import ApiError, as_api_error, openai_error_body
+from service.generation import Delta, Prepared, SamplingParams
 from service.routes.generate import admit, check_limits, complete, event_stream, open_stream, sse_event_schema
 from service.schemas import (
     ChatCompletionRequest,

@@ -30,10 +30,10 @@ def test_tiny_temperature_samples_greedily_not_nan():
     inf/nan and /generate answered 500; it now behaves like greedy decoding."""
     import torch
 
-    from service.engine import SamplingParams, _sample
+    from service.generation import SamplingParams, sample_token
 
     logits = torch.randn(257, generator=torch.Generator().manual_seed(0))
     for t in (1e-310, 1e-45, 1e-30):
         for top_p, top_k in ((1.0, 0), (0.3, 5)):
             params = SamplingParams(temperature=t, top_p=top_p, top_k=top_k)
-            assert _sample(logits, params, torch.Generator().manual_seed(1)) == int(logits.argmax())
+            assert sample_token(logits, params, torch.Generator().manual_seed(1)) == int(logits.argmax())

@@ -200,7 +200,7 @@ def test_finish_reasons_are_counted(live):
 def test_waiting_requests_are_a_gauge_apart_from_running(tiny_model_dir, tmp_path):
     """vLLM's num_requests_waiting: with the one decoding thread held by a request, a second request
     waits (waiting 1, running 1); a waiting request that is cancelled counts as `cancelled`."""
-    from service.engine import SamplingParams
+    from service.generation import SamplingParams
 
     settings = Settings(model=tiny_model_dir, store=tmp_path / "store", generation_workers=1)
     app = create_app(settings, start_runner=False)
@@ -250,7 +250,7 @@ def test_generation_failures_move(live, monkeypatch):
         raise RuntimeError("injected sampling failure")
 
     a = scrape(client)
-    monkeypatch.setattr(engine_module, "_sample", broken)
+    monkeypatch.setattr(engine_module, "sample_token", broken)  # the engine's sampler
     lenient = TestClient(app, raise_server_exceptions=False)  # same app and state, no second lifespan
     r = lenient.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 4})
     monkeypatch.undo()

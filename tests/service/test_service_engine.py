@@ -9,7 +9,8 @@ import torch
 from memfit.config import Settings
 from memlm.delta import LayerDelta, SlotDelta
 from model_store import Store
-from service.engine import Engine, SamplingParams
+from service.engine import Engine
+from service.generation import SamplingParams
 
 PROMPT = "Question: What is the capital of Armenia?\nAnswer:"
 

@@ -34,9 +34,10 @@ from fastapi.testclient import TestClient
 from memfit.config import Settings
 from model_store import Store
 from service.app import create_app
-from service.engine import Engine, SamplingParams
+from service.engine import Engine
 from service.engine_errors import GenerationFailed
 from service.errors import as_api_error
+from service.generation import SamplingParams
 from tests.service.conftest import ServerProcess
 
 PROMPT_LONG = "1 2 3 4 5 6 7"
