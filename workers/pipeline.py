@@ -34,13 +34,11 @@ whose every start died with its process is failed on the next delivery instead o
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from memfit.config import Settings
@@ -53,6 +51,8 @@ from model_store import (
     StoreError,
 )
 from model_store.fsutil import crash_point
+
+from .gate import Reference, finite, gate, load_probe
 
 log = logging.getLogger("memfit.pipeline")
 
@@ -123,37 +123,6 @@ def find_version_of_job(store: Store, job_id: str) -> int | None:
         except StoreError:
             continue
     return None
-
-
-def load_probe(model_dir: str | Path) -> tuple[list[dict], list[str]]:
-    """Probe facts and held-out texts from a model directory's probe.json (empty when absent), or from
-    a JSON file of the same format (Settings.probe_file, MEMFIT_PROBE_FILE: an error when missing)."""
-    path = Path(model_dir)
-    if path.is_dir():
-        path = path / "probe.json"
-        if not path.exists():
-            return [], []
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"probe file {path}: {e}") from None
-    facts = data.get("facts") or data.get("probe") or []
-    bad = [i for i, f in enumerate(facts) if not (isinstance(f, dict) and f.get("question") and f.get("answer"))]  # fmt: skip
-    if bad:
-        raise ValueError(f"probe file {path}: facts {bad[:5]} lack a question or an answer")
-    texts = data.get("heldout_texts") or data.get("heldout_text") or data.get("heldout") or []
-    return list(facts), [str(t) for t in texts]
-
-
-@dataclass
-class Reference:
-    """Evaluation figures of one version that later updates are compared with."""
-
-    answered: list[bool]  # per base-answered probe fact (in Pipeline.probe order)
-    perplexity: float
-    # per probe fact, {memory layer: slot ids} its prompt + greedy answer reads (memlm.reach); None: not
-    # measured yet
-    reads: list | None = None
 
 
 @dataclass
@@ -559,21 +528,6 @@ class Pipeline:
             and res.perplexity == res.perplexity
         ):
             ppl_change_base = (res.perplexity - base_ref.perplexity) / base_ref.perplexity
-        s = self.settings
-        reasons = []
-        if s.gate_enabled:
-            if forgetting_parent > s.gate_max_forgetting:
-                reasons.append(
-                    f"forgetting vs parent {forgetting_parent:.3f} > gate_max_forgetting {s.gate_max_forgetting}"
-                )
-            if forgetting_base > s.gate_max_forgetting_base:
-                reasons.append(
-                    f"forgetting vs base {forgetting_base:.3f} > gate_max_forgetting_base {s.gate_max_forgetting_base}"
-                )
-            if ppl_change is not None and ppl_change > s.gate_max_ppl_increase:
-                reasons.append(
-                    f"held-out perplexity change {ppl_change:+.3f} > gate_max_ppl_increase {s.gate_max_ppl_increase}"
-                )
         return {
             "learning": res.learning,
             "learning_heldout": res.learning_heldout,
@@ -581,8 +535,8 @@ class Pipeline:
             "retention_base": retention_base,
             "forgetting": forgetting_parent,
             "forgetting_base": forgetting_base,
-            "perplexity": _finite(res.perplexity),
-            "perplexity_parent": _finite(parent_ref.perplexity),
+            "perplexity": finite(res.perplexity),
+            "perplexity_parent": finite(parent_ref.perplexity),
             "perplexity_change": ppl_change,
             "perplexity_change_base": ppl_change_base,
             "probe_facts": n_base,
@@ -590,25 +544,10 @@ class Pipeline:
             "new_facts": len(facts),
             "parent": parent,
             "seconds": round(res.seconds + time.perf_counter() - t0, 4),
-            "gate": {
-                "enabled": s.gate_enabled,
-                "passed": not reasons,
-                "reasons": reasons,
-                "thresholds": {
-                    "max_forgetting": s.gate_max_forgetting,
-                    "max_forgetting_base": s.gate_max_forgetting_base,
-                    "max_ppl_increase": s.gate_max_ppl_increase,
-                },
-            },
+            "gate": gate(self.settings, forgetting_parent, forgetting_base, ppl_change),
             "_answered": list(after),
             "_reads": reads_after,
         }
-
-
-def _finite(x: float | None) -> float | None:
-    if x is None or x != x or x in (float("inf"), float("-inf")):
-        return None
-    return float(x)
 
 
 def _cancel_requested(job: Job) -> bool:

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 
 from memfit.config import Settings
 from model_store import Store, StoreError
-from workers.pipeline import Pipeline, load_probe
+from workers.gate import load_probe
+from workers.pipeline import Pipeline
 
 NEW_FACT = {
     "question": "Which town is the birthplace of Zorvath Quellingmar?",
