@@ -98,6 +98,11 @@ class Preset:
     # it reads is detached, so the layers below keep training on the LM loss alone) or "model" (the
     # gradient also reaches every layer below the memory)
     answer_read_penalty_scope: str = "query"
+    # weight of a sub-key usage balance loss at every position (usage_balance_penalty below: 1 when every
+    # sub-key is picked equally often, larger as reads pile onto a few hub slots; the Switch Transformer's
+    # load-balancing loss, Fedus et al., arXiv 2101.03961, on each head's two sub-key choices). Trains
+    # what answer_read_penalty_scope says (0: off)
+    usage_balance_penalty: float = 0.0
     background_matched_facts: int = 400  # invented-entity facts in the pretraining templates added to the
     # background text, so slots read by the question/statement templates get a high df (low IDF)
     grad_clip: float = 1.0
@@ -113,6 +118,8 @@ class Preset:
             )
         if self.answer_read_penalty < 0:
             raise ValueError(f"answer_read_penalty: must be >= 0, got {self.answer_read_penalty}")
+        if self.usage_balance_penalty < 0:
+            raise ValueError(f"usage_balance_penalty: must be >= 0, got {self.usage_balance_penalty}")
 
     def model_config(self) -> MemoryLMConfig:
         return MemoryLMConfig(
@@ -370,6 +377,31 @@ def read_sharing_penalty(memory, h: torch.Tensor, mask: torch.Tensor) -> torch.T
     gram = q @ q.transpose(-1, -2)  # (H, 2, n, n)
     off = ~torch.eye(n, dtype=torch.bool, device=h.device)
     return gram[..., off].pow(2).mean()
+
+
+BALANCE_TEMPERATURE = 0.1  # of usage_balance_penalty's cosine softmax
+
+
+def usage_balance_penalty(memory, h: torch.Tensor) -> torch.Tensor:
+    """Sub-key load balance over every position of h (B, T, d), per head and half of the product key:
+    n * sum_j f_j * p_j over the n sub-keys, with f_j the share of the top-k sub-key picks that went to
+    sub-key j (no gradient) and p_j the mean of softmax(cos(query, sub-key) / BALANCE_TEMPERATURE) over
+    all n (running BatchNorm statistics); averaged over heads and halves. Cosines, so that the loss
+    cannot be met by shrinking the query scale (a flat softmax) without moving a single pick. 1 when picks spread evenly, n / k when every
+    position picks the same k sub-keys (so reads the same k*k slots). The softmax over every sub-key
+    gives each one a gradient, as the Switch Transformer's router loss does for its experts. (A
+    slot-level version with the top-k read weights as p was tried first: inside the top-k the gradient
+    only moves weight between the picked slots, and it made the reads more concentrated, not less.)"""
+    x = h.reshape(-1, h.shape[-1])
+    q = memory.half_queries(x).float()  # (m, H, 2, dk/2)
+    sub = torch.einsum("mhcd,hcnd->mhcn", q, memory.subkeys.float())  # (m, H, 2, n): what top-k ranks
+    cos = torch.einsum("mhcd,hcnd->mhcn", F.normalize(q, dim=-1), F.normalize(memory.subkeys.float(), dim=-1))
+    n = sub.shape[-1]
+    picks = sub.detach().topk(memory.topk, dim=-1).indices.permute(1, 2, 0, 3).reshape(*sub.shape[1:3], -1)
+    f = torch.zeros_like(sub[0]).scatter_add_(-1, picks, torch.ones_like(picks, dtype=sub.dtype))
+    f = f / picks.shape[-1]  # (H, 2, n): share of the picks per sub-key
+    p = (cos / BALANCE_TEMPERATURE).softmax(-1).mean(0)  # (H, 2, n)
+    return (n * (f * p).sum(-1)).mean()
 
 
 def format_matched_background(n: int, seed: int) -> list[str]:
@@ -635,9 +667,9 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
     stopped_by = "steps"
     memories = model.memory_modules()
     memory_inputs: dict[int, torch.Tensor] = {}
-    hooks, share_ema = None, None
+    hooks, share_ema, balance_ema = None, None, None
     detach = p.answer_read_penalty_scope == "query"
-    if p.answer_read_penalty > 0:  # the memory's input, captured for read_sharing_penalty
+    if p.answer_read_penalty > 0 or p.usage_balance_penalty > 0:  # the memory's input, for the penalties
 
         def _capture(layer: int):
             def hook(module, args):
@@ -662,13 +694,23 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         x, marked = x.to(dev), marked.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=x, labels=x).loss
-            if hooks is not None:
-                share = sum(
-                    read_sharing_penalty(m, memory_inputs[i].detach() if detach else memory_inputs[i], marked)
-                    for i, m in memories.items()
+            inputs = {i: memory_inputs[i].detach() if detach else memory_inputs[i] for i in memory_inputs}
+            if p.answer_read_penalty > 0:
+                share = sum(read_sharing_penalty(m, inputs[i], marked) for i, m in memories.items())
+                share_ema = (
+                    float(share.detach())
+                    if share_ema is None
+                    else 0.95 * share_ema + 0.05 * float(share.detach())
                 )
-                share_ema = float(share) if share_ema is None else 0.95 * share_ema + 0.05 * float(share)
                 loss = loss + p.answer_read_penalty * share
+            if p.usage_balance_penalty > 0:
+                balance = sum(usage_balance_penalty(m, inputs[i]) for i, m in memories.items()) / len(
+                    memories
+                )
+                balance_ema = (
+                    float(balance) if balance_ema is None else 0.95 * balance_ema + 0.05 * float(balance)
+                )
+                loss = loss + p.usage_balance_penalty * balance
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm(model.parameters(), p.grad_clip)
@@ -682,6 +724,8 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
             if step % 10 == 0:
                 lr = optimizer.param_groups[0]["lr"]
                 extra = {} if share_ema is None else {"share": f"{share_ema:.3f}"}
+                if balance_ema is not None:
+                    extra["balance"] = f"{balance_ema:.2f}"
                 bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", threads=tuner.current, **extra)
     else:
         step = p.max_steps
@@ -762,6 +806,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         "fact_tokens": sum(map(len, fact_ids)),
         "final_loss": ema,
         "final_read_sharing": share_ema,  # read_sharing_penalty's EMA at the end (None: penalty off)
+        "final_usage_balance": balance_ema,  # usage_balance_penalty's EMA at the end (None: off)
         "seconds_train": seconds_train,
         "seconds_eval": seconds_eval,
         "seconds_background": seconds_background,

@@ -172,9 +172,13 @@ class Learner:
         self.retriever = BM25Retriever() if spec.kind == "retrieval" else None
         self.lora = None
         self.protected = None
-        if spec.kind == "sparse" and spec.settings.get("preserve"):
+        if spec.kind == "sparse" and (spec.settings.get("preserve") or spec.settings.get("shield")):
             self.protected = _preservation_mask(
-                model, ctx, spec.settings["preserve"], int(spec.settings.get("preserve_min", 1))
+                model,
+                ctx,
+                spec.settings.get("preserve") or 0,
+                int(spec.settings.get("preserve_min", 1)),
+                int(spec.settings.get("shield") or 0),
             )
         if spec.kind == "lora":
             self.lora = LoRAUpdater(model, _dense(spec.settings, ctx.cfg))
@@ -184,7 +188,7 @@ class Learner:
     def update(self, doc: dict, index: int) -> dict:
         kind, tok = self.spec.kind, self.ctx.tokenizer
         if kind == "sparse":
-            fields = {k: v for k, v in self.spec.settings.items() if k not in ("preserve", "preserve_min")}
+            fields = {k: v for k, v in self.spec.settings.items() if k not in PROTECTION_FIELDS}
             s = UpdateSettings(**{"steps": self.ctx.cfg.steps, **fields}).replace(seed=self.seed + index)
             if self.reads is None:
                 self.reads = probe_reads(self.model, tok, self.ctx.probe)
@@ -226,14 +230,28 @@ class Learner:
         return self.ctx.base_perplexity if self.retriever is not None else self.ctx.ppl(self.model)
 
 
-def _preservation_mask(model, ctx: Context, preserve, min_prompts: int = 1) -> dict[int, Any]:
-    """The slots that `preserve` facts of the preservation set (all of it for True) read, prompt and
-    greedy answer, on the base model: at least `min_prompts` of them. Computed once: the
-    reads of the first memory layer never change under value-only updates (memlm.reach)."""
-    facts = ctx.preservation if preserve is True else ctx.preservation[: int(preserve)]
-    if not facts:
+# sparse settings of the benchmark that are not UpdateSettings fields: which slots are kept out of selection
+PROTECTION_FIELDS = ("preserve", "preserve_min", "shield")
+
+
+def _preservation_mask(
+    model, ctx: Context, preserve, min_prompts: int = 1, shield: int = 0
+) -> dict[int, Any]:
+    """The slots read (by at least `min_prompts` of the texts) by `preserve` facts of the preservation
+    set (all of it for True), prompt and greedy answer, and by `shield` served-format question-answer
+    texts of invented facts (memlm.pretrain.served_background: the served formats and training rewrites
+    with entities no stream uses), on the base model. Computed once: the reads of the first memory layer
+    never change under value-only updates (memlm.reach)."""
+    from memlm.pretrain import served_background
+    from memlm.reach import text_reads
+
+    facts = (
+        [] if not preserve else ctx.preservation if preserve is True else ctx.preservation[: int(preserve)]
+    )
+    if preserve and not facts:
         raise ValueError("the preservation set is empty: every known fact is in the measured probe")
-    reads = probe_reads(model, ctx.tokenizer, facts)
+    reads = probe_reads(model, ctx.tokenizer, facts) if facts else []
+    reads += text_reads(model, ctx.tokenizer, [t.rstrip("\n") for t in served_background(shield, seed=1)])
     sizes = {layer: int(t.shape[0]) for layer, t in model.value_tables().items()}
     return protected_slots(reads, sizes, min_prompts)
 

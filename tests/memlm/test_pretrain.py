@@ -274,3 +274,30 @@ def test_preset_rejects_a_bad_penalty_scope_or_weight():
         pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=everything"])
     with pytest.raises(ValueError, match="answer_read_penalty"):
         pretrain_mod.preset_with("tiny", ["answer_read_penalty=-1"])
+
+
+def test_usage_balance_penalty_is_large_on_a_hub_and_training_spreads_the_reads():
+    from memlm.config import MemoryLMConfig
+    from memlm.memory import ProductKeyMemory
+
+    torch.manual_seed(0)
+    cfg = MemoryLMConfig(hidden_size=32, memory_size=256, memory_heads=2, memory_topk=4, memory_key_dim=16)
+    mem = ProductKeyMemory(cfg)
+    mem.reset_subkeys(0.1)
+    hub = torch.randn(1, 1, 32).expand(4, 16, 32)  # every position reads the same k slots per head
+    spread = torch.randn(4, 16, 32)
+    on_hub = pretrain_mod.usage_balance_penalty(mem, hub).item()
+    # every position picks the same k = 4 of the 16 sub-keys per half: near n / k = 4 (p is a softmax
+    # over all 16, so a little less than 4); spread positions: lower
+    assert 2.0 < on_hub <= 4.0 + 1e-4
+    assert pretrain_mod.usage_balance_penalty(mem, spread).item() < 0.6 * on_hub
+    h = (torch.randn(1, 1, 32) + 0.3 * torch.randn(4, 16, 32)).requires_grad_()
+    opt = torch.optim.Adam(list(mem.query.parameters()) + [mem.subkeys], lr=0.05)
+    first = pretrain_mod.usage_balance_penalty(mem, h).item()
+    for _ in range(60):
+        opt.zero_grad()
+        pretrain_mod.usage_balance_penalty(mem, h).backward()
+        opt.step()
+    assert pretrain_mod.usage_balance_penalty(mem, h).item() < 0.7 * first
+    with pytest.raises(ValueError, match="usage_balance_penalty"):
+        pretrain_mod.preset_with("tiny", ["usage_balance_penalty=-0.1"])
