@@ -26,6 +26,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,9 @@ class Store:
         self._verified: dict[tuple[int, str], tuple[int, int, int]] = {}
         self._base: dict[int, torch.Tensor] | None = None
         self._jobs: JobLog | None = None
+        # called after each publish, outside the writer lock, as hook(version, activated, job_id)
+        # (the distributed worker announces the new version on Redis: workers.runtime)
+        self.publish_hooks: list[Callable[[int, bool, str | None], None]] = []
 
     @classmethod
     def open(cls, root: str | Path, redis_url: str | None = None, **kw: Any) -> Store:
@@ -645,7 +649,8 @@ class Store:
         Compare-and-set: when activating and ACTIVE != `parent`, raises ActiveMovedError(expected,
         actual); with `rebase=True` it rebases instead (under the writer lock), raising RebaseConflict
         when the slots overlap. `state="rejected"` (with activate=False) records a version the gate
-        refused: kept for audit, never activated. Returns the new version id.
+        refused: kept for audit, never activated. Returns the new version id, after `publish_hooks`
+        ran (the lock released already).
         """
         if state not in ("active", "rejected"):
             raise ValueError(f"state must be 'active' or 'rejected', got {state!r}")
@@ -722,7 +727,9 @@ class Store:
                 except OSError:
                     pass  # a snapshot is a cache; materialize works without it
                 crash_point("publish:snapshot_written")
-            return vid
+        for hook in self.publish_hooks:
+            hook(vid, activate, job_id)
+        return vid
 
     def _set_active(self, prev: int, to: int, who: str, why: str, action: str, **extra: Any) -> None:
         atomic_write_bytes(self.root / "ACTIVE", f"{to}\n".encode(), crash_name="publish:active_tmp_written")

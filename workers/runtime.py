@@ -212,19 +212,15 @@ class WorkerRuntime:
         self.claims.close()
 
     def _announce_on_publish(self) -> None:
-        """Send the version event right after the ACTIVE flip, inside `Store.publish`, instead of
-        after the pipeline's job-log writes: replicas start swapping a few fsyncs earlier."""
+        """Send the version event as `Store.publish` returns (a publish hook), instead of after the
+        pipeline's job-log writes: replicas start swapping a few fsyncs earlier."""
         from workers.events import publish_active
 
-        publish = self.store.publish
+        def announce(version: int, activated: bool, job_id: str | None) -> None:
+            if activated:
+                publish_active(self.r, version, version=version, job_id=job_id)
 
-        def publish_and_announce(*args: Any, **kw: Any) -> int:
-            v = publish(*args, **kw)
-            if kw.get("activate", True):
-                publish_active(self.r, v, version=v, job_id=kw.get("job_id"))
-            return v
-
-        self.store.publish = publish_and_announce  # type: ignore[method-assign]
+        self.store.publish_hooks.append(announce)
 
     # -- one delivered task ----------------------------------------------------------------------
     def _get(self, job_id: str, wait_s: float = 5.0) -> Job | None:

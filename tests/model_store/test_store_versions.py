@@ -10,6 +10,7 @@ from model_store import (
     BaseMismatchError,
     CorruptVersionError,
     DocumentNotTaught,
+    FileWriterLock,
     GCPolicy,
     RebaseConflict,
     Store,
@@ -247,3 +248,19 @@ def test_revert_of_a_revert_reteaches(h, store):
     r2 = store.revert(r1)
     assert store.effective_chain() == [v1] and [d["id"] for d in store.active_chain_documents()] == ["a"]
     assert h.tables_equal(store.materialize(r2), t1)
+
+
+def test_publish_hooks_run_after_each_publish_outside_the_lock(h, store):
+    """Store.publish_hooks (how the distributed worker announces a version) run once per publish with
+    (version, activated, job_id), once the version is in place and the writer lock is released."""
+    seen = []
+
+    def hook(version, activated, job_id):
+        other = FileWriterLock(store.root / ".writer.lock", timeout=0.5)  # another writer's lock
+        with other:  # LockTimeout if publish still held it
+            seen.append((version, activated, job_id, store.active()))
+
+    store.publish_hooks.append(hook)
+    v1 = h.publish_update(store, {1: [1]}, seed=1, job_id="j1")
+    v2 = h.publish_update(store, {1: [2]}, seed=2, activate=False, state="rejected")
+    assert seen == [(v1, True, "j1", v1), (v2, False, None, v1)]
