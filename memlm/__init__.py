@@ -39,6 +39,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PRESETS": ("pretrain", "PRESETS"),
     "preset_with": ("pretrain", "preset_with"),
     "report_summary": ("pretrain", "_summary"),  # the headline figures of a training_report.json
+    "served_background": ("pretrain", "served_background"),  # served-format QA texts of unused entities
     # background statistics (the IDF side)
     "BACKGROUND_FILE": ("background", "BACKGROUND_FILE"),
     "DEFAULT_SEQ_LEN": ("background", "DEFAULT_SEQ_LEN"),
@@ -69,6 +70,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "delta_rows": ("reach", "delta_rows"),
     "merge_reads": ("reach", "merge_reads"),
     "probe_reads": ("reach", "probe_reads"),
+    "protected_slots": ("reach", "protected_slots"),
     "reach_report": ("reach", "reach_report"),
     "reached": ("reach", "reached"),
     "text_reads": ("reach", "text_reads"),
