@@ -559,10 +559,10 @@ class JobLog:
             d.pop("deliveries")  # folded from the updates, like attempts
             self._append_events([{"event": "create", "time": now, "job": d}])
             self.refresh()
-            job = self._job(job_id)
-            assert job is not None
+            created = self._job(job_id)
+            assert created is not None
             self._maybe_compact()
-            return job
+            return created
 
     def update(self, job_id: str, **fields: Any) -> Job:
         """Append an update event; `status` must follow the state machine (InvalidTransition if not)."""
