@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import memlm
 from memlm.evaluation import answered, perplexity
 from memlm.reach import delta_rows, merge_reads, probe_reads, protected_slots, reach_report, reached
@@ -196,6 +198,7 @@ class Learner:
             for layer, ld in delta.layers.items():
                 changed = (ld.new_rows != ld.old_rows).any(-1)
                 self.touched.update((layer, int(i)) for i in ld.indices[changed].tolist())
+            self._keep_what_was_learned(doc, delta)
             r = delta.report
             reach = reach_report(self.reads, delta_rows(delta))
             # probes outside the reach read what they read before; re-read only the reached ones
@@ -219,6 +222,26 @@ class Learner:
             return {"seconds": time.perf_counter() - t0, "steps": 0, "rows_changed": 0}
         raise ValueError(f"unknown method kind {kind!r}")
 
+    def _keep_what_was_learned(self, doc: dict, delta) -> None:
+        """`keep_written`: the rows this update wrote are never selected again; `keep_learned`: nor the
+        slots its facts' served prompts (and answers) read now. Later updates then cannot overwrite it."""
+        settings = self.spec.settings
+        if not (settings.get("keep_written") or settings.get("keep_learned")):
+            return
+        if self.protected is None:
+            self.protected = {
+                layer: torch.zeros(int(t.shape[0]), dtype=torch.bool)
+                for layer, t in self.model.value_tables().items()
+            }
+        if settings.get("keep_written"):
+            for layer, idx in delta_rows(delta).items():
+                self.protected[layer][idx.cpu()] = True
+        if settings.get("keep_learned"):
+            facts = [{"question": f["question"], "answer": f["answer"]} for f in doc.get("facts", [])]
+            for reads in probe_reads(self.model, self.ctx.tokenizer, facts):
+                for layer, slots in reads.items():
+                    self.protected[layer][slots.cpu()] = True
+
     def answered(self, facts: Sequence[dict], key: str = "question") -> list[bool]:
         if self.retriever is not None:
             hits, stats = self.retriever.answered(self.model, self.ctx.tokenizer, facts, key=key)
@@ -231,7 +254,7 @@ class Learner:
 
 
 # sparse settings of the benchmark that are not UpdateSettings fields: which slots are kept out of selection
-PROTECTION_FIELDS = ("preserve", "preserve_min", "shield")
+PROTECTION_FIELDS = ("preserve", "preserve_min", "shield", "keep_written", "keep_learned")
 
 
 def _preservation_mask(

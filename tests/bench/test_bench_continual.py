@@ -129,3 +129,36 @@ def test_benchmark_end_to_end_micro(tiny_model_dir, tmp_path):
     assert data["aims"]["recall_at_end"] == final["recall"]
     assert all(0 <= v <= 1 for v in kept.values())
     assert res["targets"]["mean reach per update"]["value"] == data["aims"]["reach_mean"]
+
+
+def test_protection_settings_keep_slots_out_of_every_update(ctx, stream, monkeypatch):
+    """`shield`: slots the served format reads for other entities are never written; `keep_written`: a
+    row one update wrote is never written by a later one (so later updates cannot overwrite it)."""
+    import memfit.bench.continual_stream as cs
+    from memlm.reach import delta_rows
+
+    settings = {"optimizer": "adam", "lr": 1.0, "top_t": 16, "steps": 6, "shield": 5, "keep_written": True}
+    learner = cs.Learner(MethodSpec("protected", "sparse", settings), ctx.load(), ctx, seed=0)
+    shield = {k: v.clone() for k, v in learner.protected.items()}
+    assert all(v.any() for v in shield.values())
+    deltas = []
+
+    def recording(*args, **kwargs):
+        deltas.append(real(*args, **kwargs))
+        return deltas[-1]
+
+    real = cs.learn_documents
+    monkeypatch.setattr(cs, "learn_documents", recording)
+    for i, fact in enumerate(stream):
+        learner.update(cs.fact_document(fact), i)
+    assert len(deltas) == len(stream)
+    written: dict[int, set[int]] = {}
+    total = 0
+    for d in deltas:
+        for layer, idx in delta_rows(d).items():
+            rows = set(idx.tolist())
+            total += len(rows)
+            assert not rows & written.setdefault(layer, set()), "a row written twice"
+            assert not shield[layer][idx].any(), "a shielded slot was written"
+            written[layer] |= rows
+    assert total > 0
