@@ -198,11 +198,12 @@ class Learner:
             for layer, ld in delta.layers.items():
                 changed = (ld.new_rows != ld.old_rows).any(-1)
                 self.touched.update((layer, int(i)) for i in ld.indices[changed].tolist())
-            self._keep_what_was_learned(doc, delta)
+            written = delta_rows(delta)
+            self._keep_what_was_learned(doc, written)
             r = delta.report
-            reach = reach_report(self.reads, delta_rows(delta))
+            reach = reach_report(self.reads, written)
             # probes outside the reach read what they read before; re-read only the reached ones
-            hits = reached(self.reads, delta_rows(delta))
+            hits = reached(self.reads, written)
             fresh = probe_reads(self.model, tok, [f for f, h in zip(self.ctx.probe, hits) if h])
             self.reads = merge_reads(self.reads, hits, fresh)
             return {"seconds": r["seconds"], "steps": r["steps"], "rows_changed": r["rows_changed"],
@@ -222,19 +223,16 @@ class Learner:
             return {"seconds": time.perf_counter() - t0, "steps": 0, "rows_changed": 0}
         raise ValueError(f"unknown method kind {kind!r}")
 
-    def _keep_what_was_learned(self, doc: dict, delta) -> None:
+    def _keep_what_was_learned(self, doc: dict, written: dict[int, torch.Tensor]) -> None:
         """`keep_written`: the rows this update wrote are never selected again; `keep_learned`: nor the
         slots its facts' served prompts (and answers) read now. Later updates then cannot overwrite it."""
         settings = self.spec.settings
         if not (settings.get("keep_written") or settings.get("keep_learned")):
             return
         if self.protected is None:
-            self.protected = {
-                layer: torch.zeros(int(t.shape[0]), dtype=torch.bool)
-                for layer, t in self.model.value_tables().items()
-            }
+            self.protected = protected_slots([], _table_sizes(self.model))  # nothing protected yet
         if settings.get("keep_written"):
-            for layer, idx in delta_rows(delta).items():
+            for layer, idx in written.items():
                 self.protected[layer][idx.cpu()] = True
         if settings.get("keep_learned"):
             facts = [{"question": f["question"], "answer": f["answer"]} for f in doc.get("facts", [])]
@@ -275,8 +273,12 @@ def _preservation_mask(
         raise ValueError("the preservation set is empty: every known fact is in the measured probe")
     reads = probe_reads(model, ctx.tokenizer, facts) if facts else []
     reads += text_reads(model, ctx.tokenizer, [t.rstrip("\n") for t in served_background(shield, seed=1)])
-    sizes = {layer: int(t.shape[0]) for layer, t in model.value_tables().items()}
-    return protected_slots(reads, sizes, min_prompts)
+    return protected_slots(reads, _table_sizes(model), min_prompts)
+
+
+def _table_sizes(model) -> dict[int, int]:
+    """{memory layer: slots}: the mask sizes memlm.reach.protected_slots builds."""
+    return {layer: int(t.shape[0]) for layer, t in model.value_tables().items()}
 
 
 def _dense(settings: dict, cfg: BenchConfig) -> DenseSettings:
