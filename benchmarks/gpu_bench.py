@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memlm import MemoryLMForCausalLM  # noqa: E402
 from memlm.background import BackgroundStats  # noqa: E402
-from memlm.pretrain import PRESETS  # noqa: E402
+from memlm.presets import PRESETS  # noqa: E402
 from memlm.updater import UpdateSettings, sparse_update  # noqa: E402
 
 

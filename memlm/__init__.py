@@ -36,8 +36,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "memfit_home": ("paths", "memfit_home"),
     # tokenizer and pretraining
     "load_tokenizer": ("tokenizer", "load_tokenizer"),
-    "PRESETS": ("pretrain", "PRESETS"),
-    "preset_with": ("pretrain", "preset_with"),
+    "PRESETS": ("presets", "PRESETS"),
+    "preset_with": ("presets", "preset_with"),
     "report_summary": ("pretrain", "_summary"),  # the headline figures of a training_report.json
     "served_background": ("pretrain", "served_background"),  # served-format QA texts of unused entities
     # background statistics (the IDF side)

@@ -38,6 +38,8 @@ def _recipe_hash() -> str:
     h = hashlib.sha256()
     for rel in [
         "memlm/pretrain.py",
+        "memlm/presets.py",
+        "memlm/training.py",
         "memlm/tokenizer.py",
         "memlm/background.py",
         "memlm/modeling.py",

@@ -27,7 +27,8 @@ def run(args) -> int:
         print(f"memfit pretrain: {problem}", file=sys.stderr)
         return 2
 
-    from memlm.pretrain import preset_with, pretrain
+    from memlm.presets import preset_with
+    from memlm.pretrain import pretrain
 
     try:
         preset = preset_with(args.preset, getattr(args, "set", None) or [])

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import memlm  # noqa: F401  (registers the model)
+from memlm import presets, training
 from memlm import pretrain as pretrain_mod
 from memlm.evaluation import format_question
 
@@ -56,7 +57,7 @@ def test_report_and_probe(tiny_model_dir):
 def test_row_sampler_starts_rows_at_documents():
     wiki = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     facts = [[20, 21], [22, 23, 24]]
-    s = pretrain_mod.RowSampler(wiki, facts, eos=0, seq_len=4, seed=0)
+    s = training.RowSampler(wiki, facts, eos=0, seq_len=4, seed=0)
     batch = s.batch(64, fact_fraction=0.5)
     assert batch.shape == (64, 4)
     assert set(batch[:, 0].tolist()) <= {5, 9, 12, 20, 22}
@@ -107,11 +108,11 @@ def test_cli_background_without_workers(tiny_model_copy, monkeypatch):
 
 
 def test_thread_tuner_keeps_the_faster_setting(monkeypatch):
-    monkeypatch.setattr(pretrain_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     seconds = {1: 1.0, 2: 3.0}  # as measured on a busy 2-core machine: one thread wins
     before = torch.get_num_threads()
     try:
-        tuner = pretrain_mod.ThreadTuner(2, every=10)
+        tuner = training.ThreadTuner(2, every=10)
         assert tuner.current == 2
         trials = 0
         for step in range(60):
@@ -125,27 +126,27 @@ def test_thread_tuner_keeps_the_faster_setting(monkeypatch):
 
 
 def test_preset_overrides_are_typed_and_named():
-    p = pretrain_mod.preset_with("tiny", ["memory_size=4096", "fact_fraction=1", "probe_cities=20"])
+    p = presets.preset_with("tiny", ["memory_size=4096", "fact_fraction=1", "probe_cities=20"])
     assert (p.memory_size, p.fact_fraction, p.probe_cities) == (4096, 1.0, 20)
-    assert p.hidden_size == pretrain_mod.PRESETS["tiny"].hidden_size  # untouched fields stay
-    assert pretrain_mod.preset_with("tiny", []) is pretrain_mod.PRESETS["tiny"]
+    assert p.hidden_size == presets.PRESETS["tiny"].hidden_size  # untouched fields stay
+    assert presets.preset_with("tiny", []) is presets.PRESETS["tiny"]
     with pytest.raises(ValueError, match="bogus"):
-        pretrain_mod.preset_with("tiny", ["bogus=1"])
+        presets.preset_with("tiny", ["bogus=1"])
     with pytest.raises(ValueError, match="memory_size"):
-        pretrain_mod.preset_with("tiny", ["memory_size=big"])
+        presets.preset_with("tiny", ["memory_size=big"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):
-        pretrain_mod.preset_with("tiny", ["memory_size"])
+        presets.preset_with("tiny", ["memory_size"])
 
 
 def test_memory_layer_field_places_the_memory():
-    assert pretrain_mod.PRESETS["default"].model_config().memory_layers == [2]  # the middle of 4
-    p = pretrain_mod.preset_with("default", ["memory_layer=3"])
+    assert presets.PRESETS["default"].model_config().memory_layers == [2]  # the middle of 4
+    p = presets.preset_with("default", ["memory_layer=3"])
     assert p.memory_layer == 3 and p.model_config().memory_layers == [3]
     for bad in ("memory_layer=true", "memory_layer=last"):
         with pytest.raises(ValueError, match="memory_layer"):
-            pretrain_mod.preset_with("default", [bad])
+            presets.preset_with("default", [bad])
     with pytest.raises(ValueError, match="memory layer 4"):  # the config names the bad layer
-        pretrain_mod.preset_with("default", ["memory_layer=4"]).model_config()
+        presets.preset_with("default", ["memory_layer=4"]).model_config()
 
 
 def test_cli_pretrain_set_builds_the_overridden_preset(tmp_path, capsys):
@@ -166,7 +167,7 @@ def test_clip_grad_norm_matches_torch_on_dense_and_counts_sparse_rows_once():
     a.grad, b.grad = torch.randn(5, 3) * 10, torch.randn(4) * 10
     a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
     a2.grad, b2.grad = a.grad.clone(), b.grad.clone()
-    total = pretrain_mod.clip_grad_norm([a, b], 1.0)
+    total = training.clip_grad_norm([a, b], 1.0)
     ref = torch.nn.utils.clip_grad_norm_([a2, b2], 1.0)
     assert total == pytest.approx(float(ref), rel=1e-5)
     assert torch.allclose(a.grad, a2.grad, atol=1e-6) and torch.allclose(b.grad, b2.grad, atol=1e-6)
@@ -174,7 +175,7 @@ def test_clip_grad_norm_matches_torch_on_dense_and_counts_sparse_rows_once():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([2, 2, 7])).sum().backward()
     dense_norm = float(torch.linalg.vector_norm(emb.weight.grad.to_dense()))
-    assert pretrain_mod.clip_grad_norm([emb.weight], 100.0) == pytest.approx(dense_norm, rel=1e-6)
+    assert training.clip_grad_norm([emb.weight], 100.0) == pytest.approx(dense_norm, rel=1e-6)
 
 
 def test_sparse_values_train_only_the_rows_read(tmp_path):
@@ -184,10 +185,10 @@ def test_sparse_values_train_only_the_rows_read(tmp_path):
 
     from memlm.modeling import MemoryLMForCausalLM
 
-    p = dataclasses.replace(pretrain_mod.PRESETS["tiny"], sparse_values=True, memory_size=4096)
+    p = dataclasses.replace(presets.PRESETS["tiny"], sparse_values=True, memory_size=4096)
     torch.manual_seed(0)
     model = MemoryLMForCausalLM(p.model_config())
-    opt = pretrain_mod._Optimizers(model, p)
+    opt = training.Optimizers(model, p)
     assert opt.sparse is not None
     for g in opt.param_groups:
         g["lr"] = 1e-2 * g["lr_mult"]
@@ -199,7 +200,7 @@ def test_sparse_values_train_only_the_rows_read(tmp_path):
     opt.zero_grad()
     out.loss.backward()
     assert mem.values.weight.grad.is_sparse
-    pretrain_mod.clip_grad_norm(model.parameters(), 1.0)
+    training.clip_grad_norm(model.parameters(), 1.0)
     opt.step()
     after = mem.values.weight.detach()
     untouched = torch.ones(p.memory_size, dtype=torch.bool)
@@ -224,7 +225,7 @@ def test_invented_pretraining_facts_are_their_own_and_unmeasured():
 def test_answer_positions_mark_the_token_before_the_answer(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     texts = ["Question: What is the capital of France?\nAnswer: Paris\n", "France is in Europe."]
-    marks = pretrain_mod.answer_positions(tok, texts)
+    marks = training.answer_positions(tok, texts)
     ids = tok(texts[0], add_special_tokens=False).input_ids
     assert len(marks[0]) == 1 and marks[1] == []
     assert tok.decode(ids[: marks[0][0] + 1]).endswith("\nAnswer:")
@@ -234,7 +235,7 @@ def test_answer_positions_mark_the_token_before_the_answer(tiny_model_dir):
 def test_row_sampler_marks_follow_packed_facts():
     facts = [[20, 21, 22], [30, 31]]
     marks = [[1], [0]]  # token 21 in the first fact, token 30 in the second
-    s = pretrain_mod.RowSampler([[5, 6, 7, 8, 9]], facts, eos=0, seq_len=8, seed=0, fact_marks=marks)
+    s = training.RowSampler([[5, 6, 7, 8, 9]], facts, eos=0, seq_len=8, seed=0, fact_marks=marks)
     x, mask = s.batch_marked(32, fact_fraction=1.0)
     assert mask.any()
     assert set(x[mask].tolist()) == {21, 30}
@@ -251,29 +252,28 @@ def test_read_sharing_penalty_is_one_for_shared_queries_and_trains_them_apart():
     mem.reset_subkeys(0.1)
     same = torch.randn(1, 1, 32).expand(2, 3, 32)
     mask = torch.ones(2, 3, dtype=torch.bool)
-    assert pretrain_mod.read_sharing_penalty(mem, same, mask).item() == pytest.approx(1.0, abs=1e-5)
+    assert training.read_sharing_penalty(mem, same, mask).item() == pytest.approx(1.0, abs=1e-5)
     one = torch.zeros(2, 3, dtype=torch.bool)
     one[1, 2] = True
-    assert pretrain_mod.read_sharing_penalty(mem, same, one).item() == 0  # no pair to compare
+    assert training.read_sharing_penalty(mem, same, one).item() == 0  # no pair to compare
     h = (torch.randn(1, 1, 32) + 0.2 * torch.randn(2, 3, 32)).requires_grad_()
     opt = torch.optim.Adam(mem.query.parameters(), lr=0.05)
-    first = pretrain_mod.read_sharing_penalty(mem, h, mask).item()
+    first = training.read_sharing_penalty(mem, h, mask).item()
     for _ in range(50):
         opt.zero_grad()
-        pretrain_mod.read_sharing_penalty(mem, h, mask).backward()
+        training.read_sharing_penalty(mem, h, mask).backward()
         opt.step()
-    assert pretrain_mod.read_sharing_penalty(mem, h, mask).item() < 0.5 * first
+    assert training.read_sharing_penalty(mem, h, mask).item() < 0.5 * first
 
 
 def test_preset_rejects_a_bad_penalty_scope_or_weight():
     assert (
-        pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=model"]).answer_read_penalty_scope
-        == "model"
+        presets.preset_with("tiny", ["answer_read_penalty_scope=model"]).answer_read_penalty_scope == "model"
     )
     with pytest.raises(ValueError, match="answer_read_penalty_scope"):
-        pretrain_mod.preset_with("tiny", ["answer_read_penalty_scope=everything"])
+        presets.preset_with("tiny", ["answer_read_penalty_scope=everything"])
     with pytest.raises(ValueError, match="answer_read_penalty"):
-        pretrain_mod.preset_with("tiny", ["answer_read_penalty=-1"])
+        presets.preset_with("tiny", ["answer_read_penalty=-1"])
 
 
 def test_usage_balance_penalty_is_large_on_a_hub_and_training_spreads_the_reads():
@@ -286,18 +286,18 @@ def test_usage_balance_penalty_is_large_on_a_hub_and_training_spreads_the_reads(
     mem.reset_subkeys(0.1)
     hub = torch.randn(1, 1, 32).expand(4, 16, 32)  # every position reads the same k slots per head
     spread = torch.randn(4, 16, 32)
-    on_hub = pretrain_mod.usage_balance_penalty(mem, hub).item()
+    on_hub = training.usage_balance_penalty(mem, hub).item()
     # every position picks the same k = 4 of the 16 sub-keys per half: near n / k = 4 (p is a softmax
     # over all 16, so a little less than 4); spread positions: lower
     assert 2.0 < on_hub <= 4.0 + 1e-4
-    assert pretrain_mod.usage_balance_penalty(mem, spread).item() < 0.6 * on_hub
+    assert training.usage_balance_penalty(mem, spread).item() < 0.6 * on_hub
     h = (torch.randn(1, 1, 32) + 0.3 * torch.randn(4, 16, 32)).requires_grad_()
     opt = torch.optim.Adam(list(mem.query.parameters()) + [mem.subkeys], lr=0.05)
-    first = pretrain_mod.usage_balance_penalty(mem, h).item()
+    first = training.usage_balance_penalty(mem, h).item()
     for _ in range(60):
         opt.zero_grad()
-        pretrain_mod.usage_balance_penalty(mem, h).backward()
+        training.usage_balance_penalty(mem, h).backward()
         opt.step()
-    assert pretrain_mod.usage_balance_penalty(mem, h).item() < 0.7 * first
+    assert training.usage_balance_penalty(mem, h).item() < 0.7 * first
     with pytest.raises(ValueError, match="usage_balance_penalty"):
-        pretrain_mod.preset_with("tiny", ["usage_balance_penalty=-0.1"])
+        presets.preset_with("tiny", ["usage_balance_penalty=-0.1"])
