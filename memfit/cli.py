@@ -25,7 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memfit", description="Online knowledge updates for memory-layer LLMs"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pretrain(sub)
+    _add_retrofit(sub)
+    _add_background(sub)
+    _add_servers(sub)
+    _add_ingest(sub)
+    _add_store_ops(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="build a tokenizer and a memory-layer model from the offline corpus")
     p.add_argument("--preset", choices=["tiny", "default"], default="default")
     p.add_argument("--out", default=None, help="output directory (default: user data dir/models/PRESET)")
@@ -39,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one preset field (repeatable; VALUE is JSON, e.g. --set memory_size=262144)",
     )
 
+
+def _add_retrofit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "retrofit", help="add memory layers to a local Hugging Face model (Llama, Qwen2, GPT-2)"
     )
@@ -76,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
 
+
+def _add_background(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("background", help="compute background slot statistics (the IDF side)")
     p.add_argument("--model", default=None)
     p.add_argument("--to-redis", default=None, metavar="URL", help="also store them in Redis")
@@ -88,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="served-format prompts counted in the background (default: the model's preset value)",
     )
 
+
+def _add_servers(sub: argparse._SubParsersAction) -> None:
+    """`serve` (the API) and `worker` (distributed mode's Celery worker)."""
     p = sub.add_parser("serve", help="run the API (embedded mode unless MEMFIT_REDIS_URL is set)")
     p.add_argument("--model", default=None)
     p.add_argument("--store", default=None)
@@ -100,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None)
     p.add_argument("--concurrency", type=int, default=1)
 
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="send documents to a server and follow the job")
     p.add_argument("files", nargs="+", help="JSONL of document objects, plain text files, or - for stdin")
     p.add_argument("--url", default=None)
@@ -110,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
 
+
+def _add_store_ops(sub: argparse._SubParsersAction) -> None:
+    """The operator commands of memfit/commands/store_ops.py, on a store or through --url."""
     p = sub.add_parser("jobs", help="list recent jobs")
     _add_store(p)
     p = sub.add_parser("versions", help="list versions")
@@ -134,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="new store directory (default: STORE-replayed)")
     _add_store(p)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: print a table, write JSON (+ PNG)")
     p.add_argument("which", choices=["continual", "update", "serve", "swap"])
     p.add_argument("--quick", action="store_true", help="minutes, CI smoke (tiny model if no default)")
@@ -141,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--resume", action="store_true")
-    return parser
 
 
 COMMAND_MODULES = {
