@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -99,75 +100,95 @@ def _layers(value: str | None, n_blocks: int) -> list[int]:
     return layers
 
 
-def run(args) -> int:
+class Refused(Exception):
+    """A refusal the command prints as `memfit retrofit: ...`; `code` is its exit status."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Inputs:
+    """What the command reads before it loads the model (so bad input is refused at once)."""
+
+    src: Path
+    out: Path
+    warmup: list[str] | None  # --warmup-texts, or None: no warm-up
+    background: list[str]  # what the background statistics count
+    background_source: str
+    facts: list[dict]  # --probe-facts
+
+
+def _read_texts(path: str, flag: str) -> list[str]:
+    texts = _texts(Path(path).expanduser())
+    if not texts:
+        raise Refused(f"no text in {path} ({flag})")
+    return texts
+
+
+def read_inputs(args) -> Inputs:
     src, out = Path(args.source).expanduser(), Path(args.out).expanduser()
     if not (src / "config.json").exists():
-        print(f"memfit retrofit: {src} is not a model directory (no config.json)", file=sys.stderr)
-        return 2
+        raise Refused(f"{src} is not a model directory (no config.json)")
     if out.exists() and any(out.iterdir()) and not args.force:
-        print(f"memfit retrofit: {out} is not empty (use --force to overwrite)", file=sys.stderr)
-        return 2
-    texts = None
-    if args.warmup_texts:
-        texts = _texts(Path(args.warmup_texts).expanduser())
-        if not texts:
-            print(f"memfit retrofit: no text in {args.warmup_texts}", file=sys.stderr)
-            return 2
-    bg_texts, bg_source = texts, args.warmup_texts
+        raise Refused(f"{out} is not empty (use --force to overwrite)")
+    warm = _read_texts(args.warmup_texts, "--warmup-texts") if args.warmup_texts else None
     if getattr(args, "background_texts", None):
-        bg_texts, bg_source = _texts(Path(args.background_texts).expanduser()), args.background_texts
-        if not bg_texts:
-            print(f"memfit retrofit: no text in {args.background_texts}", file=sys.stderr)
-            return 2
-    if bg_texts is None:
-        bg_texts, bg_source = list(GENERIC_TEXTS), "the built-in generic text"
+        background, source = _read_texts(args.background_texts, "--background-texts"), args.background_texts
+    elif warm is not None:
+        background, source = warm, args.warmup_texts
+    else:
+        background, source = list(GENERIC_TEXTS), "the built-in generic text"
     facts: list[dict] = []
     if getattr(args, "probe_facts", None):
         try:
             facts = _facts(Path(args.probe_facts).expanduser())
         except (OSError, ValueError) as e:
-            print(f"memfit retrofit: --probe-facts: {e}", file=sys.stderr)
-            return 2
+            raise Refused(f"--probe-facts: {e}") from None
+    return Inputs(src, out, warm, background, str(source), facts)
 
+
+def load_source(src: Path, need_tokenizer: bool):
+    """The local checkpoint (float32, eval) and its tokenizer (None when it has none)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from memlm.retrofit import (
-        RetrofitSpec,
-        decoder_blocks,
-        memory_modules,
-        retrofit,
-        save_retrofitted,
-        warmup,
-    )
 
     print(f"loading {src}", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.float32).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        return model, AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except (OSError, ValueError) as e:
-        tokenizer = None
-        if texts is not None:
-            print(f"memfit retrofit: --warmup-texts needs the model's tokenizer: {e}", file=sys.stderr)
-            return 2
+        if need_tokenizer:
+            raise Refused(f"--warmup-texts needs the model's tokenizer: {e}") from None
         print(f"note: no tokenizer in {src} ({type(e).__name__}); the output has none either", flush=True)
-    base_params = sum(p.numel() for p in model.parameters())
+        return model, None
+
+
+def _positions(model) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0)
+
+
+def add_memories(model, args) -> None:
+    """Insert a memory at each --layers block; a parallel retrofit must leave the logits unchanged."""
+    import torch
+
+    from memlm.retrofit import RetrofitSpec, decoder_blocks, memory_modules, retrofit
+
     try:
         layers = _layers(args.layers, len(decoder_blocks(model)))
     except ValueError as e:
-        print(f"memfit retrofit: {e}", file=sys.stderr)
-        return 2
+        raise Refused(str(e)) from None
+    params = sum(p.numel() for p in model.parameters())
     print(
-        f"{type(model).__name__}: {len(decoder_blocks(model))} blocks, {base_params / 1e6:.2f}M parameters; "
+        f"{type(model).__name__}: {len(decoder_blocks(model))} blocks, {params / 1e6:.2f}M parameters; "
         f"{args.mode} memory of {args.slots} slots at layer(s) {', '.join(map(str, layers))}",
         flush=True,
     )
-
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    positions = int(
-        getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0) or 16
-    )
-    probe = torch.randint(vocab, (2, min(16, positions)), generator=torch.Generator().manual_seed(args.seed))
+    seq = min(16, _positions(model) or 16)
+    probe = torch.randint(vocab, (2, seq), generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
         before = model(probe).logits.float()
     try:
@@ -183,8 +204,7 @@ def run(args) -> int:
             )
             retrofit(model, spec, seed=args.seed + i)
     except (ValueError, AssertionError) as e:
-        print(f"memfit retrofit: {e}", file=sys.stderr)
-        return 2
+        raise Refused(str(e)) from None
     added = sum(p.numel() for m in memory_modules(model).values() for p in m.parameters())
     with torch.no_grad():
         change = float((model(probe).logits.float() - before).abs().max())
@@ -193,46 +213,69 @@ def run(args) -> int:
         flush=True,
     )
     if args.mode == "parallel" and change != 0.0:
-        print("memfit retrofit: a parallel retrofit changed the outputs; not written", file=sys.stderr)
-        return 1
+        raise Refused("a parallel retrofit changed the outputs; not written", code=1)
 
-    if texts is not None:
-        steps = int(args.warmup_steps)
-        every = max(1, steps // 10)
-        print(f"warm-up: {steps} steps on {len(texts)} texts, base frozen", flush=True)
 
-        def show(step: int, loss: float) -> None:
-            if step == 1 or step % every == 0 or step == steps:
-                print(f"  step {step}/{steps}  loss {loss:.4f}", flush=True)
+def warm_up(model, tokenizer, texts: list[str], args) -> None:
+    """Train the new memories on `texts`, base frozen, printing the loss about ten times.
 
+    The global torch RNG (the base model's dropout in training mode) is seeded with --seed inside a
+    forked RNG state, so the same command prints the same losses and writes the same weights."""
+    import torch
+
+    from memlm.retrofit import warmup
+
+    steps = int(args.warmup_steps)
+    every = max(1, steps // 10)
+    print(f"warm-up: {steps} steps on {len(texts)} texts, base frozen", flush=True)
+
+    def show(step: int, loss: float) -> None:
+        if step == 1 or step % every == 0 or step == steps:
+            print(f"  step {step}/{steps}  loss {loss:.4f}", flush=True)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
         losses = warmup(
             model, tokenizer, texts, steps=steps, lr=args.warmup_lr, seed=args.seed, progress=show
         )
-        print(f"warm-up loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    print(f"warm-up loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def run(args) -> int:
+    try:
+        inputs = read_inputs(args)
+        model, tokenizer = load_source(inputs.src, need_tokenizer=inputs.warmup is not None)
+        add_memories(model, args)
+        if inputs.warmup is not None:
+            warm_up(model, tokenizer, inputs.warmup, args)
+    except Refused as e:
+        print(f"memfit retrofit: {e}", file=sys.stderr)
+        return e.code
+
+    from memlm.retrofit import save_retrofitted
+
+    inputs.out.mkdir(parents=True, exist_ok=True)
     model.eval()
     shard = getattr(args, "max_shard_size", None)
-    save_retrofitted(model, out, **({"max_shard_size": shard} if shard else {}))
+    save_retrofitted(model, inputs.out, **({"max_shard_size": shard} if shard else {}))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-        _serving_files(model, tokenizer, out, bg_texts, bg_source, facts, args)
+        tokenizer.save_pretrained(str(inputs.out))
+        _serving_files(model, tokenizer, inputs, getattr(args, "probe_facts", None))
     else:
         print("note: no tokenizer, so no background statistics or probe set: not servable", flush=True)
-    print(f"wrote {out}", flush=True)
+    print(f"wrote {inputs.out}", flush=True)
     return 0
 
 
-def _serving_files(model, tokenizer, out: Path, texts: list[str], source, facts: list[dict], args) -> None:
+def _serving_files(model, tokenizer, inputs: Inputs, probe_source: str | None) -> None:
     """background.safetensors and probe.json beside the saved model (what `memfit serve` reads)."""
     from memlm.background import DEFAULT_SEQ_LEN, compute_background, model_base_id
     from memlm.evaluation import answered, format_question
     from memlm.retrofit import RetrofittedLM
 
+    out, texts, source, facts = inputs.out, inputs.background, inputs.background_source, inputs.facts
     served = RetrofittedLM(model).eval()
-    positions = int(
-        getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0) or 0
-    )
+    positions = _positions(model)
     seq_len = min(DEFAULT_SEQ_LEN, positions) if positions else DEFAULT_SEQ_LEN
     # the served question format of the known facts counts too: slots every question reads get a low IDF
     counted = texts + [f"{format_question(f['question'])} {f['answer']}\n" for f in facts]
@@ -257,7 +300,7 @@ def _serving_files(model, tokenizer, out: Path, texts: list[str], source, facts:
         print("probe set: none (--probe-facts FILE adds known facts the gate checks)", flush=True)
     (out / "probe.json").write_text(
         json.dumps(
-            {"facts": facts, "heldout_texts": heldout, "source": str(getattr(args, "probe_facts", "") or "")},
+            {"facts": facts, "heldout_texts": heldout, "source": str(probe_source or "")},
             indent=1,
             ensure_ascii=False,
         )

@@ -145,14 +145,25 @@ def test_cli_parallel_retrofit_round_trips_to_the_same_outputs(tmp_path, capsys)
 
 
 def test_cli_warmup_trains_only_the_memory(tmp_path, capsys):
-    src, original = gpt2_dir(tmp_path)
+    src, original = gpt2_dir(tmp_path)  # GPT-2's dropout is on while the memory trains
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
+    common = ("--from", str(src), "--slots", "64", "--heads", "2", "--topk", "4", "--key-dim", "16")
+    warm = ("--warmup-texts", str(texts), "--warmup-steps", "30", "--warmup-lr", "0.01")
+    assert run_cli(*common, "--out", str(tmp_path / "cold")) == 0
+    capsys.readouterr()
     out = tmp_path / "out"
-    assert run_cli("--from", str(src), "--out", str(out), "--slots", "64", "--heads", "2", "--topk", "4",
-                   "--key-dim", "16", "--warmup-texts", str(texts), "--warmup-steps", "30",
-                   "--warmup-lr", "0.01") == 0  # fmt: skip
+    assert run_cli(*common, "--out", str(out), *warm) == 0
     printed = capsys.readouterr().out
+    # the same command prints the same losses and writes the same memory (seeded by --seed)
+    assert run_cli(*common, "--out", str(tmp_path / "again"), *warm) == 0
+    assert capsys.readouterr().out.replace(str(tmp_path / "again"), str(out)) == printed
+    cold, again = load_retrofitted(tmp_path / "cold"), load_retrofitted(tmp_path / "again")
+    memory = {k: v for k, v in load_retrofitted(out).state_dict().items() if ".memory." in k}
+    assert {k.rsplit(".memory.", 1)[1] for k in memory} >= {"query.weight", "subkeys", "values.weight"}
+    for k, v in memory.items():  # query, sub-keys and values all trained, reproducibly
+        assert torch.equal(v, again.state_dict()[k]), k
+        assert not torch.equal(v, cold.state_dict()[k]), f"{k} did not train"
     assert "warm-up: 30 steps on 4 texts" in printed and "step 30/30" in printed
     first, last = (float(x) for x in printed.split("warm-up loss ")[1].split()[0:3:2])
     assert last < first, printed
