@@ -346,66 +346,20 @@ def sparse_update(
     was_training = model.training
     model.eval()  # no dropout in the model; eval keeps any future stochastic layer off
     tables = model.value_tables()
-    gen = torch.Generator().manual_seed(s.seed)
 
     with _FrozenParams(model):
         all_batches = source.all_batches()
         counts = count_batch_accesses(model, all_batches)
-        selected: dict[int, torch.Tensor] = {}
-        for layer, c in counts.items():
-            df, num_docs = background_df(background, layer)
-            if s.method == "tfidf" and df is None:
-                raise ValueError("tfidf selection needs background statistics (memlm.background)")
-            mask = None if protected is None else protected.get(layer)
-            selected[layer] = select_slots(c, df, num_docs, s.top_t, s.method, gen, s.max_df, mask).to(device)
+        selected = _select(counts, background, s, protected, device)
         old_rows = {layer: tables[layer].detach()[idx].clone() for layer, idx in selected.items()}
         rows = {layer: old_rows[layer].clone().requires_grad_(True) for layer in selected}
         overlay: Overlay = {layer: (selected[layer], rows[layer]) for layer in selected}
-        params = [rows[layer] for layer in selected if rows[layer].numel()]
-        grad_scale = _idf_grad_scale(background, selected, s.idf_lr_power, device)
-
         loss_before = _mean_loss(model, all_batches, overlay, s.loss_reduction)
         keep = _ReplayKL(model, replay, device) if replay is not None and s.replay_weight > 0 else None
-        if s.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=s.lr, betas=s.adam_betas, eps=s.adam_eps) if params else None
-        else:
-            opt = torch.optim.SGD(params, lr=s.lr) if params else None
-
-        steps_run, stopped_early, extra_left = 0, False, None
-        for step in range(s.steps if opt is not None else 0):
-            batch = source.batch(step)
-            if batch is None:
-                stopped_early = True
-                break
-            b = _to(batch, device)
-            loss = batch_loss(model, b, overlay, s.loss_reduction)
-            if keep is not None:
-                loss = loss + s.replay_weight * keep.loss(model, overlay)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for layer, scale in grad_scale.items():
-                if rows[layer].grad is not None:
-                    rows[layer].grad.mul_(scale)
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            opt.step()
-            if s.max_row_change is not None:
-                _limit_row_change(params, [old_rows[layer] for layer in selected if rows[layer].numel()],
-                                  s.max_row_change)  # fmt: skip
-            steps_run += 1
-            if progress is not None:
-                progress({"step": steps_run, "steps": s.steps, "loss": float(loss.detach())})
-            if extra_left is not None:
-                extra_left -= 1
-                if extra_left <= 0:
-                    break
-            elif s.early_stop and stop_fn is not None and steps_run % s.check_every == 0:
-                if stop_fn(model, {k: (i, r.detach()) for k, (i, r) in overlay.items()}):
-                    stopped_early = True
-                    if s.extra_steps <= 0:
-                        break
-                    extra_left = s.extra_steps
-
+        loop = _RowTraining(
+            model, source, s, rows, old_rows, _idf_grad_scale(background, selected, s.idf_lr_power, device)
+        )
+        loop.run(overlay, keep, stop_fn, progress)
         final = {layer: r.detach().clone() for layer, r in rows.items()}
         loss_after = _mean_loss(
             model, all_batches, {k: (selected[k], final[k]) for k in selected}, s.loss_reduction
@@ -422,9 +376,9 @@ def sparse_update(
         "optimizer": s.optimizer,
         "t": s.top_t,
         "lr": s.lr,
-        "steps": steps_run,
+        "steps": loop.steps_run,
         "max_steps": s.steps,
-        "stopped_early": stopped_early,
+        "stopped_early": loop.stopped_early,
         "loss_before": loss_before,
         "loss_after": loss_after,
         "seconds": time.perf_counter() - t0,
@@ -443,6 +397,81 @@ def sparse_update(
             selected[layer].cpu()[moved], final[layer].cpu()[moved], old_rows[layer].cpu()[moved]
         )
     return SlotDelta(layers=layers, report=report)
+
+
+def _select(counts, background, s: UpdateSettings, protected, device) -> dict[int, torch.Tensor]:
+    """Per memory layer, the top-t slot ids of the batches' access counts under `s.method`, never a
+    protected one."""
+    gen = torch.Generator().manual_seed(s.seed)
+    selected: dict[int, torch.Tensor] = {}
+    for layer, c in counts.items():
+        df, num_docs = background_df(background, layer)
+        if s.method == "tfidf" and df is None:
+            raise ValueError("tfidf selection needs background statistics (memlm.background)")
+        mask = None if protected is None else protected.get(layer)
+        selected[layer] = select_slots(c, df, num_docs, s.top_t, s.method, gen, s.max_df, mask).to(device)
+    return selected
+
+
+class _RowTraining:
+    """The update's optimisation of the selected rows (the overlay's leaves): SGD or Adam, the IDF
+    gradient scale, clipping, the row-change limit, optional replay KL, and early stopping asked of
+    `stop_fn` every `check_every` steps (then `extra_steps` more)."""
+
+    def __init__(self, model, source: BatchSource, s: UpdateSettings, rows, old_rows, grad_scale):
+        self.model, self.source, self.s = model, source, s
+        self.rows, self.grad_scale = rows, grad_scale
+        self.params = [r for r in rows.values() if r.numel()]
+        self.old = [old_rows[k] for k, r in rows.items() if r.numel()]
+        self.steps_run, self.stopped_early = 0, False
+
+    def _optimizer(self):
+        s = self.s
+        if not self.params:
+            return None
+        if s.optimizer == "adam":
+            return torch.optim.Adam(self.params, lr=s.lr, betas=s.adam_betas, eps=s.adam_eps)
+        return torch.optim.SGD(self.params, lr=s.lr)
+
+    def _step(self, opt, batch: Batch, overlay: Overlay, keep) -> torch.Tensor:
+        s, device = self.s, _device(self.model)
+        loss = batch_loss(self.model, _to(batch, device), overlay, s.loss_reduction)
+        if keep is not None:
+            loss = loss + s.replay_weight * keep.loss(self.model, overlay)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for layer, scale in self.grad_scale.items():
+            if self.rows[layer].grad is not None:
+                self.rows[layer].grad.mul_(scale)
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        opt.step()
+        if s.max_row_change is not None:
+            _limit_row_change(self.params, self.old, s.max_row_change)
+        return loss
+
+    def run(self, overlay: Overlay, keep, stop_fn, progress) -> None:
+        s, opt = self.s, self._optimizer()
+        extra_left = None
+        for step in range(s.steps if opt is not None else 0):
+            batch = self.source.batch(step)
+            if batch is None:
+                self.stopped_early = True
+                break
+            loss = self._step(opt, batch, overlay, keep)
+            self.steps_run += 1
+            if progress is not None:
+                progress({"step": self.steps_run, "steps": s.steps, "loss": float(loss.detach())})
+            if extra_left is not None:
+                extra_left -= 1
+                if extra_left <= 0:
+                    break
+            elif s.early_stop and stop_fn is not None and self.steps_run % s.check_every == 0:
+                if stop_fn(self.model, {k: (i, r.detach()) for k, (i, r) in overlay.items()}):
+                    self.stopped_early = True
+                    if s.extra_steps <= 0:
+                        break
+                    extra_left = s.extra_steps
 
 
 def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[Any, Overlay], bool]:
