@@ -241,3 +241,46 @@ def test_retrofitted_model_in_distributed_mode(redis_server, tmp_path, capsys):
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+def test_the_gate_judges_a_retrofitted_models_update(tmp_path, capsys):
+    """The evaluation gate on a retrofitted directory: its probe.json (written by `memfit retrofit`) gives
+    the probe facts and held-out texts; an update within the thresholds is activated, one past them is
+    published as `rejected`, never served nor pinnable, and the active version stays."""
+    model_dir = retrofit_dir(tmp_path, "gpt2", capsys)
+    settings = settings_for(
+        model_dir,
+        tmp_path / "store",
+        gate_enabled=True,
+        gate_max_ppl_increase=1e6,  # a random model's perplexity moves a lot: the first update passes
+        max_documents_per_request=4,
+        max_document_chars=2000,
+        max_new_tokens_limit=32,
+    )
+    app = create_app(settings, start_runner=True)
+    update = {"optimizer": "adam", "lr": 0.1}
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/ingest", json={"documents": [DOC], "settings": update})
+        job = wait_job(c, r.json()["job_id"])
+        assert job["status"] == "succeeded", job
+        gate = job["evaluation"]["gate"]
+        assert gate["enabled"] and gate["passed"] and gate["reasons"] == [], gate
+        assert job["evaluation"]["perplexity"] > 0  # measured on the held-out texts of probe.json
+        v = job["version"]
+        assert generate(c, min_version=v)["version"] == v
+
+        settings.gate_max_ppl_increase = -1.0  # any perplexity change is now past the threshold
+        other = {"id": "brindle", "text": "The capital of Brindle is Oskaro.",
+                 "facts": [{"question": "What is the capital of Brindle?", "answer": "Oskaro"}]}  # fmt: skip
+        r = c.post("/ingest", json={"documents": [other], "settings": update})
+        job = wait_job(c, r.json()["job_id"])
+        assert job["status"] == "rejected", job
+        assert not job["evaluation"]["gate"]["passed"]
+        assert "gate_max_ppl_increase" in " ".join(job["evaluation"]["gate"]["reasons"]), job
+        rejected = job["version"]
+        versions = c.get("/versions").json()
+        assert versions["active"] == v
+        assert {m["id"]: m["state"] for m in versions["versions"]}[rejected] == "rejected"
+        assert f"memfit@{rejected}" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert generate(c)["version"] == v
+        assert c.post("/generate", json={"prompt": PROMPT, "version": rejected}).status_code == 409
