@@ -115,14 +115,8 @@ def build_update_settings(settings: Settings | None, overrides: dict[str, Any] |
 
 
 def find_version_of_job(store: Store, job_id: str) -> int | None:
-    """The version published for `job_id` (newest first), or None."""
-    for v in reversed(store.version_ids()[1:]):
-        try:
-            if store.manifest(v).get("job_id") == job_id:
-                return v
-        except StoreError:
-            continue
-    return None
+    """The version published for `job_id` (newest first), or None (the store's job index)."""
+    return store.version_of_job(job_id)
 
 
 @dataclass

@@ -264,3 +264,59 @@ def test_publish_hooks_run_after_each_publish_outside_the_lock(h, store):
     v1 = h.publish_update(store, {1: [1]}, seed=1, job_id="j1")
     v2 = h.publish_update(store, {1: [2]}, seed=2, activate=False, state="rejected")
     assert seen == [(v1, True, "j1", v1), (v2, False, None, v1)]
+
+
+def test_version_of_job_is_indexed_and_survives_reopen_deletion_and_damage(h, store):
+    """Store.version_of_job reads STORE/job_index.json (model_store/job_index.py), not every manifest:
+    it finds the newest version of a job after a reopen, after the index is deleted or damaged (rebuilt
+    from the manifests), sees versions another process published since, and skips gc'd versions."""
+    v1 = h.publish_update(store, {1: [1]}, seed=1, job_id="j1")
+    v2 = h.publish_update(store, {1: [2]}, seed=2, job_id="j2")
+    v3 = h.publish_update(store, {1: [3]}, seed=3, job_id="j1", activate=False, state="rejected")
+    assert (store.version_of_job("j1"), store.version_of_job("j2"), store.version_of_job("nope")) == (
+        v3,
+        v2,
+        None,
+    )
+    index = store.root / "job_index.json"
+    assert json.loads(index.read_text())["jobs"] == {"j1": [v1, v3], "j2": [v2]}
+
+    reopened = Store(store.root)
+    reads = []
+    real = reopened._read_manifest
+    reopened._read_manifest = lambda v: reads.append(v) or real(v)  # type: ignore[method-assign]
+    assert reopened.version_of_job("j2") == v2 and reads == [v2]  # the hit checked, nothing scanned
+
+    other = Store(store.root)  # another process publishes: the first one's next lookup sees it
+    v4 = h.publish_update(other, {1: [4]}, seed=4, job_id="j4")
+    assert reopened.version_of_job("j4") == v4
+
+    for damage in (
+        lambda: index.unlink(),
+        lambda: index.write_text("{not json"),
+        lambda: index.write_text("[]"),
+    ):
+        damage()
+        fresh = Store(store.root)
+        assert [fresh.version_of_job(j) for j in ("j1", "j2", "j4")] == [v3, v2, v4]
+        assert json.loads(index.read_text())["through"] == v4  # rebuilt and written back
+
+    store.gc(GCPolicy(keep_last=0))  # v3 (rejected) goes; j1's older version v1 is in the active chain
+    assert store.version_of_job("j1") == v1 and Store(store.root).version_of_job("j1") == v1
+
+
+def test_writer_lock_is_an_open_argument(h, store):
+    """The writer lock is given to Store / Store.open (a lock, or a function of the base id that makes
+    one, as the distributed mode's Redis lock is named after the base), never assigned afterwards."""
+    made = []
+
+    def factory(base_id):
+        made.append(base_id)
+        return FileWriterLock(store.root / ".other.lock")
+
+    opened = Store.open(store.root, lock=factory)
+    assert made == [store.base_id] and opened.lock.path == store.root / ".other.lock"
+    mine = FileWriterLock(store.root / ".mine.lock")
+    assert Store.open(store.root, "redis://127.0.0.1:1/0", lock=mine).lock is mine
+    h.publish_update(opened, {1: [5]}, seed=5, job_id="j5")
+    assert opened.version_of_job("j5") == 1
