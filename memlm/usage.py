@@ -112,20 +112,24 @@ def memory_usage(
         for h in handles:
             h.remove()
         model.train(was_training)
-    report: dict[int, dict] = {}
-    for layer, c in counts.items():
-        total = int(c.sum())
-        top = max(1, n_slots[layer] // 100)
-        sets = prompt_sets[layer]
-        union = set().union(*sets) if sets else set()
-        report[layer] = {
-            "output_residual_ratio": ratio_sum[layer] / max(ratio_n[layer], 1),
-            "slots_read_share": float((c > 0).float().mean()),
-            "top1pct_read_share": float(c.topk(top).values.sum()) / total if total else 0.0,
-            "reads_per_prompt": sum(map(len, sets)) / len(sets) if sets else None,
-            "prompts_union_share": len(union) / n_slots[layer] if sets else None,
-        }
-    return report
+    return {
+        layer: _figures(c, ratio_sum[layer] / max(ratio_n[layer], 1), prompt_sets[layer])
+        for layer, c in counts.items()
+    }
+
+
+def _figures(counts: torch.Tensor, output_residual_ratio: float, sets: list[set[int]]) -> dict:
+    """One layer's usage figures from its background read counts (N,) and the probe prompts' slot sets."""
+    n = counts.numel()
+    total = int(counts.sum())
+    union = set().union(*sets) if sets else set()
+    return {
+        "output_residual_ratio": output_residual_ratio,
+        "slots_read_share": float((counts > 0).float().mean()),
+        "top1pct_read_share": float(counts.topk(max(1, n // 100)).values.sum()) / total if total else 0.0,
+        "reads_per_prompt": sum(map(len, sets)) / len(sets) if sets else None,
+        "prompts_union_share": len(union) / n if sets else None,
+    }
 
 
 @torch.no_grad()
