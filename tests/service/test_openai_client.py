@@ -4,7 +4,9 @@ One app (no update runner) runs in a uvicorn thread on a free port for the modul
 published straight into its store with synthetic deltas (nothing trains). Covered: chat and text
 completions, plain and streamed, `stream_options.include_usage` on and off, the chat template
 (the fallback, and a tokenizer's own), /v1/models with pinnable versions, and errors in OpenAI's
-shape arriving as the client's exception classes with the field in `param`.
+shape arriving as the client's exception classes with the field in `param`: 404, 409, 422, in-band
+stream errors, and (an app with keys, over an in-process transport) 401 for no or an unknown key, 429
+for a spent rate limit, 405, 413 and an unknown route.
 """
 
 from __future__ import annotations
@@ -305,3 +307,70 @@ def test_openapi_documents_the_openai_routes(server):
     assert spec["components"]["schemas"]["ChatCompletionRequest"].get("examples")
     generate_422 = spec["paths"]["/generate"]["post"]["responses"]["422"]["content"]["application/json"]
     assert generate_422["schema"]["$ref"].endswith("/ErrorResponse")
+
+
+# ---- keys, limits and methods: the same shape, the client's exception classes ------------------
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model_dir, tmp_path_factory):
+    """An app with API keys and a one-request-a-minute bucket, called through the client over an
+    in-process transport (TestClient is an httpx.Client)."""
+    from fastapi.testclient import TestClient
+
+    settings = Settings(
+        model=tiny_model_dir,
+        store=tmp_path_factory.mktemp("openai-keyed") / "store",
+        redis_url=None,
+        api_keys='{"k-read": "read", "k-spent": "read"}',
+        api_keys_file=None,
+        rate_limit_per_minute=1,
+        max_new_tokens_limit=LIMIT,
+        max_request_bytes=4000,
+    )
+    app = create_app(settings, start_runner=False)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        yield lambda key: openai.OpenAI(
+            base_url="http://testserver/v1", api_key=key, max_retries=0, http_client=http
+        )
+
+
+def assert_openai_error(err: openai.APIStatusError, status: int, type_: str, code: str, param) -> None:
+    assert err.status_code == status, err
+    assert set(err.response.json()) == {"error"} and OPENAI_ERROR_KEYS <= set(err.body), err.body
+    assert (err.type, err.code, err.param) == (type_, code, param), err.body
+
+
+def test_auth_errors_under_v1_are_openais(keyed):
+    ok = chat(keyed("k-read"), max_tokens=2)  # the key works: the errors below are the key's
+    assert ok.choices[0].finish_reason in ("stop", "length")
+    for call in (chat, complete, lambda c: c.models.list()):
+        with pytest.raises(openai.AuthenticationError) as e:
+            call(keyed("not-a-key"))
+        assert_openai_error(e.value, 401, "authentication_error", "unauthorized", "Authorization")
+        assert e.value.response.headers["WWW-Authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError) as e:  # no key sent at all
+        list(chat(keyed("unused"), stream=True, extra_headers={"Authorization": openai.Omit()}))
+    assert_openai_error(e.value, 401, "authentication_error", "unauthorized", "Authorization")
+
+
+def test_rate_limit_under_v1_is_openais(keyed):
+    client = keyed("k-spent")
+    client.models.list()  # the bucket's one request
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(client)
+    assert_openai_error(e.value, 429, "rate_limit_error", "rate_limited", "rate_limit_per_minute")
+    assert int(e.value.response.headers["Retry-After"]) >= 1
+
+
+def test_method_body_size_and_route_errors_under_v1_are_openais(keyed):
+    client = keyed("k-read")
+    with pytest.raises(openai.APIStatusError) as e:
+        client.delete("/models", cast_to=object)
+    assert_openai_error(e.value, 405, "invalid_request_error", "method_not_allowed", None)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.get("/embeddings", cast_to=object)
+    assert_openai_error(e.value, 404, "invalid_request_error", "not_found", None)
+    with pytest.raises(openai.APIStatusError) as e:
+        chat(client, messages=[{"role": "user", "content": "x" * 5000}])
+    assert_openai_error(e.value, 413, "invalid_request_error", "payload_too_large", "max_request_bytes")
