@@ -8,7 +8,7 @@ survive restarts. `create_job` returns only after both appends are fsynced.
 Memory: a process keeps every job's folded state and, per document record, its id, job id, byte
 offset and length in documents.jsonl, never its text: `documents()` / `document()` read the
 records from the file when a job runs (a few hundred bytes held per document, whatever its size).
-A finished job's state is held as its compressed JSON record (`_Folded`, ~0.8 KB with a full
+A finished job's state is held as its compressed JSON record (`Folded`, ~0.8 KB with a full
 evaluation, where the Job took ~6 KB) and decoded when read; jobs still to run are Job objects.
 
 Compaction: `compact()` (automatic after a write once the events since the last snapshot pass
@@ -20,6 +20,8 @@ snapshot renamed first (it records which segment and offset it covers, so the ol
 still in place if the process dies before the second rename, is replayed from there), then the
 new segment; see compact(). Another process notices the new generation on its next read (the
 header is read with every refresh) and reloads from the snapshot.
+
+The Job record, its states and the formats of the lines are in model_store/jobrecord.py.
 
 Concurrency: one process with threads is serialised by a lock; several processes (API replicas and
 workers on one shared store) by an exclusive file lock, `log/.jobs.lock`, held across every write:
@@ -49,10 +51,8 @@ import sys
 import threading
 import time
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,38 @@ from filelock import Timeout as FileLockTimeout
 
 from .errors import IdempotencyConflict, InvalidTransition, LockTimeout, StoreError
 from .fsutil import JsonlReader, append_jsonl, crash_point, fsync_dir, read_record_at
+from .jobrecord import (
+    SNAPSHOT_FORMAT,
+    STATUSES,
+    TERMINAL,
+    TRANSITIONS,
+    UPDATABLE,
+    Folded,
+    Job,
+    apply_update,
+    document_records,
+    held,
+    held_from_snapshot,
+    new_document_id,
+    new_job_id,
+    segment_generation,
+    segment_header,
+    snapshot_generation,
+    write_snapshot_file,
+)
+
+__all__ = [
+    "COMPACT_BYTES",
+    "COMPACT_STEPS",
+    "STATUSES",
+    "TERMINAL",
+    "TRANSITIONS",
+    "UPDATABLE",
+    "Job",
+    "JobLog",
+    "new_document_id",
+    "new_job_id",
+]
 
 log = logging.getLogger("memfit.store.joblog")
 
@@ -68,7 +100,6 @@ LOCK_TIMEOUT_S = 60.0  # a write waiting longer for the job log's file lock rais
 # compact when the events appended since the last snapshot pass this many bytes (or the snapshot's
 # own size, whichever is larger: rewriting the snapshot then costs at most what was appended)
 COMPACT_BYTES = 16 << 20
-SNAPSHOT_FORMAT = 1
 # MEMFIT_CRASH_AT points inside compact(), in order (crash-safety tests)
 COMPACT_STEPS = (
     "compact:snapshot_written",
@@ -76,97 +107,6 @@ COMPACT_STEPS = (
     "compact:snapshot_renamed",
     "compact:done",
 )
-_SEGMENT_PREFIX = b'{"event":"segment"'
-
-STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "cancelled")
-TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
-TRANSITIONS: dict[str, set[str]] = {
-    "queued": {"queued", "running", "cancelled", "failed"},
-    "running": {"running", "succeeded", "rejected", "failed", "cancelled", "queued"},
-    "succeeded": set(),
-    "rejected": set(),
-    "failed": {"queued"},
-    "cancelled": {"queued"},
-}
-UPDATABLE = ("status", "version", "parent", "error", "timings", "evaluation", "progress", "report")
-
-
-@dataclass
-class Job:
-    job_id: str
-    status: str = "queued"
-    documents: list[str] = field(default_factory=list)  # document ids, in ingestion order
-    settings: dict[str, Any] = field(default_factory=dict)
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    version: int | None = None
-    parent: int | None = None
-    error: str | None = None
-    timings: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
-    progress: dict[str, Any] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-    idempotency_key: str | None = None
-    # who the key belongs to, as recorded by /ingest: "key:<key id>" (the key is prefixed with it) or
-    # "anonymous"; None on records written before keys were scoped (see find_by_idempotency_key)
-    idempotency_scope: str | None = None
-    body_sha256: str | None = None
-    request_id: str | None = None  # X-Request-ID of the ingest (memfit/logs.py): the worker logs it
-    attempts: int = 0
-    # starts since the job was last put in the queue (created, retried, or handed back by a stopping
-    # runner): every start but the last died with its process (workers.pipeline: MEMFIT_MAX_ATTEMPTS)
-    deliveries: int = 0
-    seq: int = 0  # creation order in the log
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
-
-
-class _Folded:
-    """A finished job as every process holds it: its record as JSON, zlib-compressed, with the two
-    fields reads filter on. Decoded into a Job (a fresh copy) when asked for. A finished job with
-    its evaluation took ~6 KB as a Job; this ~0.8 KB (test_joblog_compaction.py::
-    test_finished_jobs_are_held_compactly). Jobs still to run stay Job objects."""
-
-    __slots__ = ("seq", "status", "blob")
-    terminal = True
-
-    def __init__(self, seq: int, status: str, record: bytes) -> None:
-        self.seq = seq
-        self.status = sys.intern(status)
-        self.blob = zlib.compress(record, 1)
-
-    @classmethod
-    def of(cls, job: Job) -> _Folded:
-        # the fields' values came from JSON (the log's lines): no deep copy needed to encode them
-        fields = {k: getattr(job, k) for k in _JOB_FIELDS}
-        return cls(job.seq, job.status, json.dumps(fields, separators=(",", ":")).encode())
-
-    def to_dict(self) -> dict[str, Any]:
-        d = json.loads(zlib.decompress(self.blob))
-        return {k: d[k] for k in _JOB_FIELDS if k in d}
-
-    def job(self) -> Job:
-        return Job(**self.to_dict())
-
-
-_JOB_FIELDS = tuple(Job.__dataclass_fields__)
-
-
-def _held(job: Job) -> Job | _Folded:
-    return _Folded.of(job) if job.terminal else job
-
-
-def new_job_id() -> str:
-    return "j_" + uuid.uuid4().hex[:16]
-
-
-def new_document_id() -> str:
-    return "doc_" + uuid.uuid4().hex[:16]
 
 
 class JobLog:
@@ -189,8 +129,8 @@ class JobLog:
     def _reset(self) -> None:
         """Empty in-memory state: what a log with no snapshot and no events folds to."""
         self.invalid_transitions = 0
-        # a finished job is held folded (_Folded: compressed), one still to run as its Job
-        self._jobs: dict[str, Job | _Folded] = {}
+        # a finished job is held folded (Folded: compressed), one still to run as its Job
+        self._jobs: dict[str, Job | Folded] = {}
         self._by_key: dict[str, str] = {}
         # document id -> [(job id, byte offset, length) of each record in documents.jsonl]: offsets,
         # never the texts (read from the file when a job runs, documents())
@@ -244,7 +184,7 @@ class JobLog:
             return True
         with f:
             head = os.pread(f.fileno(), 128, 0)
-            gen, header_len = _segment_generation(head)
+            gen, header_len = segment_generation(head)
             if self._seg_gen is None:
                 if gen == self._snap_gen:  # both 0: no snapshot, a log without segment header
                     start = header_len
@@ -277,16 +217,9 @@ class JobLog:
                 rec = json.loads(line)
                 if "j" in rec:
                     j = rec["j"]
-                    jid, key = j["job_id"], j.get("idempotency_key")
-                    if j.get("status") in TERMINAL:  # folded from its line: no Job built
-                        raw = line.rstrip(b"\n")
-                        ok = raw.startswith(b'{"j":') and raw.endswith(b"}")  # as compact() writes it
-                        record = raw[5:-1] if ok else json.dumps(j).encode()
-                        self._jobs[jid] = _Folded(int(j.get("seq", 0)), j["status"], record)
-                    else:
-                        self._jobs[jid] = Job(**{k: v for k, v in j.items() if k in Job.__dataclass_fields__})
-                    if key:
-                        self._by_key[key] = jid
+                    self._jobs[j["job_id"]] = held_from_snapshot(line, j)
+                    if j.get("idempotency_key"):
+                        self._by_key[j["idempotency_key"]] = j["job_id"]
                 elif "d" in rec:
                     doc_id, jid, off, n = rec["d"]
                     ref = (sys.intern(jid) if jid is not None else None, int(off), int(n))
@@ -316,34 +249,22 @@ class JobLog:
             self._seq += 1
             job = Job(**known)
             job.seq = self._seq
-            self._jobs[job.job_id] = _held(job)
+            self._jobs[job.job_id] = held(job)
             if job.idempotency_key:
                 self._by_key[job.idempotency_key] = job.job_id
         elif ev == "update":
-            found = self._job(str(rec.get("job_id")))
-            if found is None:
+            job = self._job(str(rec.get("job_id")))
+            if job is None:
                 return
-            job = found
-            before = job.status
-            status = rec.get("fields", {}).get("status")
-            if status is not None and status not in TRANSITIONS.get(before, set()):
+            if not apply_update(job, rec):
                 self.invalid_transitions += 1  # a racing write from before the file lock: not applied
                 return
-            for k, v in (rec.get("fields") or {}).items():
-                if k in UPDATABLE:
-                    setattr(job, k, v)
-            if status == "running":
-                job.attempts += 1
-                job.deliveries += 1
-            elif status == "queued" and before != "queued":
-                job.deliveries = 0
-            job.updated_at = rec.get("time", job.updated_at)
-            self._jobs[job.job_id] = _held(job)  # folded once finished (a retry unfolds it)
+            self._jobs[job.job_id] = held(job)  # folded once finished (a retry unfolds it)
 
     def _job(self, job_id: str) -> Job | None:
         """The job's current state (a fresh Job for a finished one, else the one held)."""
         held = self._jobs.get(job_id)
-        return held.job() if isinstance(held, _Folded) else held
+        return held.job() if isinstance(held, Folded) else held
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -395,7 +316,7 @@ class JobLog:
             p.unlink(missing_ok=True)  # left by a compaction that died (none runs: we hold the lock)
         for p in self.dir.glob(f".{self.jobs_path.name}.tmp-*"):
             p.unlink(missing_ok=True)
-        gen = max(self._snap_gen, self._seg_gen, _snapshot_generation(self.snapshot_path)) + 1
+        gen = max(self._snap_gen, self._seg_gen, snapshot_generation(self.snapshot_path)) + 1
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         snap_tmp = self.dir / f".{self.snapshot_path.name}.tmp-{tag}"
         seg_tmp = self.dir / f".{self.jobs_path.name}.tmp-{tag}"
@@ -412,24 +333,10 @@ class JobLog:
             "jobs": len(self._jobs),
             "documents": n_docs,
         }
-        seg_header = _segment_header(gen)
+        seg_header = segment_header(gen)
         renamed = False
         try:
-            with open(snap_tmp, "wb") as f:
-
-                def put(rec: dict[str, Any]) -> None:
-                    f.write(json.dumps(rec, default=str, separators=(",", ":")).encode() + b"\n")
-
-                put(header)
-                for job in sorted(self._jobs.values(), key=lambda j: j.seq):
-                    put({"j": job.to_dict()})
-                for doc_id, refs in self._doc_index.items():
-                    for jid, off, n in refs:
-                        put({"d": [doc_id, jid, off, n]})
-                put({"end": gen})
-                f.flush()
-                os.fsync(f.fileno())
-                snap_bytes = f.tell()
+            snap_bytes = write_snapshot_file(snap_tmp, header, self._jobs.values(), self._doc_index, gen)
             crash_point(COMPACT_STEPS[0])
             with open(seg_tmp, "wb") as f:
                 f.write(seg_header)
@@ -494,7 +401,7 @@ class JobLog:
 
     def _append_events(self, records: builtins.list[dict[str, Any]]) -> None:
         if self._seg_gen and not (self.jobs_path.exists() and self.jobs_path.stat().st_size):
-            records = [json.loads(_segment_header(self._seg_gen)), *records]  # the file went missing
+            records = [json.loads(segment_header(self._seg_gen)), *records]  # the file went missing
         append_jsonl(self.jobs_path, records)
 
     # -- writes ------------------------------------------------------------------------------------
@@ -527,20 +434,7 @@ class JobLog:
             if job_id in self._jobs:
                 raise StoreError(f"job {job_id} already exists")
             now = time.time()
-            doc_records: builtins.list[dict[str, Any]] = []
-            for d in documents:
-                if "text" not in d:
-                    raise ValueError(f"document {d.get('id', len(doc_records))} has no text")
-                doc_records.append(
-                    {
-                        "id": str(d.get("id") or new_document_id()),
-                        "text": d["text"],
-                        "facts": list(d.get("facts") or []),
-                        "metadata": dict(d.get("metadata") or {}),
-                        "time": now,
-                        "job_id": job_id,
-                    }
-                )
+            doc_records = document_records(documents, job_id, now)
             job = Job(
                 job_id=job_id,
                 status="queued",
@@ -634,7 +528,7 @@ class JobLog:
             held = [j for j in held if j.status == status]
         if limit is not None:
             held = held[:limit]
-        return [j.job() if isinstance(j, _Folded) else j for j in held]
+        return [j.job() if isinstance(j, Folded) else j for j in held]
 
     def counts(self) -> dict[str, int]:
         """Jobs per status (without decoding the finished ones)."""
@@ -702,26 +596,3 @@ class JobLog:
         with self._lock:
             self.refresh()
             return [str(jid) for jid, _, _ in self._doc_index.get(str(doc_id), [])]
-
-
-def _segment_header(generation: int) -> bytes:
-    """The first line of a jobs.jsonl written by a compaction (a log without one is generation 0)."""
-    return json.dumps({"event": "segment", "generation": generation}, separators=(",", ":")).encode() + b"\n"
-
-
-def _segment_generation(head: bytes) -> tuple[int, int]:
-    """(generation, header length) from the first bytes of a jobs.jsonl."""
-    if head.startswith(_SEGMENT_PREFIX):
-        nl = head.find(b"\n")
-        if nl > 0:
-            with contextlib.suppress(ValueError, TypeError):
-                return int(json.loads(head[:nl])["generation"]), nl + 1
-    return 0, 0
-
-
-def _snapshot_generation(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return int(json.loads(f.readline()).get("generation", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
