@@ -32,70 +32,90 @@ def run(args) -> int:
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
-    if settings.redis_url:
-        try:
-            import workers.distributed  # noqa: F401  (lazy: only the distributed mode needs Celery)
-        except ImportError as e:
-            print(
-                f"memfit serve: MEMFIT_REDIS_URL is set, but the distributed mode is not available here ({e}).\n"
-                "Unset MEMFIT_REDIS_URL to run in embedded mode.",
-                file=sys.stderr,
-            )
-            return 2
+    problem = _mode_problem(settings)
+    if problem:
+        return _refuse(problem)
 
     from memfit.config import DeviceUnavailable, resolve_device
 
     try:  # before anything loads: MEMFIT_DEVICE=cuda on a machine without one is a clear error
         device = resolve_device(settings.device)
     except DeviceUnavailable as e:
-        print(f"memfit serve: {e}", file=sys.stderr)
-        return 2
+        return _refuse(str(e))
 
     from service.security import check_bind
 
     host, warning = check_bind(settings, args.host, args.insecure)
     if warning:
         print(warning, file=sys.stderr)
+    problem = _ensure_model(settings)
+    if problem:
+        return _refuse(problem)
 
-    from model_store.tables import has_weights
-
-    store_exists = (settings.store / "store.json").exists()
-    model_given = "model" in settings.model_fields_set
-    if not store_exists and not has_weights(settings.model):
-        if model_given:
-            print(
-                f"memfit serve: no model at {settings.model} (config.json + model.safetensors)",
-                file=sys.stderr,
-            )
-            return 2
-        from memfit.extras import check
-
-        problem = check("pretrain", "building the default model")
-        if problem:
-            print(f"memfit serve: no model at {settings.model}; {problem}", file=sys.stderr)
-            return 2
-        from memlm.pretrain import pretrain
-
-        print(
-            f"no model at {settings.model}: building the default model first "
-            "(about 20 minutes on 2 CPU cores; `memfit pretrain` does the same)",
-            flush=True,
-        )
-        pretrain("default", settings.model, progress=True)
-
-    from service.app import StoreSetupError, create_app, open_store
+    from service.app import StoreSetupError, open_store
 
     try:
         store = open_store(settings)
     except StoreSetupError as e:
-        print(f"memfit serve: {e}", file=sys.stderr)
-        return 2
+        return _refuse(str(e))
     print(
         f"store {store.root} (active version {store.active()}), base model {store.base_dir}, device {device}",
         flush=True,
     )
+    _serve(settings, host)
+    return 0
 
+
+def _refuse(problem: str) -> int:
+    print(f"memfit serve: {problem}", file=sys.stderr)
+    return 2
+
+
+def _mode_problem(settings) -> str | None:
+    """With MEMFIT_REDIS_URL set, why the distributed mode cannot run here (None: it can, or embedded)."""
+    if not settings.redis_url:
+        return None
+    try:
+        import workers.distributed  # noqa: F401  (lazy: only the distributed mode needs Celery)
+    except ImportError as e:
+        return (
+            f"MEMFIT_REDIS_URL is set, but the distributed mode is not available here ({e}).\n"
+            "Unset MEMFIT_REDIS_URL to run in embedded mode."
+        )
+    return None
+
+
+def _ensure_model(settings) -> str | None:
+    """Without a store and without a model at the default location, build the default model first
+    (`make run` relies on this); an explicit --model that is missing is an error (returned)."""
+    from model_store.tables import has_weights
+
+    store_exists = (settings.store / "store.json").exists()
+    if store_exists or has_weights(settings.model):
+        return None
+    if "model" in settings.model_fields_set:
+        return f"no model at {settings.model} (config.json + model.safetensors)"
+    from memfit.extras import check
+
+    problem = check("pretrain", "building the default model")
+    if problem:
+        return f"no model at {settings.model}; {problem}"
+    from memlm.pretrain import pretrain
+
+    print(
+        f"no model at {settings.model}: building the default model first "
+        "(about 20 minutes on 2 CPU cores; `memfit pretrain` does the same)",
+        flush=True,
+    )
+    pretrain("default", settings.model, progress=True)
+    return None
+
+
+def _serve(settings, host: str) -> None:
+    """Print the try-it lines and run the app under uvicorn until shutdown."""
     import uvicorn
+
+    from service.app import create_app
 
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{settings.port}"
@@ -110,4 +130,3 @@ def run(args) -> int:
         access_log=False,  # memfit.logs.RequestIdMiddleware logs each request (with its X-Request-ID)
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return 0

@@ -47,39 +47,63 @@ def run(args) -> int:
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)  # JSON lines (docs/observability.md)
-    if not settings.redis_url:
-        print(
-            "memfit worker: MEMFIT_REDIS_URL is not set. The worker runs the distributed mode's updates "
-            "from a Redis queue, e.g.\n  MEMFIT_REDIS_URL=redis://127.0.0.1:6379/0 memfit worker --store DIR\n"
-            "(embedded mode needs no worker: `memfit serve` runs updates in-process).",
-            file=sys.stderr,
-        )
-        return 2
-    if getattr(args, "concurrency", 1) not in (None, 1):
-        print(
-            "memfit worker: --concurrency must be 1 (solo pool, one model per process); "
-            "start more worker processes for more throughput",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        from workers.celery_app import celery_config
-
-        celery_config(settings)  # validates the time limits before anything loads
-    except ValueError as e:
-        print(f"memfit worker: {e}", file=sys.stderr)
-        return 2
+    problem = _settings_problem(settings, args)
+    if problem:
+        return _refuse(problem)
 
     from memfit.config import DeviceUnavailable, resolve_device
 
     try:
         device = resolve_device(settings.device)
     except DeviceUnavailable as e:
-        print(f"memfit worker: {e}", file=sys.stderr)
-        return 2
+        return _refuse(str(e))
 
     store = _open_store(settings, "model" in settings.model_fields_set)
+    problem = _redis_problem(settings)
+    if problem:
+        return _refuse(problem)
 
+    from workers.background_redis import BackgroundMismatch
+    from workers.runtime import WorkerRuntime, set_worker_runtime
+
+    runtime = WorkerRuntime(settings, store, device=device)
+    try:
+        runtime.load()
+    except (BackgroundMismatch, FileNotFoundError) as e:
+        return _refuse(str(e))
+    set_worker_runtime(runtime)
+    _consume(settings, runtime, store, device)
+    return 0
+
+
+def _refuse(problem: str) -> int:
+    print(f"memfit worker: {problem}", file=sys.stderr)
+    return 2
+
+
+def _settings_problem(settings, args) -> str | None:
+    """Why this worker cannot start with these settings (checked before anything loads), or None."""
+    if not settings.redis_url:
+        return (
+            "MEMFIT_REDIS_URL is not set. The worker runs the distributed mode's updates "
+            "from a Redis queue, e.g.\n  MEMFIT_REDIS_URL=redis://127.0.0.1:6379/0 memfit worker --store DIR\n"
+            "(embedded mode needs no worker: `memfit serve` runs updates in-process)."
+        )
+    if getattr(args, "concurrency", 1) not in (None, 1):
+        return (
+            "--concurrency must be 1 (solo pool, one model per process); "
+            "start more worker processes for more throughput"
+        )
+    try:
+        from workers.celery_app import celery_config
+
+        celery_config(settings)  # validates the time limits before anything loads
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _redis_problem(settings) -> str | None:
     import redis
 
     try:
@@ -87,21 +111,14 @@ def run(args) -> int:
     except redis.RedisError as e:
         from memfit.config import redacted
 
-        print(f"memfit worker: Redis at {redacted(settings.redis_url)} is unreachable ({e})", file=sys.stderr)
-        return 2
+        return f"Redis at {redacted(settings.redis_url)} is unreachable ({e})"
+    return None
 
-    from workers.background_redis import BackgroundMismatch
-    from workers.celery_app import get_app
-    from workers.runtime import WorkerRuntime, set_worker_runtime
 
-    runtime = WorkerRuntime(settings, store, device=device)
-    try:
-        runtime.load()
-    except (BackgroundMismatch, FileNotFoundError) as e:
-        print(f"memfit worker: {e}", file=sys.stderr)
-        return 2
-    set_worker_runtime(runtime)
+def _consume(settings, runtime, store, device) -> None:
+    """Serve this worker's metrics and consume the queue with the solo pool until the worker stops."""
     from service.worker_metrics import instrument, start_server
+    from workers.celery_app import get_app
 
     instrument(runtime.pipeline, runtime.store)  # job metrics on this worker's own /metrics
     start_server(settings)  # MEMFIT_WORKER_METRICS_PORT (docs/observability.md)
@@ -125,4 +142,3 @@ def run(args) -> int:
         app.worker_main(argv)
     finally:
         runtime.close()
-    return 0
