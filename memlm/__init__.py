@@ -71,6 +71,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "merge_reads": ("reach", "merge_reads"),
     "probe_reads": ("reach", "probe_reads"),
     "protected_slots": ("reach", "protected_slots"),
+    "protection_mask": ("reach", "protection_mask"),
     "reach_report": ("reach", "reach_report"),
     "reached": ("reach", "reached"),
     "text_reads": ("reach", "text_reads"),

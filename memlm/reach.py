@@ -79,6 +79,26 @@ def protected_slots(
     return {layer: c >= min_prompts for layer, c in counts.items()}
 
 
+SHIELD_SEED = 1  # the served-format texts `protection_mask` shields (memlm.pretrain.served_background)
+
+
+def protection_mask(
+    model, tokenizer, preservation: Sequence[dict] = (), shield: int = 0, min_prompts: int = 1
+) -> dict[int, torch.Tensor]:
+    """The `protected_slots` of a preservation set of known facts (their prompt + greedy answer reads
+    under the model as it is now) and of `shield` served-format question-answer texts of invented
+    entities no stream uses (memlm.pretrain.served_background, seed SHIELD_SEED: the reads the served
+    format itself makes). Compute it on the base: first-layer reads never move under value-only updates,
+    so one mask holds for every later update."""
+    from .pretrain import served_background
+
+    reads = probe_reads(model, tokenizer, preservation) if preservation else []
+    texts = [t.rstrip("\n") for t in served_background(shield, seed=SHIELD_SEED)]
+    reads += text_reads(model, tokenizer, texts)
+    sizes = {layer: int(t.shape[0]) for layer, t in model.value_tables().items()}
+    return protected_slots(reads, sizes, min_prompts)
+
+
 def reached(reads: Sequence[Mapping[int, torch.Tensor]], changed: Mapping[int, torch.Tensor]) -> list[bool]:
     """Per probe: does it read any changed row? `changed`: {memory layer: slot ids the update wrote}."""
     sets = {int(layer): idx.reshape(-1).cpu().long() for layer, idx in changed.items()}

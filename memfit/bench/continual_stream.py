@@ -17,7 +17,15 @@ import torch
 
 import memlm
 from memlm.evaluation import answered, perplexity
-from memlm.reach import delta_rows, merge_reads, probe_reads, protected_slots, reach_report, reached
+from memlm.reach import (
+    delta_rows,
+    merge_reads,
+    probe_reads,
+    protected_slots,
+    protection_mask,
+    reach_report,
+    reached,
+)
 from memlm.updater import UpdateSettings, learn_documents
 
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
@@ -258,22 +266,14 @@ PROTECTION_FIELDS = ("preserve", "preserve_min", "shield", "keep_written", "keep
 def _preservation_mask(
     model, ctx: Context, preserve, min_prompts: int = 1, shield: int = 0
 ) -> dict[int, Any]:
-    """The slots read (by at least `min_prompts` of the texts) by `preserve` facts of the preservation
-    set (all of it for True), prompt and greedy answer, and by `shield` served-format question-answer
-    texts of invented facts (memlm.pretrain.served_background: the served formats and training rewrites
-    with entities no stream uses), on the base model. Computed once: the reads of the first memory layer
-    never change under value-only updates (memlm.reach)."""
-    from memlm.pretrain import served_background
-    from memlm.reach import text_reads
-
+    """memlm.reach.protection_mask of `preserve` facts of the preservation set (all of it for True) and
+    `shield` served-format texts, on the base model."""
     facts = (
         [] if not preserve else ctx.preservation if preserve is True else ctx.preservation[: int(preserve)]
     )
     if preserve and not facts:
         raise ValueError("the preservation set is empty: every known fact is in the measured probe")
-    reads = probe_reads(model, ctx.tokenizer, facts) if facts else []
-    reads += text_reads(model, ctx.tokenizer, [t.rstrip("\n") for t in served_background(shield, seed=1)])
-    return protected_slots(reads, _table_sizes(model), min_prompts)
+    return protection_mask(model, ctx.tokenizer, facts, shield, min_prompts)
 
 
 def _table_sizes(model) -> dict[int, int]:

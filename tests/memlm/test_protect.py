@@ -51,3 +51,25 @@ def test_update_with_a_protected_set_leaves_its_prompts_bit_identical():
     assert not any(reached(reads, changed))
     assert all(torch.equal(a, b) for a, b in zip(before, _logits(model, keep)))
     assert delta.report["slots_protected"] == {str(k): int(v.sum()) for k, v in masks.items()}
+
+
+def test_protection_mask_covers_the_preservation_facts_and_the_shield_texts(tiny_model_dir):
+    import json
+
+    import memlm
+    from memlm.pretrain import served_background
+    from memlm.reach import SHIELD_SEED, probe_reads, protection_mask, text_reads
+
+    model, tokenizer = memlm.load(tiny_model_dir)
+    facts = json.loads((tiny_model_dir / "probe.json").read_text())["facts"][:6]
+    shield = [t.rstrip("\n") for t in served_background(4, seed=SHIELD_SEED)]
+    mask = protection_mask(model, tokenizer, facts, shield=4)
+    for reads in probe_reads(model, tokenizer, facts) + text_reads(model, tokenizer, shield):
+        for layer, slots in reads.items():
+            assert mask[layer][slots].all()  # every slot any of them reads is protected
+    only_facts = protection_mask(model, tokenizer, facts)
+    only_shield = protection_mask(model, tokenizer, shield=4)
+    for layer in mask:
+        assert torch.equal(mask[layer], only_facts[layer] | only_shield[layer])  # and nothing else
+        assert 0 < int(only_facts[layer].sum()) < mask[layer].numel()
+    assert all(not m.any() for m in protection_mask(model, tokenizer).values())
