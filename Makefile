@@ -21,7 +21,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml requirements.lock Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH)"
-	# dev brings the bench and pretrain extras; requirements.lock pins the runtime closure (make lock)
+	# dev brings the bench and pretrain extras; requirements.lock pins all of it (make lock): the suite runs on pyproject's floors
 	$(PIP) install -q -e ".[dev]" -c requirements.lock
 	touch $(STAMP)
 

@@ -26,15 +26,25 @@ def names(reqs: list[str]) -> set[str]:
     return {canonicalize_name(Requirement(r).name) for r in reqs}
 
 
-def lock() -> dict[str, str]:
-    out = {}
+def lock(section: str | None = None) -> dict[str, str]:
+    """requirements.lock's pins: all, or those of one section ("runtime", "the suite")."""
+    out, current = {}, None
     for line in (ROOT / "requirements.lock").read_text().splitlines():
         line = line.strip()
-        if line and not line.startswith("#"):
+        if line.startswith("# ---- "):
+            current = line[len("# ---- ") :].split(":")[0]
+        elif line and not line.startswith("#"):
             name, _, version = line.partition("==")
             assert version and re.fullmatch(r"[A-Za-z0-9_.+!-]+", version), f"not an exact pin: {line}"
-            out[canonicalize_name(name)] = version
+            if section is None or section == current:
+                out[canonicalize_name(name)] = version
     return out
+
+
+def requirements() -> list[Requirement]:
+    """Every requirement of pyproject: the dependencies and each extra (memfit's own extras left out)."""
+    reqs = PROJECT["dependencies"] + [r for rs in PROJECT["optional-dependencies"].values() for r in rs]
+    return [r for r in map(Requirement, reqs) if canonicalize_name(r.name) != "memfit"]
 
 
 def test_base_install_is_runtime_only_and_extras_hold_the_rest():
@@ -67,23 +77,40 @@ def test_lock_is_exact_current_and_covers_the_runtime_closure():
         [sys.executable, "tools/lock.py", "--check"], cwd=ROOT, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr  # what tools/lock.py would write from this venv
+    runtime, suite = lock("runtime"), lock("the suite")
+    assert runtime and suite and not runtime.keys() & suite.keys()
+    assert not runtime.keys() & NOT_RUNTIME, runtime.keys() & NOT_RUNTIME  # the image's section
+    assert BENCH <= suite.keys() and {"pytest", "openai"} <= suite.keys()
     pins = lock()
-    assert not pins.keys() & NOT_RUNTIME, pins.keys() & NOT_RUNTIME
     assert "torch" not in pins  # installed first from TORCH / TORCH_INDEX
     for req in map(Requirement, PROJECT["dependencies"] + PROJECT["optional-dependencies"]["pretrain"]):
-        name = canonicalize_name(req.name)
-        if name == "torch":
-            continue
-        assert name in pins, f"{req.name} is not in requirements.lock"
-        # the pins satisfy pyproject, and pyproject's floors are the tested (locked) versions' series
-        assert req.specifier.contains(pins[name], prereleases=True), (str(req), pins[name])
-        floors = [Version(s.version) for s in req.specifier if s.operator in (">=", "==")]
-        assert floors, f"{req.name} has no floor"
-        locked = Version(pins[name])
-        assert all(f.release[:2] == locked.release[:2] for f in floors), (str(req), pins[name])
+        if canonicalize_name(req.name) != "torch":
+            assert canonicalize_name(req.name) in runtime, f"{req.name} is not in the runtime section"
     # the venv the suite runs in has the locked versions
     for name, version in pins.items():
         assert metadata.version(name) == version, name
+
+
+def test_floors_are_the_tested_versions():
+    """Every floor in pyproject (dependencies and extras) is the version the lock pins and this suite
+    runs on, so the lowest version a user may get is one that `make test` ran; torch's floor is the
+    build of the committed GPU check, and the suite's torch (the Makefile's pin) is inside the range."""
+    pins = lock()
+    for req in requirements():
+        name = canonicalize_name(req.name)
+        floors = [s.version for s in req.specifier if s.operator in (">=", "==")]
+        assert len(floors) == 1, f"{req}: one floor (>=) or pin (==)"
+        if name == "torch":
+            continue
+        assert name in pins, f"{req.name} is not in requirements.lock"
+        assert Version(floors[0]) == Version(pins[name]), f"{req}: the tested version is {pins[name]}"
+        assert Version(metadata.version(name)) == Version(floors[0]), (str(req), metadata.version(name))
+    (torch,) = [r for r in requirements() if r.name == "torch"]
+    (floor,) = [s.version for s in torch.specifier if s.operator == ">="]
+    gpu = (ROOT / "benchmarks/results/gpu/gpu_check.txt").read_text()
+    assert re.search(rf"^torch {re.escape(floor)}\+cu\d+ cuda build .* available True", gpu, re.M), floor
+    pinned = re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert torch.specifier.contains(pinned) and metadata.version("torch").split("+")[0] == pinned
 
 
 def test_dockerfile_and_makefile_install_against_the_lock():
