@@ -20,12 +20,9 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,11 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from memfit.bench.load import closed_loop, memfit_serve  # noqa: E402
 
 
 def find_model(arg: str | None) -> Path:
@@ -121,32 +114,14 @@ def ingest_to_answerable(
 
 
 def generate_latency(url: str, prompts: list[str], concurrency: int, requests: int) -> dict:
-    lat: list[float] = []
-    lock = threading.Lock()
-    counter = {"i": 0}
+    def post(c: httpx.Client, i: int) -> None:
+        r = c.post("/generate", json={"prompt": prompts[i % len(prompts)], "max_new_tokens": 16})
+        r.raise_for_status()
 
-    def worker() -> None:
-        with httpx.Client(base_url=url, timeout=120) as c:
-            while True:
-                with lock:
-                    i = counter["i"]
-                    counter["i"] += 1
-                if i >= requests:
-                    return
-                body = {"prompt": prompts[i % len(prompts)], "max_new_tokens": 16}
-                t = time.perf_counter()
-                r = c.post("/generate", json=body)
-                r.raise_for_status()
-                with lock:
-                    lat.append(time.perf_counter() - t)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    run = closed_loop(
+        post, range(requests), concurrency, session=lambda: httpx.Client(base_url=url, timeout=120)
+    )
+    lat, wall = run.latencies, run.wall_s
     return {
         "concurrency": concurrency,
         "requests": len(lat),
@@ -158,70 +133,9 @@ def generate_latency(url: str, prompts: list[str], concurrency: int, requests: i
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--gate", action="store_true", help="keep the evaluation gate on")
-    ap.add_argument("--requests", type=int, default=40, help="/generate requests per concurrency level")
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--out", default=None, help="write the figures as JSON here")
-    ap.add_argument(
-        "--settings", default=None, help="update settings of the ingests, JSON (e.g. '{\"lr\": 1.0}')"
-    )
-    args = ap.parse_args()
-
-    from memlm.data.invented import invented_facts
-
+    args = _parse_args()
     model = find_model(args.model)
-    tmp = Path(tempfile.mkdtemp(prefix="memfit-bench-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MEMFIT_HOME": str(tmp), "MEMFIT_LOG_LEVEL": "warning"}
-    env.pop("MEMFIT_REDIS_URL", None)
-    if not args.gate:
-        env["MEMFIT_GATE_ENABLED"] = "false"
-    cmd = [sys.executable, "-m", "memfit.cli", "serve", "--model", str(model), "--store", str(tmp / "store")]
-    log = open(tmp / "serve.log", "wb")
-    proc = subprocess.Popen(
-        cmd + ["--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit((tmp / "serve.log").read_text()[-3000:])
-            time.sleep(0.2)
-        facts = invented_facts(args.batch + 1, seed=int(time.time()) % 100_000)
-        probe_prompts = [question_prompt(f["question"]) for f in facts[:20]]
-        with httpx.Client(base_url=url, timeout=600) as c:
-            # let the runner load its training copy before timing the first job
-            while c.get("/jobs").status_code != 200:
-                time.sleep(0.1)
-            warm = c.post(
-                "/ingest", json={"documents": [{"text": "warm up", "id": "warm"}], "settings": {"steps": 1}}
-            )
-            wid = warm.json()["job_id"]
-            while c.get(f"/jobs/{wid}").json()["status"] in ("queued", "running"):
-                time.sleep(0.05)
-            overrides = json.loads(args.settings) if args.settings else None
-            one = ingest_to_answerable(c, facts[:1], check=1, settings=overrides)
-            batch = (
-                ingest_to_answerable(c, facts[1 : args.batch + 1], check=args.batch, settings=overrides)
-                if args.batch
-                else {"status": "skipped (--batch 0)"}
-            )
-        lat = [generate_latency(url, probe_prompts, conc, args.requests) for conc in (1, 8)]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    one, batch, lat = _measure(args, model)
     result = {
         "model": str(model),
         "gate": bool(args.gate),
@@ -231,8 +145,65 @@ def main() -> int:
         "batch": batch,
         "generate": lat,
     }
+    _print_table(result, args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--gate", action="store_true", help="keep the evaluation gate on")
+    ap.add_argument("--requests", type=int, default=40, help="/generate requests per concurrency level")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument(
+        "--settings", default=None, help="update settings of the ingests, JSON (e.g. '{\"lr\": 1.0}')"
+    )
+    return ap.parse_args()
+
+
+def _measure(args: argparse.Namespace, model: Path) -> tuple[dict, dict, list[dict]]:
+    """(one fact, the batch, /generate latency per concurrency) against a fresh `memfit serve`."""
+    from memlm.data.invented import invented_facts
+
+    home = Path(tempfile.mkdtemp(prefix="memfit-bench-"))
+    env = {} if args.gate else {"MEMFIT_GATE_ENABLED": "false"}
+    with memfit_serve(model, home, env=env, stop_wait_s=20) as url:
+        facts = invented_facts(args.batch + 1, seed=int(time.time()) % 100_000)
+        probe_prompts = [question_prompt(f["question"]) for f in facts[:20]]
+        with httpx.Client(base_url=url, timeout=600) as c:
+            _warm_up(c)
+            overrides = json.loads(args.settings) if args.settings else None
+            one = ingest_to_answerable(c, facts[:1], check=1, settings=overrides)
+            batch = (
+                ingest_to_answerable(c, facts[1 : args.batch + 1], check=args.batch, settings=overrides)
+                if args.batch
+                else {"status": "skipped (--batch 0)"}
+            )
+        lat = [generate_latency(url, probe_prompts, conc, args.requests) for conc in (1, 8)]
+    return one, batch, lat
+
+
+def _warm_up(c: httpx.Client) -> None:
+    """Let the runner load its training copy before the first job is timed."""
+    while c.get("/jobs").status_code != 200:
+        time.sleep(0.1)
+    warm = c.post(
+        "/ingest", json={"documents": [{"text": "warm up", "id": "warm"}], "settings": {"steps": 1}}
+    )
+    wid = warm.json()["job_id"]
+    while c.get(f"/jobs/{wid}").json()["status"] in ("queued", "running"):
+        time.sleep(0.05)
+
+
+def _print_table(result: dict, args: argparse.Namespace) -> None:
+    one, batch = result["one_fact"], result["batch"]
     print(
-        f"model {model} (gate {'on' if args.gate else 'off'}, settings {args.settings or 'default'}); {result['machine']}"
+        f"model {result['model']} (gate {'on' if args.gate else 'off'}, settings {args.settings or 'default'}); {result['machine']}"
     )
     print(f"{'':34}{'job done':>10}{'answerable':>12}{'answered':>10}")
     for name, r in (("ingest 1 fact", one), (f"ingest {args.batch} facts (1 request)", batch)):
@@ -243,15 +214,10 @@ def main() -> int:
             f"{name:34}{r['job_seconds']:>9.2f}s{r['ingest_to_answerable_seconds']:>11.2f}s{r['answered_share']:>10.0%}"
         )
     print(f"{'/generate, 16 tokens':34}{'p50':>10}{'p95':>12}{'req/s':>10}")
-    for r in lat:
+    for r in result["generate"]:
         print(
             f"{'  concurrency ' + str(r['concurrency']):34}{r['p50_ms']:>8.0f}ms{r['p95_ms']:>10.0f}ms{r['throughput_rps']:>10.2f}"
         )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from .load import closed_loop, write_json
+
 MAX_NEW = 16
 
 
@@ -99,37 +101,14 @@ def _prompts(model_dir: Path, tokenizer, n: int) -> list[str]:
 
 def _drive(fn, prompts: list[str], concurrency: int) -> dict[str, Any]:
     """Run fn(prompt) -> completion tokens from `concurrency` closed-loop client threads."""
-    lat: list[float] = []
-    tokens = [0]
-    lock = threading.Lock()
-    it = iter(prompts)
-
-    def client() -> None:
-        while True:
-            with lock:
-                p = next(it, None)
-            if p is None:
-                return
-            t0 = time.perf_counter()
-            n = fn(p)
-            dt = time.perf_counter() - t0
-            with lock:
-                lat.append(dt)
-                tokens[0] += n
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    run = closed_loop(fn, prompts, concurrency)
+    lat, tokens, wall = run.latencies, sum(run.results), run.wall_s
     return {
         "concurrency": concurrency,
         "requests": len(lat),
-        "tokens": tokens[0],
+        "tokens": tokens,
         "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens[0] / wall, 1),
+        "tokens_per_s": round(tokens / wall, 1),
         "requests_per_s": round(len(lat) / wall, 2),
         "p50_ms": round(_pct(lat, 50) * 1e3, 1),
         "p95_ms": round(_pct(lat, 95) * 1e3, 1),
@@ -338,8 +317,6 @@ def run(args) -> int:
         },  # fmt: skip
     }
     _print(report)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("serve-quick.json" if quick else "serve.json")
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_json(report, out_dir, "serve-quick.json" if quick else "serve.json")
     print(f"\nwrote {path} ({report['seconds']} s)")
     return 0

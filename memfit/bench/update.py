@@ -21,27 +21,16 @@ Prints a table and writes JSON to --out (default benchmarks/results/update/updat
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .load import closed_loop, memfit_serve, write_json
 
 
 def _machine() -> dict[str, Any]:
@@ -104,29 +93,16 @@ def ingest_to_live(c: httpx.Client, fact: dict, tag: str) -> dict:
 def flood(c: httpx.Client, url: str, facts: list[dict], clients: int = 4) -> dict:
     from memlm.evaluation import is_answered
 
-    jobs: list[str] = []
-    lock = threading.Lock()
-    it = iter(enumerate(facts))
-
-    def poster() -> None:
-        with httpx.Client(base_url=url, timeout=120) as cc:
-            while True:
-                with lock:
-                    nxt = next(it, None)
-                if nxt is None:
-                    return
-                i, f = nxt
-                r = cc.post("/ingest", json={"documents": _docs([f], f"flood-{i}")})
-                r.raise_for_status()
-                with lock:
-                    jobs.append(r.json()["job_id"])
+    def post(cc: httpx.Client, item: tuple[int, dict]) -> str:
+        i, f = item
+        r = cc.post("/ingest", json={"documents": _docs([f], f"flood-{i}")})
+        r.raise_for_status()
+        return r.json()["job_id"]
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=poster) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    jobs = closed_loop(
+        post, enumerate(facts), clients, session=lambda: httpx.Client(base_url=url, timeout=120)
+    ).results
     t_posted = time.perf_counter() - t0
     finals = [_wait_job(c, j, poll=0.1) for j in jobs]
     wall = time.perf_counter() - t0
@@ -215,48 +191,20 @@ def run(args) -> int:
     sizes = [1, 10, 50] if quick else [1, 10, 50, 100]
     seed = int(time.time()) % 100_000
     rep: dict[str, Any] = {"model": str(model), "quick": quick, "machine": _machine()}
-    tmp = Path(tempfile.mkdtemp(prefix="memfit-bench-update-"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "MEMFIT_HOME": str(tmp),
-        "MEMFIT_LOG_LEVEL": "warning",
-        "MEMFIT_RATE_LIMIT_PER_MINUTE": "0",
-    }
-    env.pop("MEMFIT_REDIS_URL", None)
-    cmd = [sys.executable, "-m", "memfit.cli", "serve", "--model", str(model), "--store", str(tmp / "store"),
-           "--port", str(port)]  # fmt: skip
-    log = open(tmp / "serve.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    home = Path(tempfile.mkdtemp(prefix="memfit-bench-update-"))
     t_start = time.perf_counter()
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit((tmp / "serve.log").read_text()[-3000:])
-            time.sleep(0.2)
-        with httpx.Client(base_url=url, timeout=900) as c:
-            warm = c.post(
-                "/ingest", json={"documents": [{"text": "warm up", "id": "warm"}], "settings": {"steps": 1}}
-            )
-            _wait_job(c, warm.json()["job_id"], poll=0.05)
-            facts = invented_facts(trials + n_flood, seed=seed)
-            rep["ingest_to_live"] = [ingest_to_live(c, facts[i], f"live-{i}") for i in range(trials)]
-            rep["flood"] = flood(c, url, facts[trials:])
-            rep["batch_curve"] = batch_curve(c, sizes, seed + 1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with (
+        memfit_serve(model, home, env={"MEMFIT_RATE_LIMIT_PER_MINUTE": "0"}) as url,
+        httpx.Client(base_url=url, timeout=900) as c,
+    ):
+        warm = c.post(
+            "/ingest", json={"documents": [{"text": "warm up", "id": "warm"}], "settings": {"steps": 1}}
+        )
+        _wait_job(c, warm.json()["job_id"], poll=0.05)
+        facts = invented_facts(trials + n_flood, seed=seed)
+        rep["ingest_to_live"] = [ingest_to_live(c, facts[i], f"live-{i}") for i in range(trials)]
+        rep["flood"] = flood(c, url, facts[trials:])
+        rep["batch_curve"] = batch_curve(c, sizes, seed + 1)
     rep["machine_after"] = _machine()
     rep["seconds"] = round(time.perf_counter() - t_start, 1)
     ok = [t["live_s"] for t in rep["ingest_to_live"] if t.get("live_s") is not None]
@@ -265,8 +213,6 @@ def run(args) -> int:
         "facts_per_minute": {"aim": ">= 300", "measured": rep["flood"]["facts_per_minute"]},
     }
     _print(rep)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("update-quick.json" if quick else "update.json")
-    path.write_text(json.dumps(rep, indent=2) + "\n")
+    path = write_json(rep, out_dir, "update-quick.json" if quick else "update.json")
     print(f"\nwrote {path} ({rep['seconds']} s)")
     return 0
