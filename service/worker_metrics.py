@@ -7,7 +7,8 @@ API (service.metrics.Metrics); Prometheus scrapes the job `memfit-worker` (deplo
 Workers run `--pool=solo` (one process, one job at a time), so one endpoint per worker is exact.
 
 `memfit worker` calls `start_server(settings)` and `instrument(runtime.pipeline, store)` once per process:
-from then on every job the pipeline finishes here is recorded (`observe_job`).
+from then on every job the pipeline finishes here is recorded (`observe_job`, a hook of the pipeline's
+`finished_hooks`).
 
 It lives in service/, beside the Metrics it serves, not in workers/: the pipeline knows nothing of
 Prometheus, and `memfit worker` (the command line, above both) wires the two together.
@@ -87,18 +88,14 @@ def observe_job(result: Any, store: Any = None) -> None:
 
 
 def instrument(pipeline: Any, store: Any) -> None:
-    """Record every job `pipeline.run_job` finishes in this process (a call that finds the job already
-    finished, e.g. a redelivered task, records nothing)."""
-    if getattr(pipeline, "_memfit_metrics_instrumented", False):
+    """Record every job `pipeline.run_job` finishes in this process, through the pipeline's
+    `finished_hooks` (a call that finds the job already finished, e.g. a redelivered task, calls no
+    hook and records nothing). Idempotent."""
+    if any(getattr(h, "_memfit_worker_metrics", False) for h in pipeline.finished_hooks):
         return
-    inner = pipeline.run_job
 
-    def run_job(job_id: str, *args: Any, **kwargs: Any) -> Any:
-        before = store.jobs.get(job_id)
-        result = inner(job_id, *args, **kwargs)
-        if before is None or not before.terminal:
-            observe_job(result, store)
-        return result
+    def record(result: Any) -> None:
+        observe_job(result, store)
 
-    pipeline.run_job = run_job
-    pipeline._memfit_metrics_instrumented = True
+    record._memfit_worker_metrics = True  # type: ignore[attr-defined]
+    pipeline.finished_hooks.append(record)

@@ -1,14 +1,15 @@
 """The evaluation gate: what an update is measured against (the probe set shipped with the base, the
 reference figures of a version) and the decision to publish it active or rejected.
 
-workers.pipeline measures (memlm.evaluation, memlm.reach); `gate` decides from the figures and the
-thresholds in Settings (MEMFIT_GATE_*). A rejected version is still published, with state
-"rejected", for audit.
+`measure` evaluates the pipeline's candidate (memlm.evaluation, memlm.reach); `gate` decides from
+the figures and the thresholds in Settings (MEMFIT_GATE_*). A rejected version is still published,
+with state "rejected", for audit.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,102 @@ def finite(x: float | None) -> float | None:
     if x is None or x != x or x in (float("inf"), float("-inf")):
         return None
     return float(x)
+
+
+def measure(
+    model: Any,
+    tokenizer: Any,
+    documents: list[dict],
+    *,
+    probe: list[dict],
+    heldout: list[str],
+    budget: Any,
+    settings: Settings,
+    refs: tuple[Reference, Reference],
+    parent: int,
+    delta: Any = None,
+    parent_reads: Any = None,
+) -> dict[str, Any]:
+    """Evaluate `model` (the training copy: parent + delta applied): learning, retention vs parent
+    (`refs[0]`) and base (`refs[1]`), perplexity change, the reach (memlm.reach: share of probe texts
+    that read a changed row), and the gate's decision with the figures."""
+    from memlm.evaluation import evaluate_update
+
+    facts = [
+        {
+            "question": f["question"],
+            "answer": f["answer"],
+            **({"heldout_question": f["heldout_question"]} if f.get("heldout_question") else {}),
+        }
+        for d in documents
+        for f in (d.get("facts") or [])
+    ]
+    parent_ref, base_ref = refs
+    res = evaluate_update(
+        model,
+        tokenizer,
+        new_facts=facts,
+        probe=(),
+        heldout_text=heldout,
+        reference_perplexity=parent_ref.perplexity
+        if parent_ref.perplexity == parent_ref.perplexity
+        else None,
+        budget=budget,
+    )
+    t0 = time.perf_counter()
+    after, reach, reads_after = _probe_after(model, tokenizer, probe, delta, parent_reads)
+    n_base = len(probe)
+    retention_base = (sum(after) / n_base) if n_base else 1.0
+    parent_hits = [i for i, h in enumerate(parent_ref.answered) if h]
+    kept = sum(1 for i in parent_hits if after[i])
+    retention_parent = kept / len(parent_hits) if parent_hits else 1.0
+    forgetting_parent = 1.0 - retention_parent
+    forgetting_base = 1.0 - retention_base
+    ppl_change = res.perplexity_change
+    ppl_change_base = None
+    if (
+        base_ref.perplexity == base_ref.perplexity
+        and base_ref.perplexity
+        and res.perplexity == res.perplexity
+    ):
+        ppl_change_base = (res.perplexity - base_ref.perplexity) / base_ref.perplexity
+    return {
+        "learning": res.learning,
+        "learning_heldout": res.learning_heldout,
+        "retention": retention_parent,
+        "retention_base": retention_base,
+        "forgetting": forgetting_parent,
+        "forgetting_base": forgetting_base,
+        "perplexity": finite(res.perplexity),
+        "perplexity_parent": finite(parent_ref.perplexity),
+        "perplexity_change": ppl_change,
+        "perplexity_change_base": ppl_change_base,
+        "probe_facts": n_base,
+        "reach": reach,
+        "new_facts": len(facts),
+        "parent": parent,
+        "seconds": round(res.seconds + time.perf_counter() - t0, 4),
+        "gate": gate(settings, forgetting_parent, forgetting_base, ppl_change),
+        "_answered": list(after),
+        "_reads": reads_after,
+    }
+
+
+def _probe_after(model: Any, tokenizer: Any, probe: list[dict], delta: Any, parent_reads: Any):
+    """(which probe facts the model answers, the reach of `delta`, the probe's reads after it)."""
+    from memlm.evaluation import format_question, greedy_complete, is_answered
+    from memlm.reach import delta_rows, merge_reads, reach_report, reached, text_reads
+
+    prompts = [format_question(f["question"]) for f in probe]
+    completions = greedy_complete(model, tokenizer, prompts) if prompts else []
+    after = [is_answered(c, f["answer"]) for c, f in zip(completions, probe)]
+    reach, reads_after = None, None
+    if delta is not None and parent_reads is not None:
+        changed = delta_rows(delta)
+        reach = reach_report(parent_reads, changed)
+        hits = reached(parent_reads, changed)
+        # a probe outside the reach reads exactly what it read under the parent; re-read the others,
+        # with the greedy answers just generated (the same text memlm.reach.probe_texts builds)
+        texts = [p + c for p, c, h in zip(prompts, completions, hits) if h]
+        reads_after = merge_reads(parent_reads, hits, text_reads(model, tokenizer, texts))
+    return after, reach, reads_after

@@ -52,7 +52,7 @@ from model_store import (
 )
 from model_store.fsutil import crash_point
 
-from .gate import Reference, finite, gate, load_probe
+from .gate import Reference, load_probe, measure
 
 log = logging.getLogger("memfit.pipeline")
 
@@ -145,6 +145,9 @@ class Pipeline:
         self.probe: list[dict] = []  # probe facts the base answers (within the budget)
         self.heldout: list[str] = []
         self._refs: dict[int, Reference] = {}
+        # called as hook(result) after each run_job that brought an unfinished job to a final state,
+        # outside the pipeline's lock (the worker's job metrics: service.worker_metrics.instrument)
+        self.finished_hooks: list[Callable[[JobResult], None]] = []
 
     # -- setup -----------------------------------------------------------------------------------
     def budget(self):
@@ -222,9 +225,18 @@ class Pipeline:
         should_cancel: Callable[[], bool] | None = None,
         on_phase: Callable[[str], None] | None = None,
     ) -> JobResult:
-        """Run job `job_id` to a final state; idempotent (see the module docstring)."""
+        """Run job `job_id` to a final state; idempotent (see the module docstring). Then, when the
+        job was not finished already, each of `finished_hooks` is called with the result."""
         with self._lock:
-            return self._run_job(job_id, should_cancel or (lambda: False), on_phase)
+            before = self.store.jobs.get(job_id)
+            # finished already (a redelivered task): no hook. Read now: the Job the log holds for an
+            # unfinished job is updated in place as the run records its states
+            finished_before = before is None or before.terminal
+            result = self._run_job(job_id, should_cancel or (lambda: False), on_phase)
+        if not finished_before:
+            for hook in self.finished_hooks:
+                hook(result)
+        return result
 
     def _run_job(self, job_id: str, should_cancel: Callable[[], bool], on_phase) -> JobResult:
         jobs = self.store.jobs
@@ -343,108 +355,123 @@ class Pipeline:
     def _train_evaluate_publish(
         self, job: Job, timings: dict[str, float], phase, t_start: float
     ) -> JobResult:
-        from memlm.updater import learn_documents
-
-        store, jobs = self.store, self.store.jobs
+        """Train on the active version, evaluate, publish (retraining when a rebase conflicts)."""
+        store = self.store
         documents = store.jobs.documents(job.documents, job_id=job.job_id)
         us = build_update_settings(self.settings, job.settings)
-        t_train = t_eval = t_pub = 0.0
+        spent = {"training": 0.0, "evaluation": 0.0, "publish": 0.0}
         self.load()
         for attempt in range(1, MAX_PUBLISH_ATTEMPTS + 1):
             phase.check()
             parent = store.active()
-            phase.set("loading", parent=parent, attempt=attempt)
-            ref = self.reference(parent)  # also moves the training copy to the parent
-            parent_reads = self.probe_reads(parent)
-            self.at_version(parent)  # a cached Reference does not move the copy: train on the parent
-            phase.check()
-
-            t0 = time.perf_counter()
-            phase.set("training", parent=parent, attempt=attempt, step=0, steps=us.steps)
-            crash_point("pipeline:before_training", job.job_id)
-
-            def progress(info: dict, _job: str = job.job_id) -> None:
-                phase.step(info)
-                if int(info.get("step") or 0) >= 2:
-                    crash_point("pipeline:training", _job)
-
-            delta = learn_documents(
-                self.model, self.tokenizer, documents, self.background, us, progress=progress
-            )
-            t_train += time.perf_counter() - t0
-            tables = self.model.value_tables()
-            try:
-                phase.check()
-                t0 = time.perf_counter()
-                phase.set("evaluation", parent=parent, attempt=attempt)
-                evaluation = self._evaluate(documents, ref, parent, delta, parent_reads)
-                t_eval += time.perf_counter() - t0
-            finally:
-                delta.revert(tables)  # the training copy is back at `parent` exactly
-            phase.check()
-
-            gate = evaluation["gate"]
-            state = "active" if gate["passed"] else "rejected"
+            delta, evaluation = self._candidate(job, documents, us, parent, attempt, phase, spent)
+            state = "active" if evaluation["gate"]["passed"] else "rejected"
             t0 = time.perf_counter()
             phase.set("publish", parent=parent, attempt=attempt)
             try:
-                with store.lock:
-                    v = find_version_of_job(store, job.job_id)
-                    if v is not None:  # published by another delivery of this job meanwhile
-                        return self._finish_if_published(job, timings)  # type: ignore[return-value]
-                    try:
-                        v = self._publish(job, delta, parent, documents, us, evaluation, state, rebase=False)
-                    except ActiveMovedError:
-                        v = self._publish(job, delta, parent, documents, us, evaluation, state, rebase=True)
-                        evaluation["rebased"] = {"from": parent, "onto": store.manifest(v)["parent"]}
-                        parent = store.manifest(v)["parent"]
-                        evaluation["_answered"] = None  # figures measured on the old parent: not a reference
-                        evaluation["_reads"] = None
+                published = self._publish_once(job, delta, parent, documents, us, evaluation, state, timings)
             except RebaseConflict as e:
-                t_pub += time.perf_counter() - t0
+                spent["publish"] += time.perf_counter() - t0
                 log.info("job %s: %s; retraining from the new active version", job.job_id, e)
                 continue
-            t_pub += time.perf_counter() - t0
+            spent["publish"] += time.perf_counter() - t0
+            if isinstance(published, JobResult):  # published by another delivery of this job meanwhile
+                return published
+            v, parent = published
             crash_point("pipeline:published", job.job_id)  # published, the job not yet recorded
             timings.update(
-                training=round(t_train, 4),
-                evaluation=round(t_eval, 4),
-                publish=round(t_pub, 4),
+                {k: round(t, 4) for k, t in spent.items()},
                 total=round(time.time() - t_start, 4),
                 attempts=attempt,
             )
-            status = "succeeded" if gate["passed"] else "rejected"
-            answered_after = evaluation.pop("_answered", None)
-            reads_after = evaluation.pop("_reads", None)
-            if status == "succeeded" and answered_after is not None and evaluation["perplexity"] is not None:
-                self._refs[v] = Reference(answered_after, evaluation["perplexity"], reads_after)
-            error = (
-                None if gate["passed"] else "rejected by the evaluation gate: " + "; ".join(gate["reasons"])
-            )
-            log.info(
-                "job %s %s as version %d (parent %d) in %.2f s",
-                job.job_id,
-                status,
-                v,
-                parent,
-                timings["total"],
-                extra={"version": v},
-            )
-            done = jobs.update(
-                job.job_id,
-                status=status,
-                version=v,
-                parent=parent,
-                evaluation=evaluation,
-                timings=timings,
-                error=error,
-                progress={"phase": "done"},
-            )
-            crash_point("pipeline:finished", job.job_id)  # recorded, the task not yet acknowledged
-            return _result(done)
+            return self._record_published(job, v, parent, evaluation, timings)
         raise StoreError(
             f"the active version kept moving: gave up after {MAX_PUBLISH_ATTEMPTS} retrain attempts"
         )
+
+    def _candidate(
+        self, job: Job, documents, us, parent: int, attempt: int, phase, spent
+    ) -> tuple[Any, dict]:
+        """Train the update on `parent` and evaluate it; the training copy is back at `parent` after."""
+        from memlm.updater import learn_documents
+
+        phase.set("loading", parent=parent, attempt=attempt)
+        ref = self.reference(parent)  # also moves the training copy to the parent
+        parent_reads = self.probe_reads(parent)
+        self.at_version(parent)  # a cached Reference does not move the copy: train on the parent
+        phase.check()
+
+        t0 = time.perf_counter()
+        phase.set("training", parent=parent, attempt=attempt, step=0, steps=us.steps)
+        crash_point("pipeline:before_training", job.job_id)
+
+        def progress(info: dict, _job: str = job.job_id) -> None:
+            phase.step(info)
+            if int(info.get("step") or 0) >= 2:
+                crash_point("pipeline:training", _job)
+
+        delta = learn_documents(self.model, self.tokenizer, documents, self.background, us, progress=progress)
+        spent["training"] += time.perf_counter() - t0
+        tables = self.model.value_tables()
+        try:
+            phase.check()
+            t0 = time.perf_counter()
+            phase.set("evaluation", parent=parent, attempt=attempt)
+            evaluation = self._evaluate(documents, ref, parent, delta, parent_reads)
+            spent["evaluation"] += time.perf_counter() - t0
+        finally:
+            delta.revert(tables)  # the training copy is back at `parent` exactly
+        phase.check()
+        return delta, evaluation
+
+    def _publish_once(self, job, delta, parent, documents, us, evaluation, state, timings):
+        """Publish under the writer lock: (version, parent), or the JobResult of another delivery of
+        this job that published meanwhile. An active version that moved is rebased onto (raises
+        RebaseConflict when the slots overlap: the caller retrains)."""
+        store = self.store
+        with store.lock:
+            if find_version_of_job(store, job.job_id) is not None:
+                return self._finish_if_published(job, timings)
+            try:
+                v = self._publish(job, delta, parent, documents, us, evaluation, state, rebase=False)
+            except ActiveMovedError:
+                v = self._publish(job, delta, parent, documents, us, evaluation, state, rebase=True)
+                evaluation["rebased"] = {"from": parent, "onto": store.manifest(v)["parent"]}
+                parent = store.manifest(v)["parent"]
+                evaluation["_answered"] = None  # figures measured on the old parent: not a reference
+                evaluation["_reads"] = None
+        return v, parent
+
+    def _record_published(self, job: Job, v: int, parent: int, evaluation: dict, timings: dict) -> JobResult:
+        """Record the published version in the job (and, when it went live, its reference figures)."""
+        gate = evaluation["gate"]
+        status = "succeeded" if gate["passed"] else "rejected"
+        answered_after = evaluation.pop("_answered", None)
+        reads_after = evaluation.pop("_reads", None)
+        if status == "succeeded" and answered_after is not None and evaluation["perplexity"] is not None:
+            self._refs[v] = Reference(answered_after, evaluation["perplexity"], reads_after)
+        error = None if gate["passed"] else "rejected by the evaluation gate: " + "; ".join(gate["reasons"])
+        log.info(
+            "job %s %s as version %d (parent %d) in %.2f s",
+            job.job_id,
+            status,
+            v,
+            parent,
+            timings["total"],
+            extra={"version": v},
+        )
+        done = self.store.jobs.update(
+            job.job_id,
+            status=status,
+            version=v,
+            parent=parent,
+            evaluation=evaluation,
+            timings=timings,
+            error=error,
+            progress={"phase": "done"},
+        )
+        crash_point("pipeline:finished", job.job_id)  # recorded, the task not yet acknowledged
+        return _result(done)
 
     def _publish(self, job, delta, parent, documents, us, evaluation, state, rebase: bool) -> int:
         ev = {k: v for k, v in evaluation.items() if not k.startswith("_")}  # _answered, _reads: caches
@@ -466,82 +493,20 @@ class Pipeline:
     def _evaluate(
         self, documents: list[dict], parent_ref: Reference, parent: int, delta=None, parent_reads=None
     ) -> dict[str, Any]:
-        """Evaluate the training copy (parent + delta applied): learning, retention vs parent and base,
-        perplexity change, the reach (memlm.reach: share of probe texts that read a changed row), and
-        the gate's decision with the figures."""
-        from memlm.evaluation import evaluate_update, format_question, greedy_complete, is_answered
-        from memlm.reach import delta_rows, merge_reads, reach_report, reached, text_reads
-
-        facts = [
-            {
-                "question": f["question"],
-                "answer": f["answer"],
-                **({"heldout_question": f["heldout_question"]} if f.get("heldout_question") else {}),
-            }
-            for d in documents
-            for f in (d.get("facts") or [])
-        ]
-        budget = self.budget()
-        res = evaluate_update(
+        """Evaluate the training copy (parent + delta applied) and gate it (workers.gate.measure)."""
+        return measure(
             self.model,
             self.tokenizer,
-            new_facts=facts,
-            probe=(),
-            heldout_text=self.heldout,
-            reference_perplexity=parent_ref.perplexity
-            if parent_ref.perplexity == parent_ref.perplexity
-            else None,
-            budget=budget,
+            documents,
+            probe=self.probe,
+            heldout=self.heldout,
+            budget=self.budget(),
+            settings=self.settings,
+            refs=(parent_ref, self._refs[0]),
+            parent=parent,
+            delta=delta,
+            parent_reads=parent_reads,
         )
-        t0 = time.perf_counter()
-        prompts = [format_question(f["question"]) for f in self.probe]
-        completions = greedy_complete(self.model, self.tokenizer, prompts) if prompts else []
-        after = [is_answered(c, f["answer"]) for c, f in zip(completions, self.probe)]
-        reach, reads_after = None, None
-        if delta is not None and parent_reads is not None:
-            changed = delta_rows(delta)
-            reach = reach_report(parent_reads, changed)
-            hits = reached(parent_reads, changed)
-            # a probe outside the reach reads exactly what it read under the parent; re-read the others,
-            # with the greedy answers just generated (the same text memlm.reach.probe_texts builds)
-            texts = [p + c for p, c, h in zip(prompts, completions, hits) if h]
-            reads_after = merge_reads(parent_reads, hits, text_reads(self.model, self.tokenizer, texts))
-        n_base = len(self.probe)
-        base_ref = self._refs[0]
-        retention_base = (sum(after) / n_base) if n_base else 1.0
-        parent_hits = [i for i, h in enumerate(parent_ref.answered) if h]
-        kept = sum(1 for i in parent_hits if after[i])
-        retention_parent = kept / len(parent_hits) if parent_hits else 1.0
-        forgetting_parent = 1.0 - retention_parent
-        forgetting_base = 1.0 - retention_base
-        ppl_change = res.perplexity_change
-        ppl_change_base = None
-        if (
-            base_ref.perplexity == base_ref.perplexity
-            and base_ref.perplexity
-            and res.perplexity == res.perplexity
-        ):
-            ppl_change_base = (res.perplexity - base_ref.perplexity) / base_ref.perplexity
-        return {
-            "learning": res.learning,
-            "learning_heldout": res.learning_heldout,
-            "retention": retention_parent,
-            "retention_base": retention_base,
-            "forgetting": forgetting_parent,
-            "forgetting_base": forgetting_base,
-            "perplexity": finite(res.perplexity),
-            "perplexity_parent": finite(parent_ref.perplexity),
-            "perplexity_change": ppl_change,
-            "perplexity_change_base": ppl_change_base,
-            "probe_facts": n_base,
-            "reach": reach,
-            "new_facts": len(facts),
-            "parent": parent,
-            "seconds": round(res.seconds + time.perf_counter() - t0, 4),
-            "gate": gate(self.settings, forgetting_parent, forgetting_base, ppl_change),
-            "_answered": list(after),
-            "_reads": reads_after,
-        }
 
 
 def _cancel_requested(job: Job) -> bool:

@@ -438,7 +438,7 @@ def test_worker_endpoint_exports_job_metrics():
 
 
 def test_worker_instrumentation_records_each_finished_job_once():
-    """memfit worker wraps its pipeline: a job run here is recorded; a redelivered finished one is not."""
+    """memfit worker hooks its pipeline: a job run here is recorded; a redelivered finished one is not."""
     from types import SimpleNamespace
 
     from service import worker_metrics
@@ -453,10 +453,18 @@ def test_worker_instrumentation_records_each_finished_job_once():
 
     store = SimpleNamespace(jobs=Jobs(), manifest=lambda v: {"slots_changed": {"total": 5}})
 
-    class FakePipeline:
+    class FakePipeline:  # workers.pipeline.Pipeline's contract: hooks only for a job it finished
+        def __init__(self):
+            self.finished_hooks = []
+
         def run_job(self, job_id, should_cancel=None):
+            if statuses[job_id] == "succeeded":
+                return JobResult(job_id, "succeeded", version=1)
             statuses[job_id] = "succeeded"
-            return JobResult(job_id, "succeeded", version=1, timings={"total": 1.0})
+            result = JobResult(job_id, "succeeded", version=1, timings={"total": 1.0})
+            for hook in self.finished_hooks:
+                hook(result)
+            return result
 
     pipe = FakePipeline()
     worker_metrics.instrument(pipe, store)
