@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import StoreError
 from .fsutil import atomic_write_json
-
-if TYPE_CHECKING:
-    from .layout import StoreLayout
 
 FORMAT = 1
 NAME = "job_index.json"
 
 
 class JobIndex:
-    def __init__(self, store: StoreLayout) -> None:
+    def __init__(self, store: Any) -> None:  # a model_store.layout.StoreLayout (which holds this)
         self.store = store
         self.path = store.root / NAME
         self._lock = threading.Lock()

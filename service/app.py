@@ -1,14 +1,15 @@
 """The FastAPI application: `create_app(settings)`.
 
-The lifespan opens (or seeds) the store, loads the live engine, starts the update runner (embedded
-mode) or the distributed dispatcher (MEMFIT_REDIS_URL set; `workers.distributed`, imported lazily),
+The lifespan opens (or seeds) the store with the mode's writer lock, loads the live engine, starts the
+job dispatcher (`workers.dispatch.create_dispatcher`: the embedded update runner, or the distributed
+mode's Celery dispatcher when MEMFIT_REDIS_URL is set, imported lazily),
 and a task that follows the store's ACTIVE pointer every `settings.follow_interval_s`, so a rollback
 made with the CLI on the store reaches this server within a second. Handlers live on `app.state`
 (`settings`, `store`, `engine`, `dispatcher`, `metrics`) and reach routes through the `Annotated`
 dependencies of service/deps.py.
 
-The dispatcher interface (embedded: workers.runner.UpdateRunner): `notify(job_id)`, `cancel(job_id)
--> Job`, `retry(job_id) -> Job`, `stop()`.
+Routes use the dispatcher through its protocol, `workers.dispatch.Dispatcher` (`notify(job_id)`,
+`cancel(job_id) -> Job`, `retry(job_id) -> Job`, `stop()`, `status()`), whatever the mode.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.observability import record_job
 from service.routes import dashboard, generate, health, ingest, jobs, openai, versions
 from service.schemas import ErrorResponse, OpenAIErrorResponse
+from workers.dispatch import Dispatcher, LogDispatcher, create_dispatcher, writer_lock
 
 log = logging.getLogger("memfit.service")
 
@@ -73,8 +75,9 @@ class StoreSetupError(RuntimeError):
     """The store cannot be opened or seeded (message says why and what to do)."""
 
 
-def open_store(settings: Settings) -> Store:
-    """Open the store, seeding an empty one from `settings.model`.
+def open_store(settings: Settings, lock: Any = None) -> Store:
+    """Open the store, seeding an empty one from `settings.model`, with the writer lock `lock` (a
+    WriterLock or a function of the base id, workers.dispatch.writer_lock; None: the file lock).
 
     A store whose base differs from an explicitly given model (--model / MEMFIT_MODEL) is an error.
     """
@@ -86,14 +89,14 @@ def open_store(settings: Settings) -> Store:
     try:
         if (root / "store.json").exists():
             if explicit:
-                return Store.init(root, model)  # checks that the base is this model
-            return Store(root)
+                return Store.init(root, model, lock=lock)  # checks that the base is this model
+            return Store(root, lock=lock)
         if not has_weights(model):
             raise StoreSetupError(
                 f"no store at {root} and no model at {model}: build one with `memfit pretrain` or pass --model DIR"
             )
         log.info("seeding store %s from %s", root, model)
-        return Store.init(root, model)
+        return Store.init(root, model, lock=lock)
     except BaseMismatchError as e:
         raise StoreSetupError(f"{e}; use another --store, or the model this store was built from") from None
     except FileNotFoundError as e:
@@ -104,20 +107,11 @@ def _job_counts(store: Store) -> dict[str, int]:
     return store.jobs.counts()  # finished jobs are not decoded for it
 
 
-def _make_dispatcher(app: FastAPI, store: Store, engine: Engine, settings: Settings, metrics: Metrics) -> Any:
-    if settings.redis_url:
-        try:
-            import importlib
-
-            distributed = importlib.import_module("workers.distributed")
-        except ImportError as e:
-            raise StoreSetupError(
-                f"MEMFIT_REDIS_URL is set but the distributed mode is not available ({e}); unset it to run embedded"
-            ) from None
-        return distributed.create_dispatcher(store=store, engine=engine, settings=settings, metrics=metrics)
-
-    from workers.pipeline import Pipeline
-    from workers.runner import UpdateRunner
+def _make_dispatcher(
+    app: FastAPI, store: Store, engine: Engine, settings: Settings, metrics: Metrics
+) -> Dispatcher:
+    """The mode's dispatcher (workers.dispatch); the embedded runner's callbacks swap the engine and
+    record the job's metrics."""
 
     def on_published(result, job) -> None:
         engine.switch_to(store.active())
@@ -132,30 +126,20 @@ def _make_dispatcher(app: FastAPI, store: Store, engine: Engine, settings: Setti
                 metrics.job_duration.labels(phase).observe(float(value))
         record_job(metrics, result, store, durations=False)  # published / rejected / slots changed
 
-    pipeline = Pipeline(store, settings, device=app.state.device)  # MEMFIT_DEVICE, like serving
-    runner = UpdateRunner(
-        store, settings, pipeline=pipeline, on_published=on_published, on_finished=on_finished
-    )
-    runner.start()
-    return runner
-
-
-class LogOnlyDispatcher:
-    """No runner in this process: jobs wait in the log for one (cancel/retry act on the log)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def notify(self, job_id: str | None = None) -> None:
-        pass
-
-    def cancel(self, job_id: str):
-        # as the other dispatchers: a running job (another process runs it) is flagged, never
-        # recorded cancelled under the worker's feet
-        return self.store.jobs.request_cancel(job_id)
-
-    def retry(self, job_id: str):
-        return self.store.jobs.retry(job_id)
+    try:
+        return create_dispatcher(
+            store,
+            settings,
+            engine=engine,
+            metrics=metrics,
+            device=app.state.device,  # MEMFIT_DEVICE, like serving
+            on_published=on_published,
+            on_finished=on_finished,
+        )
+    except ImportError as e:
+        raise StoreSetupError(
+            f"MEMFIT_REDIS_URL is set but the distributed mode is not available ({e}); unset it to run embedded"
+        ) from None
 
 
 async def _follow(app: FastAPI, engine: Engine, interval: float) -> None:
@@ -179,7 +163,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     device = resolve_device(settings.device)  # DeviceUnavailable: MEMFIT_DEVICE=cuda without a GPU
     app.state.device = device
-    store = await asyncio.to_thread(open_store, settings)
+    # the mode's writer lock is given at open (a Redis lock shared by every distributed writer)
+    lock = writer_lock(settings) if app.state.start_runner else None
+    store = await asyncio.to_thread(open_store, settings, lock)
     app.state.store = store
     engine = await asyncio.to_thread(Engine.from_store, store, settings, metrics, device)
     app.state.engine = engine
@@ -188,7 +174,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if app.state.start_runner:
         dispatcher = await asyncio.to_thread(_make_dispatcher, app, store, engine, settings, metrics)
     else:
-        dispatcher = LogOnlyDispatcher(store)
+        dispatcher = LogDispatcher(store)
     app.state.dispatcher = dispatcher
     follower = asyncio.create_task(_follow(app, engine, settings.follow_interval_s))
     log.info("memfit ready: store %s, active version %d, device %s", store.root, engine.version, device)
@@ -198,8 +184,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await follower
-        if dispatcher is not None and hasattr(dispatcher, "stop"):
-            await asyncio.to_thread(dispatcher.stop)
+        await asyncio.to_thread(dispatcher.stop)
         # uvicorn waited MEMFIT_SHUTDOWN_GRACE_S for in-flight requests already; another server (or
         # a request admitted late) gets the same bound here before decoding stops
         await asyncio.to_thread(engine.close, settings.shutdown_grace_s)

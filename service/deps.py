@@ -11,6 +11,7 @@ from model_store import Store
 from service.engine import Engine
 from service.errors import ApiError
 from service.metrics import Metrics
+from workers.dispatch import Dispatcher
 
 
 def _state(request: Request, name: str) -> Any:
@@ -38,8 +39,9 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_dispatcher(request: Request) -> Any:
-    """The job dispatcher: the embedded UpdateRunner, or the distributed mode's enqueuer."""
+def get_dispatcher(request: Request) -> Dispatcher:
+    """The job dispatcher (workers.dispatch.Dispatcher): the embedded UpdateRunner, the distributed
+    mode's CeleryDispatcher, or a LogDispatcher."""
     return _state(request, "dispatcher")
 
 
@@ -47,4 +49,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-DispatcherDep = Annotated[Any, Depends(get_dispatcher)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]

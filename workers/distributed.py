@@ -6,11 +6,12 @@ clients and writer lock), `workers/tasks.py` (the one task, which calls the runt
 the task by name through the app).
 
 Integration points (what other modules call):
-- API side, `service/app.py` -> `create_dispatcher(store=, engine=, settings=, metrics=)` returns a
-  `CeleryDispatcher` with the dispatcher interface of the app (`notify(job_id)`, `cancel(job_id) -> Job`,
-  `retry(job_id) -> Job`, `stop()`), plus `status()`. It also
-    * switches the store's writer lock to model_store's RedisWriterLock (the one `Store.open(root,
-      redis_url)` uses), so rollbacks on any replica and publishes on any worker exclude each other;
+- API side, `service/app.py` -> `workers.dispatch.create_dispatcher(...)` returns a `CeleryDispatcher`,
+  an implementation of `workers.dispatch.Dispatcher` (`notify(job_id)`, `cancel(job_id) -> Job`,
+  `retry(job_id) -> Job`, `stop()`, `status()`). It
+    * needs the store opened with the Redis writer lock (`workers.dispatch.writer_lock(settings)`,
+      the lock `Store.open(root, redis_url)` names too), so rollbacks on any replica and publishes
+      on any worker exclude each other;
     * starts a `workers.events.VersionSubscriber` that calls `engine.follow_active()` on each version
       event and after every (re)connect (the app's own poll of ACTIVE stays on as the fallback);
     * adds an engine swap listener that broadcasts a version event when this replica switched for a
@@ -38,7 +39,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from model_store import Job, Store
-from workers.runtime import claim_key, marker_key, redis_client, store_lock
+from workers.runtime import claim_key, marker_key, redis_client, require_redis_lock
 from workers.tasks import UPDATE_TASK
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class CeleryDispatcher:
         self._stop = threading.Event()
         self._from_event = threading.local()
         self._seen_jobs: set[str] = set()
-        store.lock = store_lock(store, self.url, settings)
+        require_redis_lock(store, "workers.dispatch.writer_lock(settings)")  # given at open
         self.subscriber = None
         if engine is not None and subscribe:
             from workers.events import VersionSubscriber
@@ -236,8 +237,3 @@ class CeleryDispatcher:
                 if msg != self.last_error:
                     log.warning("re-enqueue sweep: %s", msg)
                 self.last_error = msg
-
-
-def create_dispatcher(store: Store, engine: Any, settings: Settings, metrics: Any = None) -> CeleryDispatcher:
-    """What `service.app` calls in distributed mode."""
-    return CeleryDispatcher(store, settings, engine=engine, metrics=metrics)

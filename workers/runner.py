@@ -14,7 +14,7 @@ boundary (`workers.pipeline.JobTimedOut`), as in the distributed mode. A job lef
 process that died is started again by the next one, at most `settings.max_attempts` times in a row
 (then it fails); a runner that is stopped hands its job back to the queue, which resets that count.
 
-Cancel: a queued job becomes `cancelled` at once; a running one is flagged (in memory and in the job
+The embedded implementation of workers.dispatch.Dispatcher. Cancel: a queued job becomes `cancelled` at once; a running one is flagged (in memory and in the job
 log, so a restart does not lose it: a job handed back to the queue keeps the flag and the next
 process records it cancelled) and stops at the next step boundary; a batch stops when every
 member asked. Retry: failed or cancelled -> queued.
@@ -86,6 +86,15 @@ class UpdateRunner:
 
     def notify(self, job_id: str | None = None) -> None:
         self._wake.set()
+
+    def status(self) -> dict:
+        return {
+            "mode": "embedded",
+            "alive": self.alive,
+            "current_job": self.current_job,
+            "current_phase": self.current_phase,
+            "last_error": self.last_error,
+        }
 
     # -- control ---------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> Job:

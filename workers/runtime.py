@@ -2,7 +2,8 @@
 clients, lock and key names the worker and the API side (workers.distributed) share.
 
 `workers/tasks.py` -> `worker_runtime(settings).handle(job_id)`; `memfit worker` builds the runtime with
-`set_worker_runtime(WorkerRuntime(settings, store))` before starting Celery. The job log on the shared
+`set_worker_runtime(WorkerRuntime(settings, store))` before starting Celery (the store opened with
+`lock=worker_lock(settings)`). The job log on the shared
 store is the record of truth; Redis carries work and leases only (workers.distributed for the API's
 side: sending, the re-enqueue sweep, version events):
 
@@ -75,18 +76,42 @@ def redis_client(url: str, settings: Settings):
     return redis.Redis.from_url(url, **redis_timeouts(settings))
 
 
-def store_lock(store: Store, redis_url: str, settings: Settings, retry_unavailable_s: float = 0.0):
-    """The writer lock every distributed writer uses (same name as `Store.open(root, redis_url)`).
-    Workers pass `retry_unavailable_s` (Settings.redis_retry_s): a Redis blip at publish is waited
-    out instead of failing the job; API routes fail at once (503 redis_unavailable)."""
+def writer_lock(redis_url: str, settings: Settings, retry_unavailable_s: float = 0.0):
+    """The writer lock every distributed writer uses, as the function of the store's base id that
+    `Store(root, lock=...)` / `Store.open(root, lock=...)` take (the name is the one `Store.open(root,
+    redis_url)` uses). Workers pass `retry_unavailable_s` (Settings.redis_retry_s): a Redis blip at
+    publish is waited out instead of failing the job; API routes fail at once (503 redis_unavailable)."""
     from model_store import RedisWriterLock
     from model_store.locks import redis_lock_name
 
-    return RedisWriterLock(
-        redis_client(redis_url, settings),
-        name=redis_lock_name(store.base_id),
-        retry_unavailable_s=retry_unavailable_s,
-    )
+    def make(base_id: str) -> RedisWriterLock:
+        return RedisWriterLock(
+            redis_client(redis_url, settings),
+            name=redis_lock_name(base_id),
+            retry_unavailable_s=retry_unavailable_s,
+        )
+
+    return make
+
+
+def worker_lock(settings: Settings):
+    """The writer lock of a worker's store (`writer_lock` with Settings.redis_retry_s): what `memfit
+    worker` opens the store with."""
+    if not settings.redis_url:
+        raise ValueError("the distributed worker needs MEMFIT_REDIS_URL")
+    return writer_lock(settings.redis_url, settings, retry_unavailable_s=float(settings.redis_retry_s))
+
+
+def require_redis_lock(store: Store, how: str) -> None:
+    """Raise ValueError unless `store` was opened with a Redis writer lock (a file lock would let
+    writers on other machines publish at the same time)."""
+    from model_store import RedisWriterLock
+
+    if not isinstance(store.lock, RedisWriterLock):
+        raise ValueError(
+            f"store {store.root} has a {type(store.lock).__name__}; distributed mode needs the Redis "
+            f"writer lock: open it with Store.open(root, lock={how})"
+        )
 
 
 # ==== worker side ================================================================================
@@ -153,13 +178,10 @@ class WorkerRuntime:
             raise ValueError("the distributed worker needs MEMFIT_REDIS_URL")
         self.settings = settings
         self.url: str = settings.redis_url
-        self.store = store if store is not None else Store.open(settings.store, settings.redis_url)
-        self.store.lock = store_lock(
-            self.store,
-            self.url,
-            settings,
-            retry_unavailable_s=float(settings.redis_retry_s),
-        )
+        # the store's writer lock is the Redis one every distributed writer shares, given when the
+        # store is opened (worker_lock: retrying through a Redis blip at publish)
+        self.store = store if store is not None else Store.open(settings.store, lock=worker_lock(settings))
+        require_redis_lock(self.store, "worker_lock(settings)")
         self._announce_on_publish()
         self.device = device
         self._pipeline = pipeline

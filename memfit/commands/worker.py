@@ -24,12 +24,13 @@ from memfit.commands import settings_from_args
 def _open_store(settings, model_given: bool):
     from model_store import BaseMismatchError, Store
     from model_store.tables import has_weights
+    from workers.runtime import worker_lock  # the Redis writer lock, retrying through a blip
 
     root, model = Path(settings.store).expanduser(), Path(settings.model).expanduser()
     if (root / "store.json").exists():
         if model_given:
             Store.init(root, model)  # checks the base is this model
-        return Store.open(root, settings.redis_url)
+        return Store.open(root, lock=worker_lock(settings))
     if not has_weights(model):
         raise SystemExit(
             f"memfit worker: no store at {root} and no model at {model}: pass --store of the API's store, "
@@ -39,7 +40,7 @@ def _open_store(settings, model_given: bool):
         Store.init(root, model)
     except BaseMismatchError as e:  # another process seeded it meanwhile with another base
         raise SystemExit(f"memfit worker: {e}") from None
-    return Store.open(root, settings.redis_url)
+    return Store.open(root, lock=worker_lock(settings))
 
 
 def run(args) -> int:

@@ -94,16 +94,16 @@ def test_store_with_redis_lock_serialises_publishers(h, store, redis_server):
 
 
 def test_every_distributed_writer_takes_the_same_redis_lock(store):
-    """`Store.open(root, redis_url)` (the CLI) and workers.runtime.store_lock (API replicas, workers)
+    """`Store.open(root, redis_url)` (the CLI) and workers.runtime.writer_lock (API replicas, workers)
     name one lock per base: two names would let an operator's rollback race a worker's publish."""
     from memfit.config import Settings
     from model_store import Store
     from model_store.locks import redis_lock_name
-    from workers.runtime import store_lock
+    from workers.runtime import writer_lock
 
     url = "redis://127.0.0.1:1/0"  # never connected: the clients connect on first command
     cli = Store.open(store.root, url).lock
-    worker = store_lock(store, url, Settings(redis_url=url))
+    worker = Store.open(store.root, lock=writer_lock(url, Settings(redis_url=url))).lock
     assert isinstance(cli, RedisWriterLock) and isinstance(worker, RedisWriterLock)
     assert (
         cli.name

@@ -229,6 +229,7 @@ def test_worker_process_logs_the_job_under_the_request_id(redis_server, tiny_mod
     """A real `memfit worker` logs JSON lines for a job sent with a request id (none in the job log)."""
     from model_store import Store
     from workers.celery_app import reset_app
+    from workers.dispatch import writer_lock
     from workers.distributed import CeleryDispatcher
 
     store = Store.init(tmp_path / "store", tiny_model_dir)
@@ -257,7 +258,8 @@ def test_worker_process_logs_the_job_under_the_request_id(redis_server, tiny_mod
         job = store.jobs.create_job(None, [DOC], settings=GENTLE)  # no request id in the log
         reset_app()
         settings = Settings(redis_url=redis_server.url, store=tmp_path / "store")
-        d = CeleryDispatcher(store, settings, subscribe=False, sweep_s=3600)
+        api_store = Store(store.root, lock=writer_lock(settings))  # the mode's lock, given at open
+        d = CeleryDispatcher(api_store, settings, subscribe=False, sweep_s=3600)
         try:
             with log_context(request_id="dist-9c1e"):
                 d.send(job.job_id)

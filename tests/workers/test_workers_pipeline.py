@@ -512,16 +512,16 @@ def test_an_api_cancel_racing_the_workers_last_write_is_a_compare_and_set(env, m
     job = store.jobs.create_job(None, [{"id": f"cas-{mode}", "text": "The harbour of Taia is deep."}], QUICK)
     worker = JobLog(store.log_dir)
     worker.update(job.job_id, status="running", progress={"phase": "publish", "attempt": 1})
-    api_store = Store(store.root)
     if mode == "embedded":
+        api_store = Store(store.root)
         dispatcher = UpdateRunner(api_store, pipe.settings)  # never started: the API's cancel only
     else:
+        from workers.dispatch import writer_lock
         from workers.distributed import CeleryDispatcher
 
-        redis = request.getfixturevalue("redis_server")
-        dispatcher = CeleryDispatcher(
-            api_store, pipe.settings.model_copy(update={"redis_url": redis.url}), subscribe=False
-        )
+        settings = pipe.settings.model_copy(update={"redis_url": request.getfixturevalue("redis_server").url})
+        api_store = Store(store.root, lock=writer_lock(settings))  # the mode's lock, given at open
+        dispatcher = CeleryDispatcher(api_store, settings, subscribe=False)
 
     def finish() -> None:  # the worker's last write: the job is done
         worker.update(job.job_id, status="succeeded", version=store.active(), progress={"phase": "done"})
