@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import threading
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from memfit.config import Settings
 from memfit.logs import current_request_id
-from model_store import IdempotencyConflict
+from model_store import IdempotencyConflict, Job, Store
 from model_store.joblog import new_job_id
 from service.deps import DispatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
 from service.errors import ApiError
@@ -130,6 +131,105 @@ def document_bytes(documents: list[dict]) -> int:
     return total
 
 
+@dataclass
+class Claim:
+    """The caller's Idempotency-Key as recorded: scoped to its API key (another client's same key is
+    another job, never its job), with the raw key of records made before scoping (`legacy`,
+    model_store.JobLog.find_by_idempotency_key) and the body's hash."""
+
+    key: str | None  # the header as sent
+    claim: str | None  # what the log records
+    scope: str
+    legacy: str | None
+    digest: str
+
+
+def idempotency_claim(idempotency_key: str | None, principal: Principal, body: IngestRequest) -> Claim:
+    if idempotency_key is not None:
+        if not idempotency_key or len(idempotency_key) > MAX_KEY_CHARS or not idempotency_key.isprintable():
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable characters",
+                "Idempotency-Key",
+            )
+    claim, legacy = idempotency_key, None
+    if idempotency_key is not None and principal.key_id:
+        claim, legacy = f"{principal.key_id}:{idempotency_key}", idempotency_key
+    scope = f"key:{principal.key_id}" if principal.key_id else "anonymous"
+    return Claim(idempotency_key, claim, scope, legacy, body_hash(body))
+
+
+def request_documents(body: IngestRequest, settings: Settings) -> tuple[list[dict], int]:
+    """The documents as the log records them, and their bytes (413 over the per-minute budget)."""
+    documents = [d.model_dump(exclude_none=True) for d in body.documents]
+    for d in documents:
+        d["facts"] = [{k: v for k, v in f.items() if v is not None} for f in d.get("facts", [])]
+    cost = document_bytes(documents)
+    if settings.ingest_bytes_per_minute and cost > settings.ingest_bytes_per_minute:
+        raise ApiError(
+            413,
+            "too_large",
+            f"{cost} document bytes in one request; ingest_bytes_per_minute = {settings.ingest_bytes_per_minute}",
+            "ingest_bytes_per_minute",
+        )
+    return documents, cost
+
+
+def create_job(
+    request: Request,
+    store: Store,
+    settings: Settings,
+    principal: Principal,
+    key: Claim,
+    documents: list[dict],
+    cost: int,
+    overrides: dict,
+) -> tuple[Job, bool]:
+    """(the job, whether it is a replay of the key's job); 409 / 429 as ApiError or IdempotencyConflict."""
+    jobs = store.jobs
+    if key.claim is not None:
+        existing = jobs.find_by_idempotency_key(key.claim, key.legacy)
+        if existing is not None:
+            if existing.body_sha256 not in (None, key.digest):
+                raise IdempotencyConflict(key.key, existing.job_id)
+            return existing, True
+    # a new job spends the key's byte budget (a replay above does not)
+    wait = ingest_budget(request, settings).acquire(principal.key_id or "anonymous", cost)
+    if wait > 0:
+        retry = max(1, math.ceil(wait))
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"ingest_bytes_per_minute = {settings.ingest_bytes_per_minute} spent for this key; retry in {retry} s",
+            "ingest_bytes_per_minute",
+            {"Retry-After": str(retry)},
+        )
+    depth = len(jobs.queued(include_running=False))
+    if depth >= settings.max_queue_depth:
+        raise ApiError(
+            429,
+            "queue_full",
+            f"{depth} jobs queued; max_queue_depth = {settings.max_queue_depth}",
+            "max_queue_depth",
+            {"Retry-After": "5"},
+        )
+    # create_job repeats the key lookup under the job log's file lock: concurrent retries, on
+    # this replica or another one of the store, get one job
+    mine = new_job_id()
+    job = jobs.create_job(
+        mine,
+        documents,
+        settings=overrides,
+        idempotency_key=key.claim,
+        body_sha256=key.digest,
+        request_id=current_request_id(),  # the worker logs under the ingest's X-Request-ID
+        idempotency_scope=key.scope if key.claim is not None else None,
+        legacy_key=key.legacy,
+    )
+    return job, job.job_id != mine
+
+
 @router.post(
     "/ingest",
     status_code=202,
@@ -164,79 +264,12 @@ async def ingest(
 ):
     memory_size = getattr(engine.model.config, "memory_size", None)
     overrides = check_ingest_limits(body, settings, memory_size)
-    if idempotency_key is not None:
-        if not idempotency_key or len(idempotency_key) > MAX_KEY_CHARS or not idempotency_key.isprintable():
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable characters",
-                "Idempotency-Key",
-            )
-    digest = body_hash(body)
-    # scoped to the caller's API key: another client's same key is another job, never its job
-    claim = idempotency_key
-    scope = f"key:{principal.key_id}" if principal.key_id else "anonymous"
-    legacy = None  # the raw key, as recorded before scoping (model_store.JobLog.find_by_idempotency_key)
-    if idempotency_key is not None and principal.key_id:
-        claim = f"{principal.key_id}:{idempotency_key}"
-        legacy = idempotency_key
-    documents = [d.model_dump(exclude_none=True) for d in body.documents]
-    for d in documents:
-        d["facts"] = [{k: v for k, v in f.items() if v is not None} for f in d.get("facts", [])]
-    cost = document_bytes(documents)
-    if settings.ingest_bytes_per_minute and cost > settings.ingest_bytes_per_minute:
-        raise ApiError(
-            413,
-            "too_large",
-            f"{cost} document bytes in one request; ingest_bytes_per_minute = {settings.ingest_bytes_per_minute}",
-            "ingest_bytes_per_minute",
-        )
-
-    def create():
-        jobs = store.jobs
-        if claim is not None:
-            existing = jobs.find_by_idempotency_key(claim, legacy)
-            if existing is not None:
-                if existing.body_sha256 not in (None, digest):
-                    raise IdempotencyConflict(idempotency_key, existing.job_id)
-                return existing, True
-        # a new job spends the key's byte budget (a replay above does not)
-        wait = ingest_budget(request, settings).acquire(principal.key_id or "anonymous", cost)
-        if wait > 0:
-            retry = max(1, math.ceil(wait))
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"ingest_bytes_per_minute = {settings.ingest_bytes_per_minute} spent for this key; retry in {retry} s",
-                "ingest_bytes_per_minute",
-                {"Retry-After": str(retry)},
-            )
-        depth = len(jobs.queued(include_running=False))
-        if depth >= settings.max_queue_depth:
-            raise ApiError(
-                429,
-                "queue_full",
-                f"{depth} jobs queued; max_queue_depth = {settings.max_queue_depth}",
-                "max_queue_depth",
-                {"Retry-After": "5"},
-            )
-        # create_job repeats the key lookup under the job log's file lock: concurrent retries, on
-        # this replica or another one of the store, get one job
-        mine = new_job_id()
-        job = jobs.create_job(
-            mine,
-            documents,
-            settings=overrides,
-            idempotency_key=claim,
-            body_sha256=digest,
-            request_id=current_request_id(),  # the worker logs under the ingest's X-Request-ID
-            idempotency_scope=scope if claim is not None else None,
-            legacy_key=legacy,
-        )
-        return job, job.job_id != mine
-
+    key = idempotency_claim(idempotency_key, principal, body)
+    documents, cost = request_documents(body, settings)
     try:
-        job, replayed = await asyncio.to_thread(create)
+        job, replayed = await asyncio.to_thread(
+            create_job, request, store, settings, principal, key, documents, cost, overrides
+        )
     except IdempotencyConflict as e:
         raise ApiError(
             409,
