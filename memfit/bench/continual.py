@@ -139,113 +139,27 @@ def benchmark(
     from memlm.background import model_base_id
 
     fingerprint = {"base_id": model_base_id(model_dir), "config": asdict(cfg)}
-    prog = Progress(out, resume, fingerprint)
+    streams = Streams(ctx, Progress(out, resume, fingerprint))
     dev, test = split_streams(cfg)
-    base = ctx.load()
-    base_acc = {
-        "test_ingested": mean_of(answered(base, ctx.tokenizer, test)),
-        "test_heldout": mean_of(answered(base, ctx.tokenizer, test, key="heldout_question")),
-        "dev_ingested": mean_of(answered(base, ctx.tokenizer, dev)),
-    }
-    del base
+    base_acc = base_accuracy(ctx, dev, test)
     log(
         f"model {model_dir}: probe {len(ctx.probe_known)} known facts, retention set {len(ctx.probe)}, "
         f"base perplexity {ctx.base_perplexity:.2f}; base accuracy on the new facts "
         f"{base_acc['test_ingested']:.1%} (held-out wording {base_acc['test_heldout']:.1%})"
     )
-    dev_probe = ctx.probe[: cfg.dev_probe_facts]
-
-    def run(spec, facts, key, **kw):
-        hit = prog.done(key)
-        if hit is not None:
-            log(f"  {key}: done (resumed)")
-            return hit
-        res = run_stream(ctx, spec, facts, kw.pop("eval_every", cfg.eval_every), progress=prog, key=key, **kw)
-        prog.finish(key, res)
-        return res
-
-    # 1) dev grids
-    chosen: dict[str, MethodSpec] = {}
-    dev_results: dict[str, list] = {}
-    for method, specs in grids(cfg).items():
-        log(f"dev grid {method}: {len(specs)} settings on {len(dev)} facts")
-        results = [
-            (s, run(s, dev, f"dev/{s.key()}", eval_every=len(dev), probe=dev_probe, final_probe=dev_probe))
-            for s in specs
-        ]
-        spec, _ = choose(results)
-        chosen[method] = spec
-        dev_results[method] = [
-            {
-                "settings": s.settings,
-                **{k: r["final"].get(k) for k in ("learning", "learning_heldout", "retention")},
-            }
-            for s, r in results
-        ]
-        log(f"  chosen {method}: {spec.settings}")
-
-    # 2) main stream
-    main: dict[str, dict] = {}
+    chosen, dev_results = dev_grids(streams, dev)  # 1) dev grids
+    main: dict[str, dict] = {}  # 2) main stream
     for method in ("full", "lora", "sparse"):
         log(f"test stream {method} {chosen[method].settings}: {len(test)} facts")
-        main[method] = run(chosen[method], test, f"test/{chosen[method].key()}", final_probe=ctx.probe_known)
-
-    # 3) ablations and retrieval on the first short_facts
-    short = test[: cfg.short_facts]
-    sp = chosen["sparse"].settings
-    ablation: dict[str, dict] = {}
-    variants = {
-        "all": ("memory, all accessed", {"method": "all"}),
-        "tf": ("memory, TF-only", {"method": "tf"}),
-        "random": ("memory, random-t", {"method": "random"}),
-        "stop": ("TF-IDF + stop slots (df <= 5%)", {"max_df": 0.05}),
-        # without the IDF scaling the tuning stream's matching lr was a tenth (docs/internals.md)
-        "noidf": ("TF-IDF, no IDF step scaling", {"idf_lr_power": 0.0, "lr": sp["lr"] / 10}),
-        "adam": ("TF-IDF, row-local Adam lr 1", {"optimizer": "adam", "lr": 1.0, "idf_lr_power": 0.0}),
-    }
-    for m in cfg.ablations:
-        name, change = variants[m]
-        spec = MethodSpec(name, "sparse", {**sp, **change})
-        log(f"ablation {spec.name}: {len(short)} facts")
-        ablation[m] = run(spec, short, f"short/{spec.key()}", final_probe=ctx.probe_known)
-    spec = MethodSpec("BM25 retrieval", "retrieval", {})
-    log(f"retrieval: {len(short)} facts")
-    ablation["bm25"] = run(spec, short, f"short/{spec.key()}", final_probe=ctx.probe_known)
-
-    # 4) Pareto grid (t x lr) for sparse TF-IDF on the first short_facts
-    pareto: list[dict] = []
-    short_sparse: dict = {}  # the chosen sparse setting after short_facts updates, when the grid ran it
-    for t in cfg.pareto_t:
-        for f in cfg.pareto_lr_factors:
-            settings = {**sp, "top_t": t, "lr": float(f"{sp['lr'] * f:.3g}")}
-            if settings == sp and cfg.short_facts % cfg.eval_every == 0:
-                res = {"final": at_update(main["sparse"], cfg.short_facts)}
-            else:
-                spec = MethodSpec("sparse TF-IDF", "sparse", settings)
-                res = run(spec, short, f"pareto/{spec.key()}", final_probe=ctx.probe_known)
-            pareto.append({"settings": settings, **summary_from(res)})
-            if settings == sp:
-                short_sparse = res.get("final", {})
-    # the chosen point itself
-    if not any(p["settings"] == sp for p in pareto) and cfg.short_facts % cfg.eval_every == 0:
-        pareto.append({"settings": sp, **summary_from({"final": at_update(main["sparse"], cfg.short_facts)})})
-
-    # 5) corrections
-    corr = pick_corrections(ctx, cfg.corrections, cfg.seed)
-    corrected_subjects = {c["subject"] for c in corr}
-    unrelated = [f for f in ctx.probe_known if f["subject"] not in corrected_subjects]
-    corr_results: dict[str, dict] = {}
-    for method in ("full", "lora", "sparse"):
-        log(f"corrections {method}: {len(corr)} facts")
-        corr_results[method] = run(
-            chosen[method],
-            corr,
-            f"corrections/{chosen[method].key()}",
-            eval_every=max(len(corr), 1),
-            probe=unrelated[: cfg.probe_facts],
-            final_probe=unrelated,
-            corrections=True,
+        main[method] = streams.run(
+            chosen[method], test, f"test/{chosen[method].key()}", final_probe=ctx.probe_known
         )
+    short = test[
+        : cfg.short_facts
+    ]  # 3) ablations and retrieval, 4) the Pareto grid: on the first short_facts
+    ablation = ablations(streams, short, chosen["sparse"].settings)
+    pareto, short_sparse = pareto_grid(streams, short, chosen["sparse"].settings, main["sparse"])
+    corr_results = correction_streams(streams, chosen)  # 5) corrections
 
     results = {
         "command": command,
@@ -282,6 +196,137 @@ def benchmark(
     results["targets"] = targets(results)
     write_outputs(out, results, {m: r for m, r in main.items()}, ablation)
     return results
+
+
+class Streams:
+    """Runs one stream of the benchmark, or returns its result from the progress file (--resume)."""
+
+    def __init__(self, ctx: Context, progress: Progress) -> None:
+        self.ctx, self.cfg, self.log, self.progress = ctx, ctx.cfg, ctx.log, progress
+
+    def run(self, spec: MethodSpec, facts: Sequence[dict], key: str, **kw) -> dict:
+        hit = self.progress.done(key)
+        if hit is not None:
+            self.log(f"  {key}: done (resumed)")
+            return hit
+        eval_every = kw.pop("eval_every", self.cfg.eval_every)
+        res = run_stream(self.ctx, spec, facts, eval_every, progress=self.progress, key=key, **kw)
+        self.progress.finish(key, res)
+        return res
+
+
+def base_accuracy(ctx: Context, dev: Sequence[dict], test: Sequence[dict]) -> dict:
+    """What the base model answers of the new facts before any update (about 0: they are invented)."""
+    base = ctx.load()
+    return {
+        "test_ingested": mean_of(answered(base, ctx.tokenizer, test)),
+        "test_heldout": mean_of(answered(base, ctx.tokenizer, test, key="heldout_question")),
+        "dev_ingested": mean_of(answered(base, ctx.tokenizer, dev)),
+    }
+
+
+def dev_grids(streams: Streams, dev: Sequence[dict]) -> tuple[dict[str, MethodSpec], dict[str, list]]:
+    """Each method's grid on the dev stream: (the chosen setting per method, every setting's figures)."""
+    dev_probe = streams.ctx.probe[: streams.cfg.dev_probe_facts]
+    chosen: dict[str, MethodSpec] = {}
+    dev_results: dict[str, list] = {}
+    for method, specs in grids(streams.cfg).items():
+        streams.log(f"dev grid {method}: {len(specs)} settings on {len(dev)} facts")
+        results = [
+            (
+                s,
+                streams.run(
+                    s, dev, f"dev/{s.key()}", eval_every=len(dev), probe=dev_probe, final_probe=dev_probe
+                ),
+            )
+            for s in specs
+        ]
+        spec, _ = choose(results)
+        chosen[method] = spec
+        dev_results[method] = [
+            {
+                "settings": s.settings,
+                **{k: r["final"].get(k) for k in ("learning", "learning_heldout", "retention")},
+            }
+            for s, r in results
+        ]
+        streams.log(f"  chosen {method}: {spec.settings}")
+    return chosen, dev_results
+
+
+def ablation_variants(sp: dict) -> dict[str, tuple[str, dict]]:
+    """The ablations at the chosen sparse settings `sp`: name -> (row label, settings changed)."""
+    return {
+        "all": ("memory, all accessed", {"method": "all"}),
+        "tf": ("memory, TF-only", {"method": "tf"}),
+        "random": ("memory, random-t", {"method": "random"}),
+        "stop": ("TF-IDF + stop slots (df <= 5%)", {"max_df": 0.05}),
+        # without the IDF scaling the tuning stream's matching lr was a tenth (docs/internals.md)
+        "noidf": ("TF-IDF, no IDF step scaling", {"idf_lr_power": 0.0, "lr": sp["lr"] / 10}),
+        "adam": ("TF-IDF, row-local Adam lr 1", {"optimizer": "adam", "lr": 1.0, "idf_lr_power": 0.0}),
+    }
+
+
+def ablations(streams: Streams, short: Sequence[dict], sp: dict) -> dict[str, dict]:
+    """The configured ablations of the chosen sparse setting, then BM25 retrieval, on `short`."""
+    known = streams.ctx.probe_known
+    ablation: dict[str, dict] = {}
+    variants = ablation_variants(sp)
+    for m in streams.cfg.ablations:
+        name, change = variants[m]
+        spec = MethodSpec(name, "sparse", {**sp, **change})
+        streams.log(f"ablation {spec.name}: {len(short)} facts")
+        ablation[m] = streams.run(spec, short, f"short/{spec.key()}", final_probe=known)
+    spec = MethodSpec("BM25 retrieval", "retrieval", {})
+    streams.log(f"retrieval: {len(short)} facts")
+    ablation["bm25"] = streams.run(spec, short, f"short/{spec.key()}", final_probe=known)
+    return ablation
+
+
+def pareto_grid(
+    streams: Streams, short: Sequence[dict], sp: dict, main_sparse: dict
+) -> tuple[list[dict], dict]:
+    """The t x lr grid of sparse TF-IDF around the chosen setting `sp` on `short`: (its points, the
+    chosen setting's figures after short_facts updates when the grid ran it, else {})."""
+    cfg = streams.cfg
+    pareto: list[dict] = []
+    short_sparse: dict = {}
+    for t in cfg.pareto_t:
+        for f in cfg.pareto_lr_factors:
+            settings = {**sp, "top_t": t, "lr": float(f"{sp['lr'] * f:.3g}")}
+            if settings == sp and cfg.short_facts % cfg.eval_every == 0:
+                res = {"final": at_update(main_sparse, cfg.short_facts)}
+            else:
+                spec = MethodSpec("sparse TF-IDF", "sparse", settings)
+                res = streams.run(spec, short, f"pareto/{spec.key()}", final_probe=streams.ctx.probe_known)
+            pareto.append({"settings": settings, **summary_from(res)})
+            if settings == sp:
+                short_sparse = res.get("final", {})
+    # the chosen point itself
+    if not any(p["settings"] == sp for p in pareto) and cfg.short_facts % cfg.eval_every == 0:
+        pareto.append({"settings": sp, **summary_from({"final": at_update(main_sparse, cfg.short_facts)})})
+    return pareto, short_sparse
+
+
+def correction_streams(streams: Streams, chosen: dict[str, MethodSpec]) -> dict[str, dict]:
+    """Each method's chosen setting on the corrections stream, retention on the facts of other subjects."""
+    cfg = streams.cfg
+    corr = pick_corrections(streams.ctx, cfg.corrections, cfg.seed)
+    corrected_subjects = {c["subject"] for c in corr}
+    unrelated = [f for f in streams.ctx.probe_known if f["subject"] not in corrected_subjects]
+    corr_results: dict[str, dict] = {}
+    for method in ("full", "lora", "sparse"):
+        streams.log(f"corrections {method}: {len(corr)} facts")
+        corr_results[method] = streams.run(
+            chosen[method],
+            corr,
+            f"corrections/{chosen[method].key()}",
+            eval_every=max(len(corr), 1),
+            probe=unrelated[: cfg.probe_facts],
+            final_probe=unrelated,
+            corrections=True,
+        )
+    return corr_results
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------

@@ -212,9 +212,21 @@ HEADER = (
 
 
 def markdown(res: dict, main: dict, ablation: dict) -> str:
-    b = res["base"]
-    cfg = res["config"]
     lines = [
+        *_md_intro(res),
+        *_md_streams(res, main, ablation),
+        *_md_pareto(res),
+        *_md_corrections(res, main),
+        *_md_dev(res),
+        *_md_targets(res),
+    ]
+    return "\n".join(lines)
+
+
+def _md_intro(res: dict) -> list[str]:
+    """The command, model, machine and base model, and what each column means."""
+    b = res["base"]
+    return [
         "# Continual learning benchmark (`memfit bench continual`)",
         "",
         f"Command: `{res['command']}`  ",
@@ -239,12 +251,18 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
         "methods by construction. "
         "s / update: training time of one single-fact update, early-stop checks included.",
         "",
+    ]
+
+
+def _md_streams(res: dict, main: dict, ablation: dict) -> list[str]:
+    """The main stream's table, the ablations and retrieval on its first short_facts, BM25's cost."""
+    lines = [
         f"## Main stream: {main['sparse']['facts']} facts, one per update",
         "",
         HEADER,
         *[table_row(main[m]) for m in ("full", "lora", "sparse")],
         "",
-        f"## Ablations and retrieval: first {cfg['short_facts']} facts of the same stream",
+        f"## Ablations and retrieval: first {res['config']['short_facts']} facts of the same stream",
         "",
         HEADER,
         *[
@@ -264,8 +282,12 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
             f"a matching passage is prepended whenever BM25 finds one); {rs.get('passages', 0)} passages indexed.",
             "",
         ]
-    lines += [
-        "## Pareto grid (sparse TF-IDF, first " + str(cfg["short_facts"]) + " facts)",
+    return lines
+
+
+def _md_pareto(res: dict) -> list[str]:
+    return [
+        "## Pareto grid (sparse TF-IDF, first " + str(res["config"]["short_facts"]) + " facts)",
         "",
         "| t | lr | learning | held-out learning | retention | forgetting | perplexity change | s / update |",
         "|---|---|---|---|---|---|---|---|",
@@ -276,6 +298,11 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
             for p in res["pareto"]
         ],
         "",
+    ]
+
+
+def _md_corrections(res: dict, main: dict) -> list[str]:
+    return [
         "## Corrections (the capital of X is now Y)",
         "",
         "| method | corrected (new answered, old not) | new answered, held-out wording | old still answered | "
@@ -288,6 +315,11 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
             for m, c in res["corrections"].items()
         ],
         "",
+    ]
+
+
+def _md_dev(res: dict) -> list[str]:
+    lines = [
         "## Settings chosen on the dev stream",
         "",
         f"{res['dev']['facts']} dev facts (disjoint from the test stream); the same rule for every method: among "
@@ -303,7 +335,11 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
                 f"| {m} | {row['settings']}{mark} | {_pct(row['learning'])} | {_pct(row['learning_heldout'])} | "
                 f"{_pct(row['retention'])} |"
             )
-    lines += [
+    return lines
+
+
+def _md_targets(res: dict) -> list[str]:
+    lines = [
         "",
         "## Targets: the knowledge issue's Done-means lines (measured, not asserted)",
         "",
@@ -315,7 +351,7 @@ def markdown(res: dict, main: dict, ablation: dict) -> str:
         vs = ", ".join(_num(x) for x in v) if isinstance(v, list) else _num(v)
         lines.append(f"| {name} | {vs} | {a['target']} | {_met(a['met'])} |")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _met(met: bool | None) -> str:

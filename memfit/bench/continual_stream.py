@@ -5,6 +5,7 @@ updates run and evaluated along the way. tune_sparse.py (benchmarks/) drives the
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -64,45 +65,38 @@ class BenchConfig:
     @classmethod
     def small(cls) -> BenchConfig:
         """The default model in ~5 minutes on 2 cores: same methods and grids, shorter streams."""
-        return cls(
-            test_facts=24,
-            short_facts=12,
-            dev_facts=4,
-            corrections=8,
-            probe_facts=64,
-            dev_probe_facts=32,
-            eval_every=8,
-            heldout_tokens=1024,
-            sparse_t=[2000, 4000],
-            sparse_lr=[10000.0],
-            full_lr=[1e-4, 1e-3],
-            lora_rank=[8],
-            lora_lr=[3e-3, 3e-2],
-            pareto_t=[100, 500, 2000],
-            steps=40,
-        )
+        return cls._scaled(0)
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        return cls(
-            test_facts=6,
-            short_facts=4,
-            dev_facts=3,
-            corrections=3,
-            probe_facts=20,
-            dev_probe_facts=20,
-            eval_every=2,
-            heldout_tokens=512,
-            sparse_t=[16],
-            sparse_lr=[0.3, 1.0],
-            sparse_optimizer="adam",  # the tiny CI model
-            full_lr=[1e-3, 3e-3],
-            lora_rank=[4],
-            lora_lr=[3e-3, 3e-2],
-            pareto_t=[8, 64],
-            ablations=["all", "tf", "random"],
-            steps=30,
-        )
+        """The tiny CI model in minutes."""
+        return cls._scaled(1)
+
+    @classmethod
+    def _scaled(cls, column: int) -> BenchConfig:
+        return cls(**{k: copy.deepcopy(v[column]) for k, v in _SCALES.items() if v[column] is not None})
+
+
+# The shorter runs' fields, as (small, quick); None keeps the full run's value.
+_SCALES: dict[str, tuple[Any, Any]] = {
+    "test_facts": (24, 6),
+    "short_facts": (12, 4),
+    "dev_facts": (4, 3),
+    "corrections": (8, 3),
+    "probe_facts": (64, 20),
+    "dev_probe_facts": (32, 20),
+    "eval_every": (8, 2),
+    "heldout_tokens": (1024, 512),
+    "sparse_t": ([2000, 4000], [16]),
+    "sparse_lr": ([10000.0], [0.3, 1.0]),
+    "sparse_optimizer": (None, "adam"),  # adam: the tiny CI model
+    "full_lr": ([1e-4, 1e-3], [1e-3, 3e-3]),
+    "lora_rank": ([8], [4]),
+    "lora_lr": ([3e-3, 3e-2], [3e-3, 3e-2]),
+    "pareto_t": ([100, 500, 2000], [8, 64]),
+    "ablations": (None, ["all", "tf", "random"]),
+    "steps": (40, 30),
+}
 
 
 @dataclass
@@ -423,29 +417,13 @@ def run_stream(
         ctx.log(f"  {key}: resumed after {len(records)} updates")
     t_run = time.perf_counter()
     for i in range(len(records), len(facts)):
-        fact = facts[i]
-        rep = learner.update(fact_document(fact), i)
-        checks = [fact, {**fact, "question": fact["heldout_question"]}]
-        if corrections:
-            checks.append({**fact, "answer": fact["old_answer"]})
-        hits = learner.answered(checks)
-        rec = {"id": fact["id"], "learned": hits[0], "learned_heldout": hits[1], **rep}
-        if corrections:
-            rec["old_answered"] = hits[2]
-            rec["corrected"] = hits[0] and not hits[2]
-        records.append(rec)
+        records.append(_update_record(learner, facts[i], i, corrections))
         n = i + 1
         if n % eval_every == 0 or n == len(facts):
             last = n == len(facts)
-            ev = evaluate_state(
-                learner, facts[:n], final_probe if (last and final_probe) else probe, with_ppl=True
+            ev = _curve_point(
+                learner, facts[:n], records, final_probe if (last and final_probe) else probe, corrections
             )
-            ev["learning"] = mean_of(r["learned"] for r in records)
-            ev["learning_heldout"] = mean_of(r["learned_heldout"] for r in records)
-            if corrections:
-                ev["old_answered"] = mean_of(
-                    h for h in learner.answered([{**f, "answer": f["old_answer"]} for f in facts[:n]])
-                )
             curve.append(ev)
             ctx.log(
                 f"  {key}: {n}/{len(facts)} learning {ev['learning']:.2f} recall {ev['recall']:.2f} "
@@ -456,7 +434,48 @@ def run_stream(
                 progress.checkpoint(
                     key, model, {"records": records, "curve": curve, "touched": sorted(learner.touched)}
                 )
-    result = {
+    result = _stream_result(spec, facts, records, curve, learner)
+    result["wall_seconds"] = time.perf_counter() - t_run
+    if learner.retriever is not None:
+        result["retrieval"] = curve[-1].get("retrieval", {}) if curve else {}
+    del model, learner
+    return result
+
+
+def _update_record(learner: Learner, fact: dict, i: int, corrections: bool) -> dict:
+    """Teach one fact (update i) and check it right away, in its own and in held-out wording (and,
+    for a correction, whether the old answer is still given)."""
+    rep = learner.update(fact_document(fact), i)
+    checks = [fact, {**fact, "question": fact["heldout_question"]}]
+    if corrections:
+        checks.append({**fact, "answer": fact["old_answer"]})
+    hits = learner.answered(checks)
+    rec = {"id": fact["id"], "learned": hits[0], "learned_heldout": hits[1], **rep}
+    if corrections:
+        rec["old_answered"] = hits[2]
+        rec["corrected"] = hits[0] and not hits[2]
+    return rec
+
+
+def _curve_point(
+    learner: Learner, taught: Sequence[dict], records: list[dict], probe: Sequence[dict], corrections: bool
+) -> dict:
+    """The evaluation after the facts taught so far (recall, retention on `probe`, perplexity), with
+    the learning rates of their records."""
+    ev = evaluate_state(learner, taught, probe, with_ppl=True)
+    ev["learning"] = mean_of(r["learned"] for r in records)
+    ev["learning_heldout"] = mean_of(r["learned_heldout"] for r in records)
+    if corrections:
+        ev["old_answered"] = mean_of(
+            h for h in learner.answered([{**f, "answer": f["old_answer"]} for f in taught])
+        )
+    return ev
+
+
+def _stream_result(
+    spec: MethodSpec, facts: Sequence[dict], records: list[dict], curve: list[dict], learner: Learner
+) -> dict:
+    return {
         "spec": asdict(spec),
         "facts": len(facts),
         "records": records,
@@ -469,12 +488,7 @@ def run_stream(
         "rows_read_changed_mean": mean_of(r.get("rows_read_changed") for r in records),
         "distinct_rows_changed": len(learner.touched),
         "params_changed": records[0].get("params_changed") if records else None,
-        "wall_seconds": time.perf_counter() - t_run,
     }
-    if learner.retriever is not None:
-        result["retrieval"] = curve[-1].get("retrieval", {}) if curve else {}
-    del model, learner
-    return result
 
 
 def at_update(result: dict, n: int) -> dict:
