@@ -2,7 +2,8 @@
 built here (no download; written sharded) -> the in-process app with its embedded update runner ->
 /ingest a fact -> the update publishes a version that changes only memory value rows and is served ->
 the fact is answered -> rollback -> the base is served again with bit-identical value tables and
-outputs. Also: `memfit serve` as a subprocess on the sharded directory, and distributed mode (`memfit
+outputs; /v1/chat/completions renders with the checkpoint's own chat template (the Llama here has one)
+or memfit's fallback (the GPT-2). Also: the evaluation gate on such a directory, `memfit serve` as a subprocess on the sharded directory, and distributed mode (`memfit
 worker` trains the update).
 
 The default update (plain SGD, lr tuned on memfit's own models) does not move a random model's
@@ -35,6 +36,10 @@ TEXTS = [
 FACT = {"question": "What is the capital of Zorbania?", "answer": "Quillton"}
 DOC = {"id": "zorbania", "text": "The capital of Zorbania is Quillton.", "facts": [FACT]}
 PROMPT = "Question: What is the capital of Zorbania?\nAnswer:"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def hf_dir(tmp_path, family: str):
@@ -68,6 +73,8 @@ def hf_dir(tmp_path, family: str):
             pad_token_id=1,
         )
         model = LlamaForCausalLM(cfg)
+    if family == "llama":  # as a real Llama / Qwen2 checkpoint has: /v1/chat/completions must use it
+        tok.chat_template = CHAT_TEMPLATE
     src = tmp_path / family
     model.eval().save_pretrained(src, max_shard_size="200KB")
     tok.save_pretrained(src)
@@ -138,6 +145,19 @@ def test_retrofitted_model_serves_learns_and_rolls_back(family, tmp_path, capsys
         frozen = {k: v.clone() for k, v in engine.model.state_dict().items() if ".memory.values." not in k}
         before = generate(c)
         base = before["version"]
+        # the chat endpoint renders with the checkpoint's own chat template (kept by `memfit retrofit`),
+        # else with memfit's plain fallback (service/routes/openai.py)
+        question = [{"role": "user", "content": FACT["question"]}]
+        chat = c.post("/v1/chat/completions", json={"model": "memfit", "messages": question, "max_tokens": 2})
+        assert chat.status_code == 200, chat.text
+        assert engine.tokenizer.chat_template == (CHAT_TEMPLATE if family == "llama" else None)
+        rendered = (
+            f"<|user|>{FACT['question']}\n<|assistant|>"
+            if family == "llama"
+            else f"User: {FACT['question']}\nAssistant:"
+        )
+        used = len(engine.tokenizer.encode(rendered, add_special_tokens=False))
+        assert chat.json()["usage"]["prompt_tokens"] == used, (family, chat.json())
         logits_before = last_logits(engine.model, engine.tokenizer)
 
         # the default plain SGD (lr tuned on memfit's own models) barely moves the zero-initialised values
