@@ -2,9 +2,9 @@
 built here (no download; written sharded) -> the in-process app with its embedded update runner ->
 /ingest a fact -> the update publishes a version that changes only memory value rows and is served ->
 the fact is answered -> rollback -> the base is served again with bit-identical value tables and
-outputs; /v1/chat/completions renders with the checkpoint's own chat template (the Llama here has one)
-or memfit's fallback (the GPT-2). Also: the evaluation gate on such a directory, `memfit serve` as a subprocess on the sharded directory, and distributed mode (`memfit
-worker` trains the update).
+outputs; /v1/chat/completions renders with the checkpoint's own chat template (the Llama here has
+one) or memfit's fallback (the GPT-2). Also: the evaluation gate on such a directory, `memfit serve`
+as a subprocess on the sharded directory, and distributed mode (`memfit worker` trains the update).
 
 The default update (plain SGD, lr tuned on memfit's own models) does not move a random model's
 zero-initialised memory values enough to learn the fact; the tests ask for the row-local Adam
