@@ -123,6 +123,16 @@ class UpdatesSettings(BaseModel):
     update_top_t: int | None = Field(None, description="None -> memlm.updater default")
     update_steps: int | None = None
     update_lr: float | None = None
+    # protection (workers/preservation.py): off by default, see docs/internals.md for where it pays
+    update_preserve: bool = Field(
+        False,
+        description="keep the slots read by the known probe facts the gate does not measure out of every update",
+    )
+    update_shield: int = Field(
+        0,
+        ge=0,
+        description="also keep out the slots read by N served-format texts of unused invented entities",
+    )
 
 
 class GateSettings(BaseModel):

@@ -53,6 +53,7 @@ from model_store import (
 from model_store.fsutil import crash_point
 
 from .gate import Reference, load_probe, measure
+from .preservation import preservation_mask
 
 log = logging.getLogger("memfit.pipeline")
 
@@ -144,6 +145,8 @@ class Pipeline:
         self.live: LiveTables | None = None
         self.probe: list[dict] = []  # probe facts the base answers (within the budget)
         self.heldout: list[str] = []
+        # {memory layer: bool mask} of slots no update selects (workers/preservation.py); None: none
+        self.protected: dict[int, Any] | None = None
         self._refs: dict[int, Reference] = {}
         # called as hook(result) after each run_job that brought an unfinished job to a final state,
         # outside the pipeline's lock (the worker's job metrics: service.worker_metrics.instrument)
@@ -174,6 +177,7 @@ class Pipeline:
         candidates = facts[: budget.probe_facts]
         hits = answered(model, tok, candidates) if candidates else []
         self.probe = [f for f, h in zip(candidates, hits) if h]
+        self.protected = preservation_mask(model, tok, facts, self.settings)  # on the base, once
         ppl = perplexity_with_overlay(model, tok, texts, budget.heldout_tokens) if texts else float("nan")
         self._refs[0] = Reference([True] * len(self.probe), ppl)
         self.live = LiveTables(self.store, model.value_tables(), 0)
@@ -410,7 +414,15 @@ class Pipeline:
             if int(info.get("step") or 0) >= 2:
                 crash_point("pipeline:training", _job)
 
-        delta = learn_documents(self.model, self.tokenizer, documents, self.background, us, progress=progress)
+        delta = learn_documents(
+            self.model,
+            self.tokenizer,
+            documents,
+            self.background,
+            us,
+            progress=progress,
+            protected=self.protected,
+        )
         spent["training"] += time.perf_counter() - t0
         tables = self.model.value_tables()
         try:
