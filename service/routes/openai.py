@@ -22,7 +22,8 @@ max_stop_sequences), and the answer's leading whitespace (after "Assistant:") is
 
 Streams are OpenAI chunks, then `data: [DONE]`. With `stream_options.include_usage` every chunk has
 `"usage": null` and one more chunk, with `usage` and empty `choices`, comes last before `[DONE]`;
-without it no chunk carries usage. Errors are OpenAI's shape (service/errors.py), in-band in a stream
+without it no chunk carries usage; `stream_options` on a request that does not stream is a 422 (OpenAI
+refuses it too). Errors are OpenAI's shape (service/errors.py), in-band in a stream
 whose status line was sent already.
 """
 
@@ -173,6 +174,14 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
+def _check_stream_options(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """OpenAI refuses `stream_options` on a request that does not stream; so does this server."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(
+            422, "invalid_request", "stream_options is only allowed when stream is true", "stream_options"
+        )
+
+
 # ---- routes -------------------------------------------------------------------------------------
 
 
@@ -221,6 +230,7 @@ async def chat_completions(
         raise ApiError(422, "unsupported", "tools (function calling) are not supported", "tools")
     if body.logprobs:
         raise ApiError(422, "unsupported", "logprobs are not supported", "logprobs")
+    _check_stream_options(body)
     stop = _stops(body.stop)
     if body.max_completion_tokens is not None:
         max_tokens, max_field = body.max_completion_tokens, "max_completion_tokens"
@@ -302,6 +312,7 @@ async def completions(
         raise ApiError(422, "invalid_request", "prompt must not be empty", "prompt")
     if body.echo:
         raise ApiError(422, "unsupported", "echo is not supported", "echo")
+    _check_stream_options(body)
     stop = _stops(body.stop)
     max_tokens = body.max_tokens
     if max_tokens is None or "max_tokens" not in body.model_fields_set:

@@ -244,6 +244,9 @@ def test_models_list_the_pinnable_versions(server, client):
         (complete, {"max_tokens": 0}, 422, "max_tokens"),
         (complete, {"max_tokens": LIMIT + 1}, 422, "max_tokens"),
         (complete, {"stream": True, "seed": 2**64}, 422, "seed"),
+        # OpenAI refuses stream_options when not streaming
+        (chat, {"stream_options": {"include_usage": True}}, 422, "stream_options"),
+        (complete, {"stream_options": {"include_usage": False}}, 422, "stream_options"),
     ],
 )
 def test_errors_arrive_as_the_clients_exceptions(client, call, kw, status, param):
