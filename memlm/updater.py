@@ -501,18 +501,21 @@ def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[A
     return stop
 
 
-def _replay_batch(tokenizer, s: UpdateSettings) -> Batch:
+def _replay_batch(tokenizer, s: UpdateSettings, rehearse: Sequence[str] = ()) -> Batch:
     """`s.replay` background texts in the served formats (invented entities of their own seed, never a
-    benchmark's or the probe's), a different draw per update seed."""
+    benchmark's or the probe's), a different draw per update seed, then the `rehearse` texts (e.g. the
+    served QA texts of facts learned before: their predictions are held where they are)."""
     import random
 
     from .augment import IGNORE, Example, collate
     from .pretrain import format_matched_background
 
-    pool = format_matched_background(max(64, s.replay), seed=7)
-    texts = random.Random(s.seed).sample(pool, s.replay)
+    texts: list[str] = []
+    if s.replay > 0:
+        pool = format_matched_background(max(64, s.replay), seed=7)
+        texts = random.Random(s.seed).sample(pool, s.replay)
     examples = []
-    for text in texts:
+    for text in [*texts, *rehearse]:
         ids = tokenizer(text)["input_ids"][: s.max_seq_len]
         examples.append(Example(ids, [IGNORE] * len(ids)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -547,10 +550,14 @@ def learn_documents(
     settings: UpdateSettings | None = None,
     progress: Callable[[dict], None] | None = None,
     protected: Mapping[int, torch.Tensor] | None = None,
+    rehearse: Sequence[str] = (),
 ) -> SlotDelta:
     """Teach `documents` ({"id", "text", "facts": [{"question", "answer"}], "metadata"}) by sparse
     memory finetuning. Facts the documents supply are trained in QA form too and stop the update once
-    all are answered. Mutates the model; the returned delta reverts it exactly."""
+    all are answered. Mutates the model; the returned delta reverts it exactly.
+
+    `protected`: slots never selected (sparse_update). `rehearse`: texts whose next-token predictions
+    the update keeps, as KL(before || now) of weight `replay_weight` beside the `replay` background."""
     s = settings or UpdateSettings()
     stream = training_stream(tokenizer, documents, s)
     facts = document_facts(documents)
@@ -560,11 +567,12 @@ def learn_documents(
     passes = max(1, math.ceil(len(stream.examples) / s.batch_size))
     if passes > 1:
         s = s.replace(steps=s.steps * passes, check_every=max(s.check_every, passes))
-    replay = _replay_batch(tokenizer, s) if s.replay > 0 else None
+    replay = _replay_batch(tokenizer, s, rehearse) if s.replay > 0 or rehearse else None
     delta = sparse_update(
         model, stream, background, s, stop_fn=stop, progress=progress, replay=replay, protected=protected
     )
     delta.report["documents"] = [str(d.get("id", f"doc-{n}")) for n, d in enumerate(documents)]
     delta.report["examples"] = len(stream.examples)
     delta.report["facts"] = len(facts)
+    delta.report["rehearsed"] = len(rehearse)
     return delta

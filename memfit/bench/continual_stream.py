@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import memlm
-from memlm.evaluation import answered, perplexity
+from memlm.evaluation import answered, format_question, perplexity
 from memlm.reach import (
     delta_rows,
     merge_reads,
@@ -176,6 +176,7 @@ class Learner:
         self.retriever = BM25Retriever() if spec.kind == "retrieval" else None
         self.lora = None
         self.protected = None
+        self.rehearsal: list[str] = []  # served QA texts of the stream's facts learned so far (`rehearse`)
         if spec.kind == "sparse" and (spec.settings.get("preserve") or spec.settings.get("shield")):
             self.protected = _preservation_mask(
                 model,
@@ -196,7 +197,13 @@ class Learner:
             s = UpdateSettings(**{"steps": self.ctx.cfg.steps, **fields}).replace(seed=self.seed + index)
             if self.reads is None:
                 self.reads = probe_reads(self.model, tok, self.ctx.probe)
-            delta = learn_documents(self.model, tok, [doc], self.ctx.background, s, protected=self.protected)
+            n_rehearse = int(self.spec.settings.get("rehearse") or 0)
+            rehearse = self.rehearsal[-n_rehearse:] if n_rehearse else []
+            delta = learn_documents(
+                self.model, tok, [doc], self.ctx.background, s, protected=self.protected, rehearse=rehearse
+            )
+            if self.spec.settings.get("rehearse"):
+                self._remember_if_learned(doc)
             for layer, ld in delta.layers.items():
                 changed = (ld.new_rows != ld.old_rows).any(-1)
                 self.touched.update((layer, int(i)) for i in ld.indices[changed].tolist())
@@ -224,6 +231,15 @@ class Learner:
             self.retriever.add([doc])
             return {"seconds": time.perf_counter() - t0, "steps": 0, "rows_changed": 0}
         raise ValueError(f"unknown method kind {kind!r}")
+
+    def _remember_if_learned(self, doc: dict) -> None:
+        """`rehearse` N: the facts of `doc` the update taught join the rehearsal texts, whose last N later
+        updates keep predicting as they do now (memlm.updater.learn_documents(rehearse=...))."""
+        facts = [{"question": f["question"], "answer": f["answer"]} for f in doc.get("facts", [])]
+        hits = answered(self.model, self.ctx.tokenizer, facts)
+        self.rehearsal += [
+            format_question(f["question"]) + " " + f["answer"] for f, h in zip(facts, hits) if h
+        ]
 
     def _keep_what_was_learned(self, doc: dict, written: dict[int, torch.Tensor]) -> None:
         """`keep_written`: the rows this update wrote are never selected again; `keep_learned`: nor the
@@ -254,7 +270,7 @@ class Learner:
 
 
 # sparse settings of the benchmark that are not UpdateSettings fields: which slots are kept out of selection
-PROTECTION_FIELDS = ("preserve", "preserve_min", "shield", "keep_written", "keep_learned")
+PROTECTION_FIELDS = ("preserve", "preserve_min", "shield", "keep_written", "keep_learned", "rehearse")
 
 
 def _preservation_mask(

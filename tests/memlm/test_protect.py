@@ -73,3 +73,42 @@ def test_protection_mask_covers_the_preservation_facts_and_the_shield_texts(tiny
         assert torch.equal(mask[layer], only_facts[layer] | only_shield[layer])  # and nothing else
         assert 0 < int(only_facts[layer].sum()) < mask[layer].numel()
     assert all(not m.any() for m in protection_mask(model, tokenizer).values())
+
+
+def test_rehearsal_holds_the_rehearsed_texts_predictions(tiny_model_dir):
+    """learn_documents(rehearse=texts): the update keeps those texts' next-token predictions closer to
+    what they were than the same update without them."""
+    import json
+
+    import torch.nn.functional as F
+
+    import memlm
+    from memlm.background import BackgroundStats
+    from memlm.evaluation import format_question
+    from memlm.updater import learn_documents
+
+    model, tok = memlm.load(tiny_model_dir)
+    background = BackgroundStats.load(tiny_model_dir)
+    facts = json.loads((tiny_model_dir / "probe.json").read_text())["facts"][:4]
+    texts = [format_question(f["question"]) + " " + f["answer"] for f in facts]
+    doc = {"id": "d", "text": "Goju Theipouquis was born in Peivistead.",
+           "facts": [{"question": "Where was Goju Theipouquis born?", "answer": "Peivistead"}]}  # fmt: skip
+    settings = UpdateSettings(steps=8, early_stop=False, lr=3000.0, replay_weight=1.0, question_rewrites=1)
+
+    @torch.no_grad()
+    def logprobs():
+        return [F.log_softmax(model(tok(t, return_tensors="pt").input_ids).logits.float(), -1) for t in texts]
+
+    def drift(before):
+        return sum(float((b.exp() * (b - a)).sum()) for b, a in zip(before, logprobs()))
+
+    before = logprobs()
+    tables = model.value_tables()
+    plain = learn_documents(model, tok, [doc], background, settings)
+    drift_plain = drift(before)
+    plain.revert(tables)
+    held = learn_documents(model, tok, [doc], background, settings, rehearse=texts)
+    drift_held = drift(before)
+    assert held.report["rehearsed"] == len(texts) and plain.report["rehearsed"] == 0
+    assert drift_plain > 0
+    assert drift_held < drift_plain
