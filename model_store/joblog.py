@@ -253,13 +253,13 @@ class JobLog:
             if job.idempotency_key:
                 self._by_key[job.idempotency_key] = job.job_id
         elif ev == "update":
-            job = self._job(str(rec.get("job_id")))
-            if job is None:
+            found = self._job(str(rec.get("job_id")))
+            if found is None:
                 return
-            if not apply_update(job, rec):
+            if not apply_update(found, rec):
                 self.invalid_transitions += 1  # a racing write from before the file lock: not applied
                 return
-            self._jobs[job.job_id] = held(job)  # folded once finished (a retry unfolds it)
+            self._jobs[found.job_id] = held(found)  # folded once finished (a retry unfolds it)
 
     def _job(self, job_id: str) -> Job | None:
         """The job's current state (a fresh Job for a finished one, else the one held)."""

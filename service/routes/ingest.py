@@ -192,7 +192,7 @@ def create_job(
         existing = jobs.find_by_idempotency_key(key.claim, key.legacy)
         if existing is not None:
             if existing.body_sha256 not in (None, key.digest):
-                raise IdempotencyConflict(key.key, existing.job_id)
+                raise IdempotencyConflict(str(key.key), existing.job_id)  # a claim comes from a key
             return existing, True
     # a new job spends the key's byte budget (a replay above does not)
     wait = ingest_budget(request, settings).acquire(principal.key_id or "anonymous", cost)
