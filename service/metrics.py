@@ -8,7 +8,7 @@ buckets, and no high-cardinality labels: the `endpoint` label is the route templ
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -57,144 +57,108 @@ class _JobStateCollector(Collector):
         yield g
 
 
+class _Spec(NamedTuple):
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+
+
+# Metrics attribute -> the metric, in the order they are registered (and exposed)
+METRICS: dict[str, _Spec] = {
+    # HTTP (MetricsMiddleware)
+    "requests": _Spec(Counter, "memfit_http_requests_total", "HTTP requests by route template, method and status code", ("endpoint", "method", "status")),
+    "request_duration": _Spec(Histogram, "memfit_http_request_duration_seconds", "Time from request start to the end of the response body (streams included)", ("endpoint", "method"), LATENCY_BUCKETS),
+    "in_flight": _Spec(Gauge, "memfit_http_requests_in_flight", "HTTP requests being served"),
+    # generation
+    "ttft": _Spec(Histogram, "memfit_time_to_first_token_seconds", "Generation: admission to the first generated token", (), LATENCY_BUCKETS),
+    "e2e": _Spec(Histogram, "memfit_e2e_request_latency_seconds", "Generation: admission to the last generated token", (), LATENCY_BUCKETS),
+    "per_token": _Spec(Histogram, "memfit_time_per_output_token_seconds", "Generation: seconds per decoded token after the first", (), TOKEN_LATENCY_BUCKETS),
+    "prompt_tokens": _Spec(Counter, "memfit_prompt_tokens_total", "Prompt tokens processed"),
+    "generation_tokens": _Spec(Counter, "memfit_generation_tokens_total", "Tokens generated"),
+    "generation_length": _Spec(Histogram, "memfit_request_generation_tokens", "Tokens generated per request", (), TOKEN_COUNT_BUCKETS),
+    "batch_size": _Spec(Histogram, "memfit_generation_batch_size", "Requests decoded together in one wave of forward passes (dynamic batching)", (), (1, 2, 4, 8, 16, 32, 64)),
+    "generation_errors": _Spec(Counter, "memfit_generation_failures_total", "Generation requests that ended in an error"),
+    # versions and swaps
+    "active_version": _Spec(Gauge, "memfit_active_version", "Version served to new requests"),
+    "swaps": _Spec(Counter, "memfit_swaps_total", "Hot swaps of the live value tables"),
+    "swap_duration": _Spec(Histogram, "memfit_swap_duration_seconds", "Time to switch the live value tables to another version", (), SWAP_BUCKETS),
+    "swap_rows": _Spec(Counter, "memfit_swap_rows_total", "Value rows written by hot swaps"),
+    # ingest and jobs
+    "ingested_documents": _Spec(Counter, "memfit_ingested_documents_total", "Documents accepted by /ingest"),
+    "job_duration": _Spec(Histogram, "memfit_job_duration_seconds", "Update jobs: seconds per phase (queued, training, evaluation, publish, total)", ("phase",), JOB_BUCKETS),
+    "jobs_finished": _Spec(Counter, "memfit_jobs_finished_total", "Update jobs that ended, by final state", ("state",)),
+    "ingest_to_live": _Spec(Histogram, "memfit_ingest_to_live_seconds", "From the job's creation to the new version being served by this replica", (), JOB_BUCKETS),
+    # serving: queueing and per-token latency (engine), readers paused by swaps
+    "queue_time": _Spec(Histogram, "memfit_request_queue_time_seconds", "Generation: admission to the first decoding step (waiting for a generation thread)", (), LATENCY_BUCKETS),
+    "inter_token": _Spec(Histogram, "memfit_inter_token_latency_seconds", "Generation: gap between two consecutive generated tokens", (), TOKEN_LATENCY_BUCKETS),
+    # vLLM's num_requests_running / num_requests_waiting: rows in a decoding batch now, and
+    # admitted requests still waiting for one (the engine sets the waiting gauge's function)
+    "generation_running": _Spec(Gauge, "memfit_generation_requests_running", "Generation requests being decoded now"),
+    "generation_waiting": _Spec(Gauge, "memfit_generation_requests_waiting", "Generation requests admitted and waiting for a decoding slot (MEMFIT_MAX_WAITING bounds it)"),
+    "generation_finished": _Spec(
+        Counter,
+        "memfit_generation_finished_total",
+        "Generation requests that ended, by finish reason: stop (EOS or a stop sequence), length "
+        "(max tokens or the context), cancelled (client gone), deadline (MEMFIT_REQUEST_TIMEOUT_S), error",
+        ("finish_reason",),
+    ),
+    "swap_pause": _Spec(Histogram, "memfit_swap_pause_seconds", "Time readers were blocked by a hot swap (the row copy under the write lock)", (), SWAP_BUCKETS),
+    # updates: recorded by service.observability.record_job where the job ran (API or worker)
+    "versions_published": _Spec(Counter, "memfit_versions_published_total", "Update versions published and activated"),
+    "updates_rejected": _Spec(Counter, "memfit_updates_rejected_total", "Updates rejected by the evaluation gate, by reason (forgetting_parent, forgetting_base, perplexity)", ("reason",)),
+    "slots_changed": _Spec(Counter, "memfit_slots_changed_total", "Memory slots written by published updates"),
+    "update_slots": _Spec(Histogram, "memfit_update_slots_changed", "Memory slots changed per published update", (), SLOT_BUCKETS),
+}  # fmt: skip
+
+
+def _metric(spec: _Spec, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+    if spec.kind is Histogram:
+        buckets = spec.buckets or Histogram.DEFAULT_BUCKETS
+        return Histogram(spec.name, spec.doc, spec.labels, registry=registry, buckets=buckets)
+    return spec.kind(spec.name, spec.doc, spec.labels, registry=registry)
+
+
 class Metrics:
+    # one attribute per METRICS entry
+    requests: Counter
+    request_duration: Histogram
+    in_flight: Gauge
+    ttft: Histogram
+    e2e: Histogram
+    per_token: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    generation_length: Histogram
+    batch_size: Histogram
+    generation_errors: Counter
+    active_version: Gauge
+    swaps: Counter
+    swap_duration: Histogram
+    swap_rows: Counter
+    ingested_documents: Counter
+    job_duration: Histogram
+    jobs_finished: Counter
+    ingest_to_live: Histogram
+    queue_time: Histogram
+    inter_token: Histogram
+    generation_running: Gauge
+    generation_waiting: Gauge
+    generation_finished: Counter
+    swap_pause: Histogram
+    versions_published: Counter
+    updates_rejected: Counter
+    slots_changed: Counter
+    update_slots: Histogram
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "memfit_http_requests_total",
-            "HTTP requests by route template, method and status code",
-            ["endpoint", "method", "status"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "memfit_http_request_duration_seconds",
-            "Time from request start to the end of the response body (streams included)",
-            ["endpoint", "method"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge("memfit_http_requests_in_flight", "HTTP requests being served", registry=r)
-        self.ttft = Histogram(
-            "memfit_time_to_first_token_seconds",
-            "Generation: admission to the first generated token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "memfit_e2e_request_latency_seconds",
-            "Generation: admission to the last generated token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.per_token = Histogram(
-            "memfit_time_per_output_token_seconds",
-            "Generation: seconds per decoded token after the first",
-            buckets=TOKEN_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.prompt_tokens = Counter("memfit_prompt_tokens_total", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("memfit_generation_tokens_total", "Tokens generated", registry=r)
-        self.generation_length = Histogram(
-            "memfit_request_generation_tokens",
-            "Tokens generated per request",
-            buckets=TOKEN_COUNT_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "memfit_generation_batch_size",
-            "Requests decoded together in one wave of forward passes (dynamic batching)",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=r,
-        )
-        self.generation_errors = Counter(
-            "memfit_generation_failures_total", "Generation requests that ended in an error", registry=r
-        )
-        self.active_version = Gauge("memfit_active_version", "Version served to new requests", registry=r)
-        self.swaps = Counter("memfit_swaps_total", "Hot swaps of the live value tables", registry=r)
-        self.swap_duration = Histogram(
-            "memfit_swap_duration_seconds",
-            "Time to switch the live value tables to another version",
-            buckets=SWAP_BUCKETS,
-            registry=r,
-        )
-        self.swap_rows = Counter("memfit_swap_rows_total", "Value rows written by hot swaps", registry=r)
-        self.ingested_documents = Counter(
-            "memfit_ingested_documents_total", "Documents accepted by /ingest", registry=r
-        )
-        self.job_duration = Histogram(
-            "memfit_job_duration_seconds",
-            "Update jobs: seconds per phase (queued, training, evaluation, publish, total)",
-            ["phase"],
-            buckets=JOB_BUCKETS,
-            registry=r,
-        )
-        self.jobs_finished = Counter(
-            "memfit_jobs_finished_total", "Update jobs that ended, by final state", ["state"], registry=r
-        )
-        self.ingest_to_live = Histogram(
-            "memfit_ingest_to_live_seconds",
-            "From the job's creation to the new version being served by this replica",
-            buckets=JOB_BUCKETS,
-            registry=r,
-        )
-        # serving: queueing and per-token latency (engine), readers paused by swaps
-        self.queue_time = Histogram(
-            "memfit_request_queue_time_seconds",
-            "Generation: admission to the first decoding step (waiting for a generation thread)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inter_token = Histogram(
-            "memfit_inter_token_latency_seconds",
-            "Generation: gap between two consecutive generated tokens",
-            buckets=TOKEN_LATENCY_BUCKETS,
-            registry=r,
-        )
-        # vLLM's num_requests_running / num_requests_waiting: rows in a decoding batch now, and
-        # admitted requests still waiting for one (the engine sets the waiting gauge's function)
-        self.generation_running = Gauge(
-            "memfit_generation_requests_running", "Generation requests being decoded now", registry=r
-        )
-        self.generation_waiting = Gauge(
-            "memfit_generation_requests_waiting",
-            "Generation requests admitted and waiting for a decoding slot (MEMFIT_MAX_WAITING bounds it)",
-            registry=r,
-        )
-        self.generation_finished = Counter(
-            "memfit_generation_finished_total",
-            "Generation requests that ended, by finish reason: stop (EOS or a stop sequence), length "
-            "(max tokens or the context), cancelled (client gone), deadline (MEMFIT_REQUEST_TIMEOUT_S), error",
-            ["finish_reason"],
-            registry=r,
-        )
+        for attr, spec in METRICS.items():
+            setattr(self, attr, _metric(spec, r))
         for reason in FINISH_REASONS:
             self.generation_finished.labels(reason)
-        self.swap_pause = Histogram(
-            "memfit_swap_pause_seconds",
-            "Time readers were blocked by a hot swap (the row copy under the write lock)",
-            buckets=SWAP_BUCKETS,
-            registry=r,
-        )
-        # updates: recorded by service.observability.record_job where the job ran (API or worker)
-        self.versions_published = Counter(
-            "memfit_versions_published_total", "Update versions published and activated", registry=r
-        )
-        self.updates_rejected = Counter(
-            "memfit_updates_rejected_total",
-            "Updates rejected by the evaluation gate, by reason (forgetting_parent, forgetting_base, perplexity)",
-            ["reason"],
-            registry=r,
-        )
-        self.slots_changed = Counter(
-            "memfit_slots_changed_total", "Memory slots written by published updates", registry=r
-        )
-        self.update_slots = Histogram(
-            "memfit_update_slots_changed",
-            "Memory slots changed per published update",
-            buckets=SLOT_BUCKETS,
-            registry=r,
-        )
         # knowledge and memory capacity, read from the store at scrape time (set_knowledge_source)
         self.knowledge = KnowledgeCollector(lambda: None)
         r.register(self.knowledge)

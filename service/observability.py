@@ -298,131 +298,120 @@ class KnowledgeCollector(Collector):
             snap = {}
         if not snap:
             return
-        ver = GaugeMetricFamily(
-            "memfit_knowledge_version", "Version whose evaluation the knowledge gauges show", labels=["which"]
-        )
-        learn = GaugeMetricFamily(
-            "memfit_knowledge_learning_ratio",
-            "Share of the update's facts answered (ingested or held-out wording)",
-            labels=["which", "wording"],
-        )
-        ret = GaugeMetricFamily(
-            "memfit_knowledge_retention_ratio",
-            "Share of probe facts still answered (reference: parent or base)",
-            labels=["which", "reference"],
-        )
-        forg = GaugeMetricFamily(
-            "memfit_knowledge_forgetting_ratio",
-            "(retention_before - retention_after) / retention_before against the parent or the base",
-            labels=["which", "reference"],
-        )
-        ppl = GaugeMetricFamily(
-            "memfit_knowledge_heldout_perplexity",
-            "Held-out perplexity (which=base: the base model's)",
-            labels=["which"],
-        )
-        pplc = GaugeMetricFamily(
-            "memfit_knowledge_perplexity_change_ratio",
-            "Relative change of held-out perplexity against the parent or the base",
-            labels=["which", "reference"],
-        )
-        base_ppl = None
-        for which, k in snap["knowledge"].items():
-            if k.get("version") is not None:
-                ver.add_metric([which], float(k["version"]))
-            for wording, key in (("ingested", "learning"), ("heldout", "learning_heldout")):
+        yield from _knowledge_families(snap["knowledge"])
+        yield from _memory_families(snap["memory"])
+        yield from _store_families(snap)
+        if snap.get("gate"):
+            for name, doc, key in GATE_GAUGES:
+                yield GaugeMetricFamily(name, doc, value=float(snap["gate"][key]))
+
+
+# single-value gauges: (name, help, key of the snapshot's "memory" / "gate" dict)
+MEMORY_GAUGES = (
+    ("memfit_memory_slots", "Memory slots (all memory layers)", "slots"),
+    ("memfit_memory_slots_written", "Distinct slots written by the active chain", "slots_written"),
+    ("memfit_memory_slots_written_ratio", "Share of memory slots ever written by the active chain", "slots_written_ratio"),
+    ("memfit_memory_slot_writes", "Slot writes in the active chain (a slot rewritten n times counts n)", "slot_writes"),
+    ("memfit_memory_slot_rewrites_max", "Writes to the most-written slot", "slot_rewrites_max"),
+    ("memfit_memory_top_slots_write_share", "Share of all slot writes that landed on the most-written 1% of slots", "top_slots_write_share"),
+)  # fmt: skip
+GATE_GAUGES = (
+    ("memfit_gate_enabled", "1 when the evaluation gate is on", "enabled"),
+    ("memfit_gate_max_forgetting_ratio", "Gate: most forgetting vs parent allowed", "max_forgetting"),
+    ("memfit_gate_max_forgetting_base_ratio", "Gate: most forgetting vs base allowed", "max_forgetting_base"),
+    ("memfit_gate_max_perplexity_increase_ratio", "Gate: largest relative held-out perplexity increase allowed", "max_ppl_increase"),
+)  # fmt: skip
+# the knowledge figures against each reference: (reference label, retention, forgetting, perplexity change)
+REFERENCES = (
+    ("parent", "retention", "forgetting", "perplexity_change"),
+    ("base", "retention_base", "forgetting_base", "perplexity_change_base"),
+)
+
+
+def _knowledge_families(knowledge: dict[str, dict]) -> list[GaugeMetricFamily]:
+    """The knowledge gauges of the active and the latest evaluated version (`which`)."""
+    ver = GaugeMetricFamily(
+        "memfit_knowledge_version", "Version whose evaluation the knowledge gauges show", labels=["which"]
+    )
+    learn = GaugeMetricFamily(
+        "memfit_knowledge_learning_ratio",
+        "Share of the update's facts answered (ingested or held-out wording)",
+        labels=["which", "wording"],
+    )
+    ret = GaugeMetricFamily(
+        "memfit_knowledge_retention_ratio",
+        "Share of probe facts still answered (reference: parent or base)",
+        labels=["which", "reference"],
+    )
+    forg = GaugeMetricFamily(
+        "memfit_knowledge_forgetting_ratio",
+        "(retention_before - retention_after) / retention_before against the parent or the base",
+        labels=["which", "reference"],
+    )
+    ppl = GaugeMetricFamily(
+        "memfit_knowledge_heldout_perplexity",
+        "Held-out perplexity (which=base: the base model's)",
+        labels=["which"],
+    )
+    pplc = GaugeMetricFamily(
+        "memfit_knowledge_perplexity_change_ratio",
+        "Relative change of held-out perplexity against the parent or the base",
+        labels=["which", "reference"],
+    )
+    base_ppl = None
+    for which, k in knowledge.items():
+        if k.get("version") is not None:
+            ver.add_metric([which], float(k["version"]))
+        for wording, key in (("ingested", "learning"), ("heldout", "learning_heldout")):
+            if k.get(key) is not None:
+                learn.add_metric([which, wording], k[key])
+        for ref, *keys in REFERENCES:
+            for family, key in zip((ret, forg, pplc), keys):
                 if k.get(key) is not None:
-                    learn.add_metric([which, wording], k[key])
-            for ref, rk, fk, ck in (
-                ("parent", "retention", "forgetting", "perplexity_change"),
-                ("base", "retention_base", "forgetting_base", "perplexity_change_base"),
-            ):
-                if k.get(rk) is not None:
-                    ret.add_metric([which, ref], k[rk])
-                if k.get(fk) is not None:
-                    forg.add_metric([which, ref], k[fk])
-                if k.get(ck) is not None:
-                    pplc.add_metric([which, ref], k[ck])
-            if k.get("perplexity") is not None:
-                ppl.add_metric([which], k["perplexity"])
-            base_ppl = base_ppl or k.get("perplexity_base")
-        if base_ppl is not None:
-            ppl.add_metric(["base"], base_ppl)
-        yield from (ver, learn, ret, forg, ppl, pplc)
+                    family.add_metric([which, ref], k[key])
+        if k.get("perplexity") is not None:
+            ppl.add_metric([which], k["perplexity"])
+        base_ppl = base_ppl or k.get("perplexity_base")
+    if base_ppl is not None:
+        ppl.add_metric(["base"], base_ppl)
+    return [ver, learn, ret, forg, ppl, pplc]
 
-        mem = snap["memory"]
-        yield GaugeMetricFamily("memfit_memory_slots", "Memory slots (all memory layers)", value=mem["slots"])
-        yield GaugeMetricFamily(
-            "memfit_memory_slots_written",
-            "Distinct slots written by the active chain",
-            value=mem["slots_written"],
-        )
-        yield GaugeMetricFamily(
-            "memfit_memory_slots_written_ratio",
-            "Share of memory slots ever written by the active chain",
-            value=mem["slots_written_ratio"],
-        )
-        yield GaugeMetricFamily(
-            "memfit_memory_slot_writes", "Slot writes in the active chain (a slot rewritten n times counts n)",
-            value=mem["slot_writes"],
-        )  # fmt: skip
-        yield GaugeMetricFamily(
-            "memfit_memory_slot_rewrites_max",
-            "Writes to the most-written slot",
-            value=mem["slot_rewrites_max"],
-        )
-        yield GaugeMetricFamily(
-            "memfit_memory_top_slots_write_share",
-            "Share of all slot writes that landed on the most-written 1% of slots",
-            value=mem["top_slots_write_share"],
-        )
-        bands = GaugeMetricFamily(
-            "memfit_memory_slots_by_writes",
-            "Slots by how often the active chain wrote them",
-            labels=["writes"],
-        )
-        for name, n in mem["slots_by_writes"].items():
-            bands.add_metric([name], n)
-        yield bands
 
-        vs = GaugeMetricFamily("memfit_store_versions", "Versions in the store by state", labels=["state"])
-        for state, n in snap["versions"].items():
-            vs.add_metric([state], n)
-        yield vs
-        rb = CounterMetricFamily(
-            "memfit_rollbacks",
-            "Store-wide rollbacks: activations of an older version, and revert versions",
-            labels=["kind"],
-        )
-        rb.add_metric(["activate"], snap["rollbacks"]["activate"])
-        rb.add_metric(["revert"], snap["rollbacks"]["revert"])
-        yield rb
-        if snap.get("update_queue_depth") is not None:
-            yield GaugeMetricFamily(
+def _memory_families(mem: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Memory capacity: slots, slots written, writes and how they spread over the slots."""
+    out = [GaugeMetricFamily(name, doc, value=mem[key]) for name, doc, key in MEMORY_GAUGES]
+    bands = GaugeMetricFamily(
+        "memfit_memory_slots_by_writes",
+        "Slots by how often the active chain wrote them",
+        labels=["writes"],
+    )
+    for name, n in mem["slots_by_writes"].items():
+        bands.add_metric([name], n)
+    return [*out, bands]
+
+
+def _store_families(snap: dict[str, Any]) -> list[GaugeMetricFamily | CounterMetricFamily]:
+    """Versions by state, rollbacks, and the update queue's depth when it could be read."""
+    vs = GaugeMetricFamily("memfit_store_versions", "Versions in the store by state", labels=["state"])
+    for state, n in snap["versions"].items():
+        vs.add_metric([state], n)
+    rb = CounterMetricFamily(
+        "memfit_rollbacks",
+        "Store-wide rollbacks: activations of an older version, and revert versions",
+        labels=["kind"],
+    )
+    rb.add_metric(["activate"], snap["rollbacks"]["activate"])
+    rb.add_metric(["revert"], snap["rollbacks"]["revert"])
+    out: list[GaugeMetricFamily | CounterMetricFamily] = [vs, rb]
+    if snap.get("update_queue_depth") is not None:
+        out.append(
+            GaugeMetricFamily(
                 "memfit_update_queue_depth",
                 "Update jobs waiting in the job log",
                 value=snap["update_queue_depth"],
             )
-        g = snap.get("gate")
-        if g:
-            yield GaugeMetricFamily(
-                "memfit_gate_enabled", "1 when the evaluation gate is on", value=float(g["enabled"])
-            )
-            yield GaugeMetricFamily(
-                "memfit_gate_max_forgetting_ratio",
-                "Gate: most forgetting vs parent allowed",
-                value=g["max_forgetting"],
-            )
-            yield GaugeMetricFamily(
-                "memfit_gate_max_forgetting_base_ratio",
-                "Gate: most forgetting vs base allowed",
-                value=g["max_forgetting_base"],
-            )
-            yield GaugeMetricFamily(
-                "memfit_gate_max_perplexity_increase_ratio",
-                "Gate: largest relative held-out perplexity increase allowed",
-                value=g["max_ppl_increase"],
-            )
+        )
+    return out
 
 
 def record_job(metrics: Any, result: Any, store: Any = None, durations: bool = True) -> None:
