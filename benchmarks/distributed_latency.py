@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,11 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from memfit.bench.load import free_port  # noqa: E402
 
 
 def pick_model(arg: str | None) -> tuple[Path, str]:
@@ -257,87 +252,17 @@ def main() -> int:
     print(
         f"cluster up in {time.time() - t_start:.1f} s: 1 worker, {len(cluster.clients)} replicas, redis {cluster.url}"
     )
-    a = cluster.clients[0]
     watch = Watcher(
         [httpx.Client(base_url=str(c.base_url), timeout=30) for c in cluster.clients], cluster.store
     )
     res: dict = {"model": which, "model_dir": str(model), "cpu_count": os.cpu_count()}
     try:
         facts = invented_facts(2 * args.burst + 1, seed=123)
-        # 1. one fact
-        one = docs_for(facts[:1], "one")
-        t0 = time.time()
-        job_id = a.post("/ingest", json={"documents": one}).json()["job_id"]
-        (job,) = wait_jobs(a, [job_id])
-        served = watch.served_at(job["version"], t0)
-        answered = [ask(c, facts[0]["question"])["text"] for c in cluster.clients]
-        ok = [facts[0]["answer"].lower() in t.lower() for t in answered]
-        res["one_fact"] = {
-            "ingest_to_all_replicas_s": round(max(served) - t0, 3),
-            "job_total_s": job["timings"].get("total"),
-            "training_s": job["timings"].get("training"),
-            "evaluation_s": job["timings"].get("evaluation"),
-            "answered_on_replicas": ok,
-            "publish_to_last_replica_s": round(
-                max(served) - activation_time(cluster.store, job["version"]), 4
-            ),
-        }
-        # 2a. a burst of single-document ingests
-        burst = docs_for(facts[1 : 1 + args.burst], "burst")
-        t0 = time.time()
-        ids = [a.post("/ingest", json={"documents": [d]}).json()["job_id"] for d in burst]
-        t_sent = time.time() - t0
-        jobs = wait_jobs(a, ids)
-        last_v = max(j["version"] for j in jobs if j["version"] is not None)
-        served = watch.served_at(last_v, t0)
-        versions = sorted({j["version"] for j in jobs})
-        hits = sum(
-            f["answer"].lower() in ask(a, f["question"])["text"].lower() for f in facts[1 : 1 + args.burst]
-        )
-        res["burst_single_ingests"] = {
-            "documents": len(burst),
-            "posting_s": round(t_sent, 3),
-            "ingest_to_all_replicas_s": round(max(served) - t0, 3),
-            "versions": len(versions),
-            "statuses": sorted({j["status"] for j in jobs}),
-            "answered_after": f"{hits}/{len(burst)}",
-            "publish_to_last_replica_s": round(max(served) - activation_time(cluster.store, last_v), 4),
-        }
-        # 2b. one request of 100 documents
-        batch = docs_for(facts[1 + args.burst : 1 + 2 * args.burst], "batch")
-        t0 = time.time()
-        job_id = a.post("/ingest", json={"documents": batch}).json()["job_id"]
-        (job,) = wait_jobs(a, [job_id])
-        served = watch.served_at(job["version"], t0)
-        hits = sum(
-            f["answer"].lower() in ask(a, f["question"])["text"].lower()
-            for f in facts[1 + args.burst : 1 + 2 * args.burst]
-        )
-        res["one_request_of_batch"] = {
-            "documents": len(batch),
-            "ingest_to_all_replicas_s": round(max(served) - t0, 3),
-            "job_total_s": job["timings"].get("total"),
-            "answered_after": f"{hits}/{len(batch)}",
-            "publish_to_last_replica_s": round(
-                max(served) - activation_time(cluster.store, job["version"]), 4
-            ),
-        }
-        # 3. rollbacks through replica 0: ACTIVE flip -> last replica serving
-        samples = []
-        top = job["version"]
-        for k in range(10):
-            target = top - 1 if k % 2 == 0 else top
-            r = a.post(f"/versions/{target}/activate", json={"why": "benchmark"})
-            r.raise_for_status()
-            t_flip = activation_time(cluster.store, target)
-
-            other = watch.served_at(target, t_flip)[1]
-            samples.append(other - t_flip)
-        res["rollback_to_other_replica_s"] = {
-            "median": round(statistics.median(samples), 4),
-            "max": round(max(samples), 4),
-            "n": len(samples),
-        }
+        n = args.burst
+        res["one_fact"] = one_fact(cluster, watch, facts[0])
+        res["burst_single_ingests"] = burst(cluster, watch, facts[1 : 1 + n])  # single-document ingests
+        res["one_request_of_batch"], top = one_request(cluster, watch, facts[1 + n : 1 + 2 * n])
+        res["rollback_to_other_replica_s"] = rollbacks(cluster, watch, top)  # through replica 0
     finally:
         watch.stop()
         cluster.close()
@@ -347,6 +272,87 @@ def main() -> int:
             print(f"kept {workdir}")
     print(json.dumps(res, indent=2))
     print()
+    print_table(res)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def ingest_once(cluster: Cluster, watch: Watcher, docs: list[dict]) -> tuple[dict, float, float]:
+    """One POST /ingest of `docs` through replica 0: (the finished job, when it was posted, when the
+    last replica first served its version)."""
+    a = cluster.clients[0]
+    t0 = time.time()
+    job_id = a.post("/ingest", json={"documents": docs}).json()["job_id"]
+    (job,) = wait_jobs(a, [job_id])
+    return job, t0, max(watch.served_at(job["version"], t0))
+
+
+def one_fact(cluster: Cluster, watch: Watcher, fact: dict) -> dict:
+    """One fact: POST /ingest -> its version served by both replicas, and the fact asked on each."""
+    job, t0, last_served = ingest_once(cluster, watch, docs_for([fact], "one"))
+    answers = [ask(c, fact["question"])["text"] for c in cluster.clients]
+    return {
+        "ingest_to_all_replicas_s": round(last_served - t0, 3),
+        "job_total_s": job["timings"].get("total"),
+        "training_s": job["timings"].get("training"),
+        "evaluation_s": job["timings"].get("evaluation"),
+        "answered_on_replicas": [fact["answer"].lower() in t.lower() for t in answers],
+        "publish_to_last_replica_s": round(last_served - activation_time(cluster.store, job["version"]), 4),
+    }
+
+
+def one_request(cluster: Cluster, watch: Watcher, facts: list[dict]) -> tuple[dict, int]:
+    """One request of many documents -> its version on both replicas: (the figures, the version)."""
+    docs = docs_for(facts, "batch")
+    job, t0, last_served = ingest_once(cluster, watch, docs)
+    hits = sum(f["answer"].lower() in ask(cluster.clients[0], f["question"])["text"].lower() for f in facts)
+    return {
+        "documents": len(docs),
+        "ingest_to_all_replicas_s": round(last_served - t0, 3),
+        "job_total_s": job["timings"].get("total"),
+        "answered_after": f"{hits}/{len(docs)}",
+        "publish_to_last_replica_s": round(last_served - activation_time(cluster.store, job["version"]), 4),
+    }, job["version"]
+
+
+def burst(cluster: Cluster, watch: Watcher, facts: list[dict]) -> dict:
+    """One single-document ingest per fact, back to back -> the last job's version on every replica."""
+    a = cluster.clients[0]
+    docs = docs_for(facts, "burst")
+    t0 = time.time()
+    ids = [a.post("/ingest", json={"documents": [d]}).json()["job_id"] for d in docs]
+    t_sent = time.time() - t0
+    jobs = wait_jobs(a, ids)
+    last_v = max(j["version"] for j in jobs if j["version"] is not None)
+    served = watch.served_at(last_v, t0)
+    versions = sorted({j["version"] for j in jobs})
+    hits = sum(f["answer"].lower() in ask(a, f["question"])["text"].lower() for f in facts)
+    return {
+        "documents": len(docs),
+        "posting_s": round(t_sent, 3),
+        "ingest_to_all_replicas_s": round(max(served) - t0, 3),
+        "versions": len(versions),
+        "statuses": sorted({j["status"] for j in jobs}),
+        "answered_after": f"{hits}/{len(docs)}",
+        "publish_to_last_replica_s": round(max(served) - activation_time(cluster.store, last_v), 4),
+    }
+
+
+def rollbacks(cluster: Cluster, watch: Watcher, top: int, n: int = 10) -> dict:
+    """Activations through replica 0, alternately top - 1 and top: ACTIVE flip -> replica 1 serving."""
+    samples = []
+    for k in range(n):
+        target = top - 1 if k % 2 == 0 else top
+        r = cluster.clients[0].post(f"/versions/{target}/activate", json={"why": "benchmark"})
+        r.raise_for_status()
+        t_flip = activation_time(cluster.store, target)
+        other = watch.served_at(target, t_flip)[1]
+        samples.append(other - t_flip)
+    return {"median": round(statistics.median(samples), 4), "max": round(max(samples), 4), "n": len(samples)}
+
+
+def print_table(res: dict) -> None:
     print(f"{'measure':50s} {'seconds':>10s}")
     o = res["one_fact"]
     print(f"{'one fact: ingest -> both replicas serve it':50s} {o['ingest_to_all_replicas_s']:>10.3f}")
@@ -365,9 +371,6 @@ def main() -> int:
     print(
         f"{'rollback on replica 0 -> replica 1 serves (median)':50s} {r['median']:>10.4f}   (max {r['max']})"
     )
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
