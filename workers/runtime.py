@@ -3,9 +3,9 @@ clients, lock and key names the worker and the API side (workers.distributed) sh
 
 `workers/tasks.py` -> `worker_runtime(settings).handle(job_id)`; `memfit worker` builds the runtime with
 `set_worker_runtime(WorkerRuntime(settings, store))` before starting Celery (the store opened with
-`lock=worker_lock(settings)`). The job log on the shared
-store is the record of truth; Redis carries work and leases only (workers.distributed for the API's
-side: sending, the re-enqueue sweep, version events):
+`lock=worker_lock(settings)`). The job log on the shared store is the record of truth; Redis carries
+work and leases only (workers.distributed for the API's side: sending, the re-enqueue sweep, version
+events):
 
 - A worker claims a job with `memfit:job:{id}:claim` (`SET NX PX`, extended by a heartbeat thread
   while it runs, so a dead worker's claims lapse within `claim_ttl_s`).
