@@ -31,7 +31,7 @@ opt = Optimizers(model, p)
 model.train()
 x = torch.randint(0, 8192, (p.batch_size, p.seq_len))
 t0 = time.perf_counter()
-for step in range(12):
+for _step in range(12):
     loss = model(input_ids=x, labels=x).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
