@@ -421,6 +421,7 @@ class _RowTraining:
     def __init__(self, model, source: BatchSource, s: UpdateSettings, rows, old_rows, grad_scale):
         self.model, self.source, self.s = model, source, s
         self.rows, self.grad_scale = rows, grad_scale
+        self.device = _device(model)
         self.params = [r for r in rows.values() if r.numel()]
         self.old = [old_rows[k] for k, r in rows.items() if r.numel()]
         self.steps_run, self.stopped_early = 0, False
@@ -434,7 +435,7 @@ class _RowTraining:
         return torch.optim.SGD(self.params, lr=s.lr)
 
     def _step(self, opt, batch: Batch, overlay: Overlay, keep) -> torch.Tensor:
-        s, device = self.s, _device(self.model)
+        s, device = self.s, self.device
         loss = batch_loss(self.model, _to(batch, device), overlay, s.loss_reduction)
         if keep is not None:
             loss = loss + s.replay_weight * keep.loss(self.model, overlay)

@@ -22,7 +22,6 @@ from memlm.reach import (
     delta_rows,
     merge_reads,
     probe_reads,
-    protected_slots,
     protection_mask,
     reach_report,
     reached,
@@ -248,7 +247,7 @@ class Learner:
         if not (settings.get("keep_written") or settings.get("keep_learned")):
             return
         if self.protected is None:
-            self.protected = protected_slots([], _table_sizes(self.model))  # nothing protected yet
+            self.protected = protection_mask(self.model, self.ctx.tokenizer)  # nothing protected yet
         if settings.get("keep_written"):
             for layer, idx in written.items():
                 self.protected[layer][idx.cpu()] = True
@@ -284,11 +283,6 @@ def _preservation_mask(
     if preserve and not facts:
         raise ValueError("the preservation set is empty: every known fact is in the measured probe")
     return protection_mask(model, ctx.tokenizer, facts, shield, min_prompts)
-
-
-def _table_sizes(model) -> dict[int, int]:
-    """{memory layer: slots}: the mask sizes memlm.reach.protected_slots builds."""
-    return {layer: int(t.shape[0]) for layer, t in model.value_tables().items()}
 
 
 def _dense(settings: dict, cfg: BenchConfig) -> DenseSettings:
