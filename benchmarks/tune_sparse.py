@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from memfit.bench.continual import BenchConfig, Context, MethodSpec, run_stream
+    from memfit.bench.continual_stream import mean_of
     from memlm.data import invented_facts
     from memlm.paths import default_model_dir
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 "reach_mean": r["reach_mean"], "rows_read_changed": r["rows_read_changed_mean"],
                 "rows_per_update": r["rows_changed_per_update"], "s_per_update": r["seconds_per_update"], "steps_per_update": r["steps_per_update"],
                 "distinct_rows": r["distinct_rows_changed"], "wall_s": time.perf_counter() - t0,
+                "rehearsed_per_update": mean_of(x.get("rehearsed", 0) for x in r.get("records", [])),
+                "load_average": os.getloadavg(),
             }),
             flush=True,
         )  # fmt: skip

@@ -325,11 +325,15 @@ def sparse_update(
     settings: UpdateSettings | None = None,
     stop_fn: Callable[[Any, Overlay], bool] | None = None,
     progress: Callable[[dict], None] | None = None,
-    replay: Batch | None = None,
+    replay: Batch | Callable[[dict[int, torch.Tensor]], Batch | None] | None = None,
     protected: Mapping[int, torch.Tensor] | None = None,
 ) -> SlotDelta:
     """Train the top-t value rows per memory layer on `batches`; write them into the model; return the
     delta (its `revert` restores the model exactly).
+
+    `replay`: a batch held at the pre-update predictions by a KL term (rehearsal), or a function of the
+    selected slots ({layer: ids}) that returns that batch (None: no rehearsal), for rehearsal sets
+    chosen by what the update can reach.
 
     `protected`: {memory layer: bool mask (N,)} of slots never selected (memlm.reach.protected_slots: the
     slots a preservation set of known facts reads); the top-t is then taken among the others.
@@ -351,6 +355,8 @@ def sparse_update(
         all_batches = source.all_batches()
         counts = count_batch_accesses(model, all_batches)
         selected = _select(counts, background, s, protected, device)
+        if callable(replay):
+            replay = replay(selected)
         old_rows = {layer: tables[layer].detach()[idx].clone() for layer, idx in selected.items()}
         rows = {layer: old_rows[layer].clone().requires_grad_(True) for layer in selected}
         overlay: Overlay = {layer: (selected[layer], rows[layer]) for layer in selected}
@@ -552,13 +558,17 @@ def learn_documents(
     progress: Callable[[dict], None] | None = None,
     protected: Mapping[int, torch.Tensor] | None = None,
     rehearse: Sequence[str] = (),
+    rehearse_reads: Sequence[Mapping[int, torch.Tensor]] | None = None,
 ) -> SlotDelta:
     """Teach `documents` ({"id", "text", "facts": [{"question", "answer"}], "metadata"}) by sparse
     memory finetuning. Facts the documents supply are trained in QA form too and stop the update once
     all are answered. Mutates the model; the returned delta reverts it exactly.
 
     `protected`: slots never selected (sparse_update). `rehearse`: texts whose next-token predictions
-    the update keeps, as KL(before || now) of weight `replay_weight` beside the `replay` background."""
+    the update keeps, as KL(before || now) of weight `replay_weight` beside the `replay` background.
+    `rehearse_reads`: each rehearse text's memory reads (memlm.reach.text_reads); with them only the
+    texts that read a selected slot are rehearsed, since the others read no row the update can change
+    and keep their predictions bit for bit whatever it does (report "rehearsed": how many were)."""
     s = settings or UpdateSettings()
     stream = training_stream(tokenizer, documents, s)
     facts = document_facts(documents)
@@ -568,12 +578,34 @@ def learn_documents(
     passes = max(1, math.ceil(len(stream.examples) / s.batch_size))
     if passes > 1:
         s = s.replace(steps=s.steps * passes, check_every=max(s.check_every, passes))
-    replay = _replay_batch(tokenizer, s, rehearse) if s.replay > 0 or rehearse else None
+    rehearsed = {"texts": len(rehearse)}
+    replay: Batch | Callable[[dict[int, torch.Tensor]], Batch | None] | None = None
+    if rehearse_reads is not None:
+        if len(rehearse_reads) != len(rehearse):
+            raise ValueError(f"rehearse_reads: {len(rehearse_reads)} read sets for {len(rehearse)} texts")
+        replay = _reached_replay(tokenizer, s, rehearse, rehearse_reads, rehearsed)
+    elif s.replay > 0 or rehearse:
+        replay = _replay_batch(tokenizer, s, rehearse)
     delta = sparse_update(
         model, stream, background, s, stop_fn=stop, progress=progress, replay=replay, protected=protected
     )
     delta.report["documents"] = [str(d.get("id", f"doc-{n}")) for n, d in enumerate(documents)]
     delta.report["examples"] = len(stream.examples)
     delta.report["facts"] = len(facts)
-    delta.report["rehearsed"] = len(rehearse)
+    delta.report["rehearsed"] = rehearsed["texts"]
     return delta
+
+
+def _reached_replay(tokenizer, s: UpdateSettings, texts, reads, record: dict):
+    """The replay function of `learn_documents(rehearse_reads=...)`: given the selected slots, the replay
+    batch of the texts that read one of them (None when there are none and no background replay);
+    record["texts"] says how many."""
+    from .reach import reached
+
+    def replay(selected: dict[int, torch.Tensor]) -> Batch | None:
+        hit = reached(reads, selected) if texts else []
+        chosen = [t for t, h in zip(texts, hit) if h]
+        record["texts"] = len(chosen)
+        return _replay_batch(tokenizer, s, chosen) if chosen or s.replay > 0 else None
+
+    return replay

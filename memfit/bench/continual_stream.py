@@ -25,6 +25,7 @@ from memlm.reach import (
     protection_mask,
     reach_report,
     reached,
+    text_reads,
 )
 from memlm.updater import UpdateSettings, learn_documents
 
@@ -176,6 +177,12 @@ class Learner:
         self.lora = None
         self.protected = None
         self.rehearsal: list[str] = []  # served QA texts of the stream's facts learned so far (`rehearse`)
+        self.rehearsal_reads: list = []  # their memory reads (`rehearse` "reach")
+        # `rehearse_text` N: N general-text chunks every update rehearses where it reaches them
+        self.text_rehearsal: tuple[list[str], list] = ([], [])
+        if spec.kind == "sparse" and spec.settings.get("rehearse_text"):
+            texts = general_text_chunks(ctx.tokenizer, int(spec.settings["rehearse_text"]))
+            self.text_rehearsal = (texts, text_reads(model, ctx.tokenizer, texts))
         if spec.kind == "sparse" and (spec.settings.get("preserve") or spec.settings.get("shield")):
             self.protected = _preservation_mask(
                 model,
@@ -196,11 +203,11 @@ class Learner:
             s = UpdateSettings(**{"steps": self.ctx.cfg.steps, **fields}).replace(seed=self.seed + index)
             if self.reads is None:
                 self.reads = probe_reads(self.model, tok, self.ctx.probe)
-            n_rehearse = int(self.spec.settings.get("rehearse") or 0)
-            rehearse = self.rehearsal[-n_rehearse:] if n_rehearse else []
+            rehearse, rehearse_reads = self._rehearsal_set()
             delta = learn_documents(
-                self.model, tok, [doc], self.ctx.background, s, protected=self.protected, rehearse=rehearse
-            )
+                self.model, tok, [doc], self.ctx.background, s, protected=self.protected,
+                rehearse=rehearse, rehearse_reads=rehearse_reads,
+            )  # fmt: skip
             if self.spec.settings.get("rehearse"):
                 self._remember_if_learned(doc)
             for layer, ld in delta.layers.items():
@@ -215,7 +222,8 @@ class Learner:
             fresh = probe_reads(self.model, tok, [f for f, h in zip(self.ctx.probe, hits) if h])
             self.reads = merge_reads(self.reads, hits, fresh)
             return {"seconds": r["seconds"], "steps": r["steps"], "rows_changed": r["rows_changed"],
-                    "reach": reach["share"], "rows_read_changed": reach["rows_read_changed_mean"]}  # fmt: skip
+                    "reach": reach["share"], "rows_read_changed": reach["rows_read_changed_mean"],
+                    "rehearsed": r.get("rehearsed", 0)}  # fmt: skip
         # dense methods change weights every probe reads: reach 1 by construction
         if kind == "full":
             r = full_finetune(self.model, tok, [doc], _dense(self.spec.settings, self.ctx.cfg))
@@ -231,14 +239,30 @@ class Learner:
             return {"seconds": time.perf_counter() - t0, "steps": 0, "rows_changed": 0}
         raise ValueError(f"unknown method kind {kind!r}")
 
+    def _rehearsal_set(self) -> tuple[list[str], list | None]:
+        """`rehearse` N: the last N learned facts' texts; `rehearse` "reach": every learned fact's text with
+        its memory reads, so that an update rehearses exactly those it can reach."""
+        mode = self.spec.settings.get("rehearse")
+        general, general_reads = self.text_rehearsal
+        if mode == "reach":
+            return self.rehearsal + general, self.rehearsal_reads + general_reads
+        if general:
+            if mode:
+                raise ValueError('rehearse_text needs "rehearse": "reach" or no rehearse')
+            return general, general_reads
+        n = int(mode or 0)
+        return (self.rehearsal[-n:] if n else []), None
+
     def _remember_if_learned(self, doc: dict) -> None:
-        """`rehearse` N: the facts of `doc` the update taught join the rehearsal texts, whose last N later
-        updates keep predicting as they do now (memlm.updater.learn_documents(rehearse=...))."""
+        """`rehearse`: the facts of `doc` the update taught join the rehearsal texts, which later updates
+        keep predicting as they do now (memlm.updater.learn_documents(rehearse=...))."""
         facts = [{"question": f["question"], "answer": f["answer"]} for f in doc.get("facts", [])]
         hits = answered(self.model, self.ctx.tokenizer, facts)
-        self.rehearsal += [
-            format_question(f["question"]) + " " + f["answer"] for f, h in zip(facts, hits) if h
-        ]
+        texts = [format_question(f["question"]) + " " + f["answer"] for f, h in zip(facts, hits) if h]
+        self.rehearsal += texts
+        if self.spec.settings.get("rehearse") == "reach":
+            # the reads of a fixed text never move under value-only updates: computed once
+            self.rehearsal_reads += text_reads(self.model, self.ctx.tokenizer, texts)
 
     def _keep_what_was_learned(self, doc: dict, written: dict[int, torch.Tensor]) -> None:
         """`keep_written`: the rows this update wrote are never selected again; `keep_learned`: nor the
@@ -269,7 +293,25 @@ class Learner:
 
 
 # sparse settings of the benchmark that are not UpdateSettings fields: which slots are kept out of selection
-PROTECTION_FIELDS = ("preserve", "preserve_min", "shield", "keep_written", "keep_learned", "rehearse")
+PROTECTION_FIELDS = (
+    "preserve", "preserve_min", "shield", "keep_written", "keep_learned", "rehearse", "rehearse_text"
+)  # fmt: skip
+
+
+def general_text_chunks(tokenizer, n: int, seq_len: int = 128) -> list[str]:
+    """n Wikipedia chunks of at most seq_len tokens from the corpus's background split (pretraining's
+    statistics text: never the held-out perplexity text, never the probe), in corpus order."""
+    from memlm.data import build_corpus
+
+    chunks: list[str] = []
+    for text in build_corpus(0).background:
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) < seq_len // 2:
+            continue  # fact sentences and stubs: the general text is what perplexity measures
+        chunks.append(tokenizer.decode(ids[:seq_len]))
+        if len(chunks) == n:
+            break
+    return chunks
 
 
 def _preservation_mask(

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+# glibc's allocator hands every freed block above its mmap threshold back to the kernel at once; a
+# pretraining step allocates and frees gigabyte-sized sparse value gradients, so each step would fault
+# every page in again. Keeping freed memory in the process made a 1,048,576-slot step 0.65x as long and
+# a 262,144-slot step 0.84x, with identical losses (benchmarks/pretrain_steps.py, docs/internals.md).
+# glibc reads these at process start, so the build runs in a child process that has them.
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "17179869184",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
 
 
 def run(args) -> int:
@@ -35,6 +48,29 @@ def run(args) -> int:
     except ValueError as e:
         print(f"memfit pretrain: {e}")
         return 2
+    if _needs_allocator_child():
+        return _build_in_child(args, out)
     print(f"building the {args.preset} model into {out}", flush=True)
     pretrain(preset, out, seed=args.seed, progress=True)
     return 0
+
+
+def _needs_allocator_child() -> bool:
+    """True on glibc Linux when this process lacks ALLOCATOR_ENV (MEMFIT_PRETRAIN_IN_PROCESS=1: never)."""
+    if os.environ.get("MEMFIT_PRETRAIN_IN_PROCESS") == "1" or not sys.platform.startswith("linux"):
+        return False
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items())
+
+
+def _build_in_child(args, out: Path) -> int:
+    """The same build in a child process started with ALLOCATOR_ENV (output and Ctrl-C pass through)."""
+    argv = [sys.executable, "-m", "memfit.cli", "pretrain", "--preset", args.preset, "--out", str(out)]
+    argv += ["--seed", str(args.seed)] + (["--force"] if args.force else [])
+    for assignment in getattr(args, "set", None) or []:
+        argv += ["--set", assignment]
+    env = {**os.environ, **ALLOCATOR_ENV, "MEMFIT_PRETRAIN_IN_PROCESS": "1"}
+    return subprocess.run(argv, env=env).returncode

@@ -112,3 +112,35 @@ def test_rehearsal_holds_the_rehearsed_texts_predictions(tiny_model_dir):
     assert held.report["rehearsed"] == len(texts) and plain.report["rehearsed"] == 0
     assert drift_plain > 0
     assert drift_held < drift_plain
+
+
+def test_rehearsal_by_reach_rehearses_only_the_texts_the_update_can_reach(tiny_model_dir):
+    """learn_documents(rehearse_reads=...): a text whose reads miss every selected slot is left out (its
+    predictions cannot move), a text reading a selected slot is rehearsed, and the report counts them."""
+    import memlm
+    from memlm.background import BackgroundStats
+    from memlm.reach import text_reads
+    from memlm.updater import learn_documents
+
+    model, tok = memlm.load(tiny_model_dir)
+    background = BackgroundStats.load(tiny_model_dir)
+    doc = {"id": "d", "text": "Goju Theipouquis was born in Peivistead.",
+           "facts": [{"question": "Where was Goju Theipouquis born?", "answer": "Peivistead"}]}  # fmt: skip
+    settings = UpdateSettings(steps=4, early_stop=False, lr=3000.0, question_rewrites=1)
+    texts = ["Question: Where was Goju Theipouquis born?\nAnswer: Peivistead", "The river runs north."]
+    reads = text_reads(model, tok, texts)
+    tables = model.value_tables()
+    first = learn_documents(model, tok, [doc], background, settings)
+    rows = delta_rows(first)
+    first.revert(tables)
+    inside = reached(reads, rows)
+    # a read set that misses every slot of the table, beside the real ones
+    nowhere = {layer: torch.empty(0, dtype=torch.long) for layer in reads[0]}
+    delta = learn_documents(
+        model, tok, [doc], background, settings, rehearse=[*texts, "x"], rehearse_reads=[*reads, nowhere]
+    )
+    assert inside[0], "the fact's own served text reads the rows its update writes"
+    assert delta.report["rehearsed"] == sum(inside)
+    assert delta_rows(delta).keys() == rows.keys()
+    with pytest.raises(ValueError, match="rehearse_reads"):
+        learn_documents(model, tok, [doc], background, settings, rehearse=texts, rehearse_reads=reads[:1])
