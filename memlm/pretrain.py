@@ -406,6 +406,8 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         "device": str(dev),
         "threads": threads,
         "torch": torch.__version__,
+        # the allocator settings the build ran with (glibc reads MALLOC_* at start; memfit pretrain sets them)
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "params_total": params_total,
         "params_memory": params_memory,
         "memory_slots": config.memory_size,
