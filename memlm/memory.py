@@ -117,8 +117,19 @@ class ProductKeyMemory(nn.Module):
     def forward(
         self, x: torch.Tensor, overlay: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> MemoryOutput:
-        B, T, d = x.shape
         indices, weights = self.select(x)
+        return MemoryOutput(out=self.read(x, indices, weights, overlay), indices=indices, weights=weights)
+
+    def read(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        overlay: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The memory's output (B, T, d) for slots `indices` read with `weights` (both (B, T, H, k), from
+        `select(x)`), the value rows taken from `overlay` where it has them."""
+        B, T, d = x.shape
         if overlay is None:
             bags = indices.reshape(B * T, -1)  # (B*T, H*k): one bag per token, all heads
             if fused.wanted(self.values.weight):  # opt-in Triton kernel (CUDA, inference only)
@@ -137,4 +148,4 @@ class ProductKeyMemory(nn.Module):
             y = (weights.unsqueeze(-1) * rows).sum(dim=(2, 3))  # (B, T, d)
         if self.gate:
             y = self.out_proj(y * F.silu(self.gate_proj(x)))
-        return MemoryOutput(out=y, indices=indices, weights=weights)
+        return y

@@ -167,9 +167,20 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
         use_cache: bool = False,
         memory_overlay: MemoryOverlay | None = None,
     ):
-        B, T = input_ids.shape
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        x, rope, mask = self._inputs(input_ids, attention_mask, position_ids, cache)
+        indices = []
+        for i, block in enumerate(self.layers):
+            ov = memory_overlay.get(i) if memory_overlay else None
+            x, idx = block(x, rope, mask, cache, ov)
+            if idx is not None:
+                indices.append(idx)
+        return self.norm(x), cache, tuple(indices)
+
+    def _inputs(self, input_ids, attention_mask, position_ids, cache):
+        """The token embeddings, rotary tables and attention mask (B, 1, T, S) of a forward."""
+        B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         S = past + T
         if attention_mask is None:
@@ -184,14 +195,39 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
         mask = mask.unsqueeze(1)  # (B, 1, T, S)
 
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(position_ids, x.dtype)
-        indices = []
-        for i, block in enumerate(self.layers):
+        return x, self.rotary(position_ids, x.dtype), mask
+
+    @torch.no_grad()
+    def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Everything a values-only update cannot change, for one batch: the blocks below the first memory
+        layer, that block's attention, and its memory's query, slot indices and weights (all functions of
+        frozen weights). `from_prefix` runs the rest with any value rows; its result equals `forward`'s."""
+        first = min(self.config.memory_layers)
+        x, rope, mask = self._inputs(input_ids, attention_mask, None, None)
+        for block in self.layers[:first]:
+            x, _ = block(x, rope, mask, None)
+        block = self.layers[first]
+        x = x + block.attn(block.attn_norm(x), rope, mask, None)
+        h = block.ffn_norm(x)
+        indices, weights = block.memory.select(h)
+        ffn = block.ffn(h) if block.ffn is not None else None
+        return {"layer": first, "x": x, "h": h, "indices": indices, "weights": weights, "ffn": ffn,
+                "rope": rope, "mask": mask}  # fmt: skip
+
+    def from_prefix(self, prefix: dict, memory_overlay: MemoryOverlay | None = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, d) of the batch of `prefix` (frozen_prefix) with the
+        value rows of `memory_overlay`: the first memory layer's read, then every block above it."""
+        first = prefix["layer"]
+        block = self.layers[first]
+        ov = memory_overlay.get(first) if memory_overlay else None
+        out = block.memory.read(prefix["h"], prefix["indices"], prefix["weights"], ov)
+        if prefix["ffn"] is not None:
+            out = out + prefix["ffn"]
+        x = prefix["x"] + out
+        for i in range(first + 1, len(self.layers)):
             ov = memory_overlay.get(i) if memory_overlay else None
-            x, idx = block(x, rope, mask, cache, ov)
-            if idx is not None:
-                indices.append(idx)
-        return self.norm(x), cache, tuple(indices)
+            x, _ = self.layers[i](x, prefix["rope"], prefix["mask"], None, ov)
+        return self.norm(x)
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):

@@ -162,11 +162,45 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") 
     return tok.sum() / valid.any(-1).sum().clamp(min=1)
 
 
-def batch_loss(model, batch: Batch, overlay: Overlay | None = None, reduction: str = "sum") -> torch.Tensor:
+class FrozenPrefixes:
+    """What a values-only update cannot change, computed once per distinct batch: the blocks below the
+    first memory layer, that block's attention, and the memory's slot indices and weights
+    (MemoryLMModel.frozen_prefix). Every later forward of the same batch runs only the memory read and
+    the blocks above it. Bodies without frozen_prefix (retrofitted models) run the full forward."""
+
+    def __init__(self, model, max_batches: int = 64) -> None:
+        self.body = model.model if hasattr(model.model, "frozen_prefix") else None
+        self.max_batches = max_batches
+        self.cache: dict[tuple, dict] = {}
+
+    def hidden(self, model, batch: Batch, overlay: Overlay | None) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.body is None:
+            return model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]
+        key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
+        prefix = self.cache.get(key)
+        if prefix is None:
+            if len(self.cache) >= self.max_batches:
+                self.cache.clear()
+            prefix = self.cache[key] = self.body.frozen_prefix(ids, mask)
+        return self.body.from_prefix(prefix, overlay)
+
+
+def batch_loss(
+    model,
+    batch: Batch,
+    overlay: Overlay | None = None,
+    reduction: str = "sum",
+    prefixes: FrozenPrefixes | None = None,
+) -> torch.Tensor:
     """`lm_loss` of a batch, with the LM head applied only where a label is (QA forms train a few answer
-    tokens; the vocabulary projection of every other position would be wasted work)."""
+    tokens; the vocabulary projection of every other position would be wasted work). `prefixes`: run
+    from the first memory layer up on cached frozen states (a values-only update; same result)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    h = model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]  # (B, T, d)
+    if prefixes is not None:
+        h = prefixes.hidden(model, batch, overlay)
+    else:
+        h = model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]  # (B, T, d)
     tgt = labels[:, 1:]  # (B, T-1): the label of position p is the token at p + 1
     valid = tgt != -100
     logits = model.lm_head(h[:, :-1][valid])  # (n_targets, V)
@@ -258,12 +292,14 @@ def _idf_grad_scale(
 
 
 @torch.no_grad()
-def _mean_loss(model, batches: Sequence[Batch], overlay: Overlay | None, reduction: str) -> float:
+def _mean_loss(
+    model, batches: Sequence[Batch], overlay: Overlay | None, reduction: str, prefixes=None
+) -> float:
     device = _device(model)
     total, n = 0.0, 0
     for b in batches:
         b = _to(b, device)
-        total += float(batch_loss(model, b, overlay, reduction))
+        total += float(batch_loss(model, b, overlay, reduction, prefixes))
         n += 1
     return total / max(n, 1)
 
@@ -291,19 +327,18 @@ class _ReplayKL:
     real positions and averaged over sequences. Pulls the trained rows toward changes that leave
     other text alone (a row read by both the new fact and the replay text gets opposing gradients)."""
 
-    def __init__(self, model, batch: Batch, device) -> None:
+    def __init__(self, model, batch: Batch, device, prefixes: FrozenPrefixes | None = None) -> None:
         self.batch = _to(batch, device)
-        with torch.no_grad():
-            logits = model(self.batch["input_ids"], attention_mask=self.batch["attention_mask"]).logits
-            self.base = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        self.prefixes = prefixes or FrozenPrefixes(model)
         self.mask = self.batch["attention_mask"].bool()
+        with torch.no_grad():
+            h = self.prefixes.hidden(model, self.batch, None)
+            self.base = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
 
     def loss(self, model, overlay: Overlay) -> torch.Tensor:
-        h = model.model(
-            self.batch["input_ids"], attention_mask=self.batch["attention_mask"], memory_overlay=overlay
-        )[0]
+        h = self.prefixes.hidden(model, self.batch, overlay)
         logp = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
-        base = self.base[self.mask]
+        base = self.base
         kl = (base.exp() * (base - logp)).sum(-1)  # (n,)
         return kl.sum() / self.batch["input_ids"].shape[0]
 
@@ -360,15 +395,17 @@ def sparse_update(
         old_rows = {layer: tables[layer].detach()[idx].clone() for layer, idx in selected.items()}
         rows = {layer: old_rows[layer].clone().requires_grad_(True) for layer in selected}
         overlay: Overlay = {layer: (selected[layer], rows[layer]) for layer in selected}
-        loss_before = _mean_loss(model, all_batches, overlay, s.loss_reduction)
-        keep = _ReplayKL(model, replay, device) if replay is not None and s.replay_weight > 0 else None
-        loop = _RowTraining(
-            model, source, s, rows, old_rows, _idf_grad_scale(background, selected, s.idf_lr_power, device)
-        )
+        prefixes = FrozenPrefixes(model)
+        loss_before = _mean_loss(model, all_batches, overlay, s.loss_reduction, prefixes)
+        keep = None
+        if replay is not None and s.replay_weight > 0:
+            keep = _ReplayKL(model, replay, device, prefixes)
+        scale = _idf_grad_scale(background, selected, s.idf_lr_power, device)
+        loop = _RowTraining(model, source, s, rows, old_rows, scale, prefixes)
         loop.run(overlay, keep, stop_fn, progress)
         final = {layer: r.detach().clone() for layer, r in rows.items()}
         loss_after = _mean_loss(
-            model, all_batches, {k: (selected[k], final[k]) for k in selected}, s.loss_reduction
+            model, all_batches, {k: (selected[k], final[k]) for k in selected}, s.loss_reduction, prefixes
         )
         with torch.no_grad():
             for layer, idx in selected.items():
@@ -424,8 +461,10 @@ class _RowTraining:
     gradient scale, clipping, the row-change limit, optional replay KL, and early stopping asked of
     `stop_fn` every `check_every` steps (then `extra_steps` more)."""
 
-    def __init__(self, model, source: BatchSource, s: UpdateSettings, rows, old_rows, grad_scale):
-        self.model, self.source, self.s = model, source, s
+    def __init__(
+        self, model, source: BatchSource, s: UpdateSettings, rows, old_rows, grad_scale, prefixes=None
+    ):
+        self.model, self.source, self.s, self.prefixes = model, source, s, prefixes
         self.rows, self.grad_scale = rows, grad_scale
         self.device = _device(model)
         self.params = [r for r in rows.values() if r.numel()]
@@ -442,7 +481,7 @@ class _RowTraining:
 
     def _step(self, opt, batch: Batch, overlay: Overlay, keep) -> torch.Tensor:
         s, device = self.s, self.device
-        loss = batch_loss(self.model, _to(batch, device), overlay, s.loss_reduction)
+        loss = batch_loss(self.model, _to(batch, device), overlay, s.loss_reduction, self.prefixes)
         if keep is not None:
             loss = loss + s.replay_weight * keep.loss(self.model, overlay)
         opt.zero_grad(set_to_none=True)

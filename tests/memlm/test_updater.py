@@ -313,3 +313,40 @@ def test_replay_rehearsal_keeps_the_invariants(tiny_model_dir):
     assert answered(model, tok, [fact]) == [True], delta.report
     selected = {layer: ld.indices for layer, ld in delta.layers.items()}
     assert_only_selected_rows_changed(model, state_hashes(snapshot, exclude=selected), delta)
+
+
+@pytest.mark.parametrize("memory_layers", [(1,), (0, 2)])
+def test_frozen_prefix_path_equals_the_full_forward(memory_layers):
+    """The update's cached path (memlm.updater.FrozenPrefixes: the first memory layer's inputs, slot
+    indices and weights computed once per batch) gives the full forward's loss and value-row gradients:
+    float64 exactly up to rounding, with the first memory layer below other blocks and a second memory
+    layer above it."""
+    from memlm.updater import FrozenPrefixes, batch_loss
+
+    model = tiny_random_model(3, memory_layers).double()
+    batch = random_batches(1, seed=5)[0]
+    tables = model.value_tables()
+    with torch.no_grad():
+        reads = model(batch["input_ids"], attention_mask=batch["attention_mask"]).memory_indices
+    slots = {layer: idx.flatten().unique()[::3] for layer, idx in zip(model.config.memory_layers, reads)}
+
+    def loss_and_grads(prefixes):
+        rows = {
+            layer: tables[layer].detach()[idx].clone().requires_grad_(True) for layer, idx in slots.items()
+        }
+        overlay = {layer: (slots[layer], rows[layer]) for layer in slots}
+        loss = batch_loss(model, batch, overlay, "sum", prefixes)
+        loss.backward()
+        return loss.detach(), {layer: r.grad for layer, r in rows.items()}
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    full_loss, full_grads = loss_and_grads(None)
+    prefixes = FrozenPrefixes(model)
+    for _ in range(2):  # the second call reads the cached prefix
+        loss, grads = loss_and_grads(prefixes)
+        assert torch.allclose(loss, full_loss, rtol=0, atol=1e-12)
+        for layer in slots:
+            assert full_grads[layer].abs().sum() > 0
+            assert torch.allclose(grads[layer], full_grads[layer], rtol=0, atol=1e-12)
+    assert len(prefixes.cache) == 1
