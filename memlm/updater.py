@@ -119,6 +119,9 @@ class UpdateSettings:
     # True (documents without facts always train on their text). On the tuning stream (SGD lr 3000, t=1000)
     # text + QA learned 75% with +78% perplexity, QA forms only 92% with +33% (retention 23% vs 25%).
     train_text: bool = False
+    # run each step from the first memory layer up on the batch's cached frozen states (FrozenPrefixes;
+    # same loss and gradients). False: the full forward every step (the baseline of its benchmark)
+    cached_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -329,14 +332,20 @@ class _ReplayKL:
 
     def __init__(self, model, batch: Batch, device, prefixes: FrozenPrefixes | None = None) -> None:
         self.batch = _to(batch, device)
-        self.prefixes = prefixes or FrozenPrefixes(model)
+        self.prefixes = prefixes
         self.mask = self.batch["attention_mask"].bool()
         with torch.no_grad():
-            h = self.prefixes.hidden(model, self.batch, None)
+            h = self._hidden(model, None)
             self.base = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
 
+    def _hidden(self, model, overlay: Overlay | None) -> torch.Tensor:
+        if self.prefixes is not None:
+            return self.prefixes.hidden(model, self.batch, overlay)
+        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
+        return model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]
+
     def loss(self, model, overlay: Overlay) -> torch.Tensor:
-        h = self.prefixes.hidden(model, self.batch, overlay)
+        h = self._hidden(model, overlay)
         logp = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
         base = self.base
         kl = (base.exp() * (base - logp)).sum(-1)  # (n,)
@@ -395,7 +404,7 @@ def sparse_update(
         old_rows = {layer: tables[layer].detach()[idx].clone() for layer, idx in selected.items()}
         rows = {layer: old_rows[layer].clone().requires_grad_(True) for layer in selected}
         overlay: Overlay = {layer: (selected[layer], rows[layer]) for layer in selected}
-        prefixes = FrozenPrefixes(model)
+        prefixes = FrozenPrefixes(model) if s.cached_prefix else None
         loss_before = _mean_loss(model, all_batches, overlay, s.loss_reduction, prefixes)
         keep = None
         if replay is not None and s.replay_weight > 0:
