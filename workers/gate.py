@@ -100,10 +100,16 @@ def measure(
     parent: int,
     delta: Any = None,
     parent_reads: Any = None,
+    reach_only: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `model` (the training copy: parent + delta applied): learning, retention vs parent
     (`refs[0]`) and base (`refs[1]`), perplexity change, the reach (memlm.reach: share of probe texts
-    that read a changed row), and the gate's decision with the figures."""
+    that read a changed row), and the gate's decision with the figures.
+
+    reach_only: with the delta and the parent's probe reads known, only the probe facts inside the
+    reach are generated again; every other one reads no changed row, so its answer is the parent's bit
+    for bit (memlm.reach) and is taken from `refs[0]` ("probe_evaluated" says how many were generated).
+    False: every probe fact is generated (the full evaluation the exact one must equal)."""
     from memlm.evaluation import evaluate_update
 
     facts = [
@@ -128,7 +134,8 @@ def measure(
         budget=budget,
     )
     t0 = time.perf_counter()
-    after, reach, reads_after = _probe_after(model, tokenizer, probe, delta, parent_reads)
+    known = parent_ref.answered if reach_only and len(parent_ref.answered) == len(probe) else None
+    after, reach, reads_after, generated = _probe_after(model, tokenizer, probe, delta, parent_reads, known)
     n_base = len(probe)
     retention_base = (sum(after) / n_base) if n_base else 1.0
     parent_hits = [i for i, h in enumerate(parent_ref.answered) if h]
@@ -156,6 +163,7 @@ def measure(
         "perplexity_change": ppl_change,
         "perplexity_change_base": ppl_change_base,
         "probe_facts": n_base,
+        "probe_evaluated": generated,
         "reach": reach,
         "new_facts": len(facts),
         "parent": parent,
@@ -166,21 +174,29 @@ def measure(
     }
 
 
-def _probe_after(model: Any, tokenizer: Any, probe: list[dict], delta: Any, parent_reads: Any):
-    """(which probe facts the model answers, the reach of `delta`, the probe's reads after it)."""
+def _probe_after(
+    model: Any, tokenizer: Any, probe: list[dict], delta: Any, parent_reads: Any, parent_answered=None
+):
+    """(which probe facts the model answers, the reach of `delta`, the probe's reads after it, how many
+    probe facts were generated). With `parent_answered`, only the facts inside the reach are generated."""
     from memlm.evaluation import format_question, greedy_complete, is_answered
     from memlm.reach import delta_rows, merge_reads, reach_report, reached, text_reads
 
     prompts = [format_question(f["question"]) for f in probe]
-    completions = greedy_complete(model, tokenizer, prompts) if prompts else []
-    after = [is_answered(c, f["answer"]) for c, f in zip(completions, probe)]
-    reach, reads_after = None, None
-    if delta is not None and parent_reads is not None:
-        changed = delta_rows(delta)
-        reach = reach_report(parent_reads, changed)
-        hits = reached(parent_reads, changed)
-        # a probe outside the reach reads exactly what it read under the parent; re-read the others,
-        # with the greedy answers just generated (the same text memlm.reach.probe_texts builds)
-        texts = [p + c for p, c, h in zip(prompts, completions, hits) if h]
-        reads_after = merge_reads(parent_reads, hits, text_reads(model, tokenizer, texts))
-    return after, reach, reads_after
+    if delta is None or parent_reads is None:
+        completions = greedy_complete(model, tokenizer, prompts) if prompts else []
+        return [is_answered(c, f["answer"]) for c, f in zip(completions, probe)], None, None, len(prompts)
+    changed = delta_rows(delta)
+    reach = reach_report(parent_reads, changed)
+    hits = reached(parent_reads, changed)
+    todo = [i for i, h in enumerate(hits) if h or parent_answered is None]
+    completions = greedy_complete(model, tokenizer, [prompts[i] for i in todo]) if todo else []
+    after = list(parent_answered) if parent_answered is not None else [False] * len(probe)
+    for i, c in zip(todo, completions):
+        after[i] = is_answered(c, probe[i]["answer"])
+    # a probe outside the reach reads exactly what it read under the parent; re-read the others,
+    # with the greedy answers just generated (the same text memlm.reach.probe_texts builds)
+    by_index = dict(zip(todo, completions))
+    texts = [prompts[i] + by_index[i] for i, h in enumerate(hits) if h]
+    reads_after = merge_reads(parent_reads, hits, text_reads(model, tokenizer, texts))
+    return [bool(a) for a in after], reach, reads_after, len(todo)

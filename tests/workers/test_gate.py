@@ -205,3 +205,66 @@ def test_probe_file_replaces_the_models_probe_set(tiny_model_dir, tmp_path):
         load_probe(bad)
     with pytest.raises(ValueError, match="missing.json"):
         load_probe(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("overrides", [GENTLE, {**GENTLE, "top_t": 64, "lr": 0.3}], ids=["gentle", "wider"])
+def test_gate_evaluates_only_the_reach_and_decides_as_the_full_evaluation(gated, overrides):
+    """The exact gate (workers.gate.measure, reach_only): probe facts outside the update's reach read no
+    changed row, so their parent answers are reused and only the reached ones are generated; every
+    figure and the decision equal those of the full evaluation of the same update."""
+    from memlm.updater import UpdateSettings, learn_documents
+
+    store, pipeline, settings = gated
+    parent = store.active()
+    ref = pipeline.reference(parent)
+    parent_reads = pipeline.probe_reads(parent)
+    pipeline.at_version(parent)
+    fields = {k: v for k, v in overrides.items()}
+    delta = learn_documents(
+        pipeline.model,
+        pipeline.tokenizer,
+        [document("exact-gate")],
+        pipeline.background,
+        UpdateSettings(**fields),
+    )
+    try:
+        full = measure(pipeline, ref, parent, delta, parent_reads, reach_only=False)
+        exact = measure(pipeline, ref, parent, delta, parent_reads, reach_only=True)
+    finally:
+        delta.revert(pipeline.model.value_tables())
+    assert full["probe_evaluated"] == len(pipeline.probe) > 0
+    # the cost follows the reach: the gentle update reaches part of the probe, the wider one all of it
+    assert exact["probe_evaluated"] == exact["reach"]["reached"] <= len(pipeline.probe)
+    if overrides is GENTLE:
+        assert exact["probe_evaluated"] < len(pipeline.probe)
+    assert exact["_answered"] == full["_answered"]
+    for key in (
+        "retention",
+        "retention_base",
+        "forgetting",
+        "forgetting_base",
+        "perplexity",
+        "reach",
+        "gate",
+    ):
+        assert exact[key] == full[key], key
+    assert len(exact["_reads"]) == len(full["_reads"])
+
+
+def measure(pipeline, ref, parent, delta, parent_reads, reach_only):
+    from workers.gate import measure as gate_measure
+
+    return gate_measure(
+        pipeline.model,
+        pipeline.tokenizer,
+        [document("exact-gate")],
+        probe=pipeline.probe,
+        heldout=pipeline.heldout,
+        budget=pipeline.budget(),
+        settings=pipeline.settings,
+        refs=(ref, pipeline._refs[0]),
+        parent=parent,
+        delta=delta,
+        parent_reads=parent_reads,
+        reach_only=reach_only,
+    )
