@@ -119,17 +119,21 @@ class UpdatesSettings(BaseModel):
         3, ge=1, description="a job started this many times without finishing (its process died) fails"
     )
 
-    # update defaults (overridable per request under "settings")
-    update_top_t: int | None = Field(None, description="None -> memlm.updater default")
+    # update defaults (overridable per request under "settings"); None: the model directory's
+    # update_defaults.json (memlm.update_defaults, written by `memfit pretrain` from the preset), else
+    # memlm.updater's defaults
+    update_top_t: int | None = Field(
+        None, description="None -> the model's update_defaults.json, else memlm's"
+    )
     update_steps: int | None = None
     update_lr: float | None = None
-    # protection (workers/preservation.py): off by default, see docs/internals.md for where it pays
-    update_preserve: bool = Field(
-        False,
+    # protection (workers/preservation.py): None -> the model's update_defaults.json, else off
+    update_preserve: bool | None = Field(
+        None,
         description="keep the slots read by the known probe facts the gate does not measure out of every update",
     )
-    update_shield: int = Field(
-        0,
+    update_shield: int | None = Field(
+        None,
         ge=0,
         description="also keep out the slots read by N served-format texts of unused invented entities",
     )

@@ -38,6 +38,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_tokenizer": ("tokenizer", "load_tokenizer"),
     "PRESETS": ("presets", "PRESETS"),
     "preset_with": ("presets", "preset_with"),
+    "update_defaults": ("presets", "update_defaults"),  # a model directory's update_defaults.json
     "report_summary": ("pretrain", "_summary"),  # the headline figures of a training_report.json
     "served_background": ("pretrain", "served_background"),  # served-format QA texts of unused entities
     # background statistics (the IDF side)

@@ -78,6 +78,14 @@ class Preset:
     # background text, so slots read by the question/statement templates get a high df (low IDF)
     grad_clip: float = 1.0
     bf16: bool = True  # bf16 autocast where the CPU/GPU supports it (about 2x on AVX512-BF16 CPUs)
+    # the update settings chosen for this model on the tuning stream (benchmarks/tune_sparse.py), written
+    # into the model directory as update_defaults.json (memlm.update_defaults) for the service to start
+    # from: SGD lr and t (None: memlm.updater's defaults), and whether updates keep the slots of known
+    # facts (preserve) and of N served-format texts (shield) out of selection (workers/preservation.py)
+    update_lr: float | None = None
+    update_top_t: int | None = None
+    update_preserve: bool = False
+    update_shield: int = 0
     # evaluation
     eval_texts: int = 200  # held-out texts for perplexity (also stored in probe.json)
     background_unit: str = DEFAULT_UNIT
@@ -144,7 +152,47 @@ PRESETS: dict[str, Preset] = {
 
 
 # the type a field whose default is None takes when set (--set memory_layer=3)
-_NONE_DEFAULT_TYPES: dict[str, type] = {"memory_layer": int, "max_wiki": int, "max_probe": int}
+_NONE_DEFAULT_TYPES: dict[str, type] = {
+    "memory_layer": int,
+    "max_wiki": int,
+    "max_probe": int,
+    "update_lr": float,
+    "update_top_t": int,
+}
+
+UPDATE_DEFAULTS_FILE = "update_defaults.json"
+
+
+def update_defaults_of(p: Preset) -> dict:
+    """The preset's update defaults as update_defaults.json holds them: {"lr", "top_t"} where set, and
+    {"preserve", "shield"}."""
+    out: dict = {"lr": p.update_lr, "top_t": p.update_top_t}
+    out = {k: v for k, v in out.items() if v is not None}
+    return {**out, "preserve": p.update_preserve, "shield": p.update_shield}
+
+
+def update_defaults(model_dir) -> dict:
+    """A model directory's update_defaults.json ({} when absent: memlm's and the service's own defaults
+    apply). Raises ValueError naming the file for malformed content."""
+    from pathlib import Path
+
+    path = Path(model_dir) / UPDATE_DEFAULTS_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    kinds = {"lr": (int, float), "top_t": int, "preserve": bool, "shield": int}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for key, value in data.items():
+        if key not in kinds:
+            raise ValueError(f"{path}: unknown field {key!r} (fields: {', '.join(kinds)})")
+        bad_bool = kinds[key] is int and isinstance(value, bool)
+        if bad_bool or not isinstance(value, kinds[key]) or (key != "preserve" and value < 0):
+            raise ValueError(f"{path}: {key}: bad value {value!r}")
+    return data
 
 
 def preset_with(name: str, assignments: list[str]) -> Preset:

@@ -31,7 +31,7 @@ import torch
 from .background import compute_background, model_base_id
 from .data import build_corpus
 from .modeling import MemoryLMForCausalLM
-from .presets import PRESETS, Preset, preset_with
+from .presets import PRESETS, UPDATE_DEFAULTS_FILE, Preset, preset_with, update_defaults_of
 from .tokenizer import build_tokenizer, encode_texts
 from .training import (
     Optimizers,
@@ -399,6 +399,7 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         )
     )
     (out / "splits.json").write_text(json.dumps(corpus.split_hashes(), indent=2))
+    (out / UPDATE_DEFAULTS_FILE).write_text(json.dumps(update_defaults_of(p), indent=2) + "\n")
     report = {
         "preset": p.name,
         "preset_settings": asdict(p),

@@ -95,14 +95,17 @@ def update_settings_fields() -> set[str]:
     return {f.name for f in fields(UpdateSettings)}
 
 
-def build_update_settings(settings: Settings | None, overrides: dict[str, Any] | None):
-    """memlm.updater.UpdateSettings from the service defaults (Settings.update_*; None: memlm's
-    defaults only, to validate overrides) and a job's overrides.
+def build_update_settings(
+    settings: Settings | None, overrides: dict[str, Any] | None, model_defaults: dict | None = None
+):
+    """memlm.updater.UpdateSettings from memlm's defaults, the model's update_defaults.json
+    (`model_defaults`: its "lr" and "top_t"), the service defaults (Settings.update_*; None: memlm's
+    defaults only, to validate overrides) and a job's overrides, each over the one before.
 
     Raises ValueError naming an unknown field or a bad value."""
     from memlm.updater import UpdateSettings
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {k: v for k, v in (model_defaults or {}).items() if k in ("lr", "top_t")}
     if settings is not None:
         defaults = {"top_t": settings.update_top_t, "steps": settings.update_steps, "lr": settings.update_lr}
         values.update({k: v for k, v in defaults.items() if v is not None})
@@ -147,6 +150,7 @@ class Pipeline:
         self.heldout: list[str] = []
         # {memory layer: bool mask} of slots no update selects (workers/preservation.py); None: none
         self.protected: dict[int, Any] | None = None
+        self.model_defaults: dict[str, Any] = {}  # the base model's update_defaults.json
         self._refs: dict[int, Reference] = {}
         # called as hook(result) after each run_job that brought an unfinished job to a final state,
         # outside the pipeline's lock (the worker's job metrics: service.worker_metrics.instrument)
@@ -177,7 +181,8 @@ class Pipeline:
         candidates = facts[: budget.probe_facts]
         hits = answered(model, tok, candidates) if candidates else []
         self.probe = [f for f, h in zip(candidates, hits) if h]
-        self.protected = preservation_mask(model, tok, facts, self.settings)  # on the base, once
+        self.model_defaults = memlm.update_defaults(base)  # the model's update_defaults.json ({} when absent)
+        self.protected = preservation_mask(model, tok, facts, self.settings, self.model_defaults)  # once
         ppl = perplexity_with_overlay(model, tok, texts, budget.heldout_tokens) if texts else float("nan")
         self._refs[0] = Reference([True] * len(self.probe), ppl)
         self.live = LiveTables(self.store, model.value_tables(), 0)
@@ -362,7 +367,7 @@ class Pipeline:
         """Train on the active version, evaluate, publish (retraining when a rebase conflicts)."""
         store = self.store
         documents = store.jobs.documents(job.documents, job_id=job.job_id)
-        us = build_update_settings(self.settings, job.settings)
+        us = build_update_settings(self.settings, job.settings, self.model_defaults)
         spent = {"training": 0.0, "evaluation": 0.0, "publish": 0.0}
         self.load()
         for attempt in range(1, MAX_PUBLISH_ATTEMPTS + 1):

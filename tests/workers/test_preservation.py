@@ -73,8 +73,56 @@ def test_preservation_without_known_facts_left_is_a_named_error(tiny_model_dir, 
         Pipeline(store, settings).load()
 
 
-def test_protection_is_off_by_default(tiny_model_dir, tmp_path):
+def test_protection_is_off_for_a_model_that_does_not_ask_for_it(tiny_model_dir, tmp_path):
+    """The tiny preset's update_defaults.json turns neither on, and no setting does."""
+    import json
+
+    assert json.loads((tiny_model_dir / "update_defaults.json").read_text()) == {
+        "preserve": False,
+        "shield": 0,
+    }
     store = Store.init(tmp_path / "store", tiny_model_dir)
     pipe = Pipeline(store, _settings(tiny_model_dir, tmp_path / "store"))
     pipe.load()
     assert pipe.protected is None
+
+
+def test_the_models_update_defaults_apply_unless_a_setting_overrides_them(tiny_model_copy, tmp_path):
+    """A model directory's update_defaults.json (written by `memfit pretrain` from the preset) turns
+    protection on and sets the update lr; MEMFIT_UPDATE_* settings and a job's settings win over it."""
+    import json
+
+    (tiny_model_copy / "update_defaults.json").write_text(
+        json.dumps({"lr": 1234.0, "top_t": 12, "preserve": True, "shield": 3})
+    )
+    store = Store.init(tmp_path / "store", tiny_model_copy)
+    pipe = Pipeline(store, _settings(tiny_model_copy, tmp_path / "store"))
+    pipe.load()
+    explicit = Pipeline(
+        Store.init(tmp_path / "store2", tiny_model_copy),
+        _settings(tiny_model_copy, tmp_path / "store2", update_preserve=True, update_shield=3),
+    )
+    explicit.load()
+    assert pipe.protected is not None
+    assert all(torch.equal(pipe.protected[k], explicit.protected[k]) for k in explicit.protected)
+    off = Pipeline(
+        Store.init(tmp_path / "store3", tiny_model_copy),
+        _settings(tiny_model_copy, tmp_path / "store3", update_preserve=False, update_shield=0),
+    )
+    off.load()
+    assert off.protected is None
+
+    job = store.jobs.create_job(None, [DOC], {k: v for k, v in QUICK.items() if k != "lr"})
+    res = pipe.run_job(job.job_id)
+    assert res.status == "succeeded", res
+    report = store.manifest(res.version)["report"]
+    assert report["lr"] == 1234.0 and report["t"] == 12
+    job = store.jobs.create_job(None, [DOC], QUICK)  # the job's own lr wins
+    assert store.manifest(pipe.run_job(job.job_id).version)["report"]["lr"] == QUICK["lr"]
+
+
+def test_a_malformed_update_defaults_file_is_a_named_error(tiny_model_copy, tmp_path):
+    (tiny_model_copy / "update_defaults.json").write_text('{"lr": "fast"}')
+    store = Store.init(tmp_path / "store", tiny_model_copy)
+    with pytest.raises(ValueError, match="update_defaults.json: lr"):
+        Pipeline(store, _settings(tiny_model_copy, tmp_path / "store")).load()
