@@ -41,17 +41,25 @@ def run(args) -> int:
         return 2
 
     from memlm.presets import preset_with
-    from memlm.pretrain import pretrain
 
     try:
-        preset = preset_with(args.preset, getattr(args, "set", None) or [])
+        preset_with(args.preset, getattr(args, "set", None) or [])  # a bad --set fails here, named
     except ValueError as e:
         print(f"memfit pretrain: {e}")
         return 2
+    return build(args.preset, out, seed=args.seed, sets=getattr(args, "set", None) or [], force=args.force)
+
+
+def build(preset: str, out: Path, seed: int = 0, sets: list[str] | None = None, force: bool = False) -> int:
+    """Build `preset` (with "FIELD=VALUE" `sets`) into `out`: in a child process started with
+    ALLOCATOR_ENV where glibc needs it, else here. Returns the exit status (0: built)."""
     if _needs_allocator_child():
-        return _build_in_child(args, out)
-    print(f"building the {args.preset} model into {out}", flush=True)
-    pretrain(preset, out, seed=args.seed, progress=True)
+        return _build_in_child(preset, out, seed, sets or [], force)
+    from memlm.presets import preset_with
+    from memlm.pretrain import pretrain
+
+    print(f"building the {preset} model into {out}", flush=True)
+    pretrain(preset_with(preset, sets or []), out, seed=seed, progress=True)
     return 0
 
 
@@ -66,11 +74,11 @@ def _needs_allocator_child() -> bool:
     return any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items())
 
 
-def _build_in_child(args, out: Path) -> int:
+def _build_in_child(preset: str, out: Path, seed: int, sets: list[str], force: bool) -> int:
     """The same build in a child process started with ALLOCATOR_ENV (output and Ctrl-C pass through)."""
-    argv = [sys.executable, "-m", "memfit.cli", "pretrain", "--preset", args.preset, "--out", str(out)]
-    argv += ["--seed", str(args.seed)] + (["--force"] if args.force else [])
-    for assignment in getattr(args, "set", None) or []:
+    argv = [sys.executable, "-m", "memfit.cli", "pretrain", "--preset", preset, "--out", str(out)]
+    argv += ["--seed", str(seed)] + (["--force"] if force else [])
+    for assignment in sets:
         argv += ["--set", assignment]
     env = {**os.environ, **ALLOCATOR_ENV, "MEMFIT_PRETRAIN_IN_PROCESS": "1"}
     return subprocess.run(argv, env=env).returncode

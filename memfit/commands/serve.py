@@ -8,6 +8,7 @@ first (`make run` relies on this). A store whose base differs from an explicit -
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from memfit.commands import settings_from_args
 
@@ -100,14 +101,15 @@ def _ensure_model(settings) -> str | None:
     problem = check("pretrain", "building the default model")
     if problem:
         return f"no model at {settings.model}; {problem}"
-    from memlm.pretrain import pretrain
+    from memfit.commands.pretrain import build
 
     print(
         f"no model at {settings.model}: building the default model first "
-        "(about 20 minutes on 2 CPU cores; `memfit pretrain` does the same)",
+        "(about 26 minutes on 2 CPU cores, once; `memfit pretrain` does the same)",
         flush=True,
     )
-    pretrain("default", settings.model, progress=True)
+    if build("default", Path(settings.model)) != 0:
+        return f"building the default model into {settings.model} failed (see the output above)"
     return None
 
 

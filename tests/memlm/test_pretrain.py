@@ -140,9 +140,10 @@ def test_preset_overrides_are_typed_and_named():
 
 
 def test_memory_layer_field_places_the_memory():
-    assert presets.PRESETS["default"].model_config().memory_layers == [2]  # the middle of 4
-    p = presets.preset_with("default", ["memory_layer=3"])
-    assert p.memory_layer == 3 and p.model_config().memory_layers == [3]
+    assert presets.PRESETS["tiny"].model_config().memory_layers == [1]  # unset: the middle of 2
+    assert presets.PRESETS["default"].model_config().memory_layers == [3]  # the last of 4
+    p = presets.preset_with("default", ["memory_layer=2"])
+    assert p.memory_layer == 2 and p.model_config().memory_layers == [2]
     for bad in ("memory_layer=true", "memory_layer=last"):
         with pytest.raises(ValueError, match="memory_layer"):
             presets.preset_with("default", [bad])
