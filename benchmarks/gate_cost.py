@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "publish_s": t.get("publish"),
                     "total_s": t.get("total"),
                     "probe_facts": res.evaluation.get("probe_facts"),
+                    "probe_evaluated": res.evaluation.get("probe_evaluated"),
+                    "learning": res.evaluation.get("learning"),
+                    "forgetting": res.evaluation.get("forgetting"),
+                    "forgetting_base": res.evaluation.get("forgetting_base"),
+                    "perplexity_change": res.evaluation.get("perplexity_change"),
+                    "perplexity_change_base": res.evaluation.get("perplexity_change_base"),
+                    "reach": (res.evaluation.get("reach") or {}).get("share"),
                 }
             )
     ev = [r["evaluation_s"] for r in rows if r["evaluation_s"] is not None]
@@ -105,12 +112,33 @@ def main(argv: list[str] | None = None) -> dict:
         f"gate budget: {settings.gate_probe_facts} probe facts, {settings.gate_heldout_tokens} held-out tokens"
     )
     print(f"one-time at load (base reference: model load, probe answers, perplexity): {load_s:.2f} s")
-    print(f"{'job':>3} {'status':>9} {'training':>9} {'gate':>7} {'publish':>8} {'total':>7} {'probe':>5}")
+    print(
+        f"{'job':>3} {'status':>9} {'training':>9} {'gate':>7} {'publish':>8} {'total':>7} {'probe':>5} "
+        f"{'decoded':>7} {'learned':>7} {'forget/parent':>13} {'forget/base':>11} {'ppl/parent':>10} "
+        f"{'ppl/base':>8} {'reach':>6}"
+    )
     for r in rows:
         print(
             f"{r['job']:>3} {r['status']:>9} {r['training_s']:>8.2f}s {r['evaluation_s']:>6.2f}s "
-            f"{r['publish_s']:>7.2f}s {r['total_s']:>6.2f}s {r['probe_facts']:>5}"
+            f"{r['publish_s']:>7.2f}s {r['total_s']:>6.2f}s {r['probe_facts']:>5} {_fmt(r['probe_evaluated'], 'd'):>7} "
+            f"{_fmt(r['learning'], '.0%'):>7} {_fmt(r['forgetting'], '.3f'):>13} {_fmt(r['forgetting_base'], '.3f'):>11} "
+            f"{_fmt(r['perplexity_change'], '+.4f'):>10} {_fmt(r['perplexity_change_base'], '+.4f'):>8} "
+            f"{_fmt(r['reach'], '.0%'):>6}"
         )
+    for key in ("forgetting", "forgetting_base", "perplexity_change", "perplexity_change_base"):
+        vals = [r[key] for r in rows if r[key] is not None]
+        if vals:
+            print(
+                f"{key}: max {max(vals):+.4f}, median {statistics.median(vals):+.4f} over {len(vals)} updates"
+            )
+    train = [r["training_s"] for r in rows if r["training_s"] is not None]
+    if train:
+        print(
+            f"training per single-fact update: median {statistics.median(train):.2f} s, max {max(train):.2f} s"
+        )
+    import os
+
+    print(f"load average: {os.getloadavg()}")
     if ev:
         print(
             f"gate cost per update: median {out['evaluation_median_s']:.2f} s "
@@ -119,6 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 if __name__ == "__main__":
