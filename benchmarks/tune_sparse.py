@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows_per_update": r["rows_changed_per_update"], "s_per_update": r["seconds_per_update"], "steps_per_update": r["steps_per_update"],
                 "distinct_rows": r["distinct_rows_changed"], "wall_s": time.perf_counter() - t0,
                 "rehearsed_per_update": mean_of(x.get("rehearsed", 0) for x in r.get("records", [])),
+                "repaired_per_update": mean_of(x.get("repaired", 0) for x in r.get("records", [])),
                 "load_average": os.getloadavg(),
             }),
             flush=True,

@@ -177,7 +177,8 @@ class Learner:
         self.lora = None
         self.protected = None
         self.rehearsal: list[str] = []  # served QA texts of the stream's facts learned so far (`rehearse`)
-        self.rehearsal_reads: list = []  # their memory reads (`rehearse` "reach")
+        self.rehearsal_reads: list = []  # their memory reads (`rehearse` "reach", `repair`)
+        self.rehearsal_docs: list[dict] = []  # the documents of those facts (`repair`)
         # `rehearse_text` N: N general-text chunks every update rehearses where it reaches them
         self.text_rehearsal: tuple[list[str], list] = ([], [])
         if spec.kind == "sparse" and spec.settings.get("rehearse_text"):
@@ -208,14 +209,15 @@ class Learner:
                 self.model, tok, [doc], self.ctx.background, s, protected=self.protected,
                 rehearse=rehearse, rehearse_reads=rehearse_reads,
             )  # fmt: skip
-            if self.spec.settings.get("rehearse"):
-                self._remember_if_learned(doc)
-            for layer, ld in delta.layers.items():
-                changed = (ld.new_rows != ld.old_rows).any(-1)
-                self.touched.update((layer, int(i)) for i in ld.indices[changed].tolist())
             written = delta_rows(delta)
+            r = dict(delta.report)
+            if self.spec.settings.get("repair"):
+                written, r = self._repair(doc, s, written, r)
+            if self.spec.settings.get("rehearse") or self.spec.settings.get("repair"):
+                self._remember_if_learned(doc)
+            for layer, idx in written.items():
+                self.touched.update((layer, int(i)) for i in idx.tolist())
             self._keep_what_was_learned(doc, written)
-            r = delta.report
             reach = reach_report(self.reads, written)
             # probes outside the reach read what they read before; re-read only the reached ones
             hits = reached(self.reads, written)
@@ -223,7 +225,7 @@ class Learner:
             self.reads = merge_reads(self.reads, hits, fresh)
             return {"seconds": r["seconds"], "steps": r["steps"], "rows_changed": r["rows_changed"],
                     "reach": reach["share"], "rows_read_changed": reach["rows_read_changed_mean"],
-                    "rehearsed": r.get("rehearsed", 0)}  # fmt: skip
+                    "rehearsed": r.get("rehearsed", 0), "repaired": r.get("repaired", 0)}  # fmt: skip
         # dense methods change weights every probe reads: reach 1 by construction
         if kind == "full":
             r = full_finetune(self.model, tok, [doc], _dense(self.spec.settings, self.ctx.cfg))
@@ -238,6 +240,29 @@ class Learner:
             self.retriever.add([doc])
             return {"seconds": time.perf_counter() - t0, "steps": 0, "rows_changed": 0}
         raise ValueError(f"unknown method kind {kind!r}")
+
+    def _repair(self, doc: dict, s: UpdateSettings, written: dict, report: dict) -> tuple[dict, dict]:
+        """`repair`: the learned facts whose reads include a row this update wrote are the only ones it
+        can have broken; those no longer answered are trained again beside `doc` in a second update.
+        Returns the rows both wrote and the report with "repaired" (facts retrained) and summed cost."""
+        tok = self.ctx.tokenizer
+        hit = reached(self.rehearsal_reads, written)
+        suspects = [d for d, h in zip(self.rehearsal_docs, hit) if h]
+        if not suspects:
+            return written, report
+        facts = [{"question": f["question"], "answer": f["answer"]} for d in suspects for f in d["facts"]]
+        lost = [d for d, ok in zip(suspects, answered(self.model, tok, facts)) if not ok]
+        if not lost:
+            return written, report
+        again = learn_documents(self.model, tok, [doc, *lost], self.ctx.background, s.replace(seed=s.seed + 7919),
+                                protected=self.protected)  # fmt: skip
+        both = delta_rows(again)
+        for layer, idx in written.items():
+            both[layer] = torch.unique(torch.cat([idx.cpu(), both.get(layer, idx[:0]).cpu()]))
+        out = {**report, "repaired": len(lost), "seconds": report["seconds"] + again.report["seconds"],
+               "steps": report["steps"] + again.report["steps"],
+               "rows_changed": int(sum(int(v.numel()) for v in both.values()))}  # fmt: skip
+        return both, out
 
     def _rehearsal_set(self) -> tuple[list[str], list | None]:
         """`rehearse` N: the last N learned facts' texts; `rehearse` "reach": every learned fact's text with
@@ -260,7 +285,9 @@ class Learner:
         hits = answered(self.model, self.ctx.tokenizer, facts)
         texts = [format_question(f["question"]) + " " + f["answer"] for f, h in zip(facts, hits) if h]
         self.rehearsal += texts
-        if self.spec.settings.get("rehearse") == "reach":
+        # one document per learned fact, aligned with the texts and reads (`repair` retrains these)
+        self.rehearsal_docs += [{**doc, "facts": [f]} for f, h in zip(doc.get("facts", []), hits) if h]
+        if self.spec.settings.get("rehearse") == "reach" or self.spec.settings.get("repair"):
             # the reads of a fixed text never move under value-only updates: computed once
             self.rehearsal_reads += text_reads(self.model, self.ctx.tokenizer, texts)
 
@@ -294,7 +321,7 @@ class Learner:
 
 # sparse settings of the benchmark that are not UpdateSettings fields: which slots are kept out of selection
 PROTECTION_FIELDS = (
-    "preserve", "preserve_min", "shield", "keep_written", "keep_learned", "rehearse", "rehearse_text"
+    "preserve", "preserve_min", "shield", "keep_written", "keep_learned", "rehearse", "rehearse_text", "repair"
 )  # fmt: skip
 
 
