@@ -107,7 +107,15 @@ def main(argv: list[str] | None = None) -> dict:
         "evaluation_median_s": round(statistics.median(ev), 3) if ev else None,
         "evaluation_share_of_update": round(sum(ev) / sum(tot), 3) if ev and tot else None,
     }
-    print(f"model: {model} ({which})")
+    _print(out, rows, settings, load_s)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _print(out: dict, rows: list[dict], settings, load_s: float) -> None:
+    """The table and summary lines of one run."""
+    print(f"model: {out['model']} ({out['model_kind']})")
     print(
         f"gate budget: {settings.gate_probe_facts} probe facts, {settings.gate_heldout_tokens} held-out tokens"
     )
@@ -139,14 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     import os
 
     print(f"load average: {os.getloadavg()}")
-    if ev:
+    if out["evaluation_median_s"] is not None:
         print(
             f"gate cost per update: median {out['evaluation_median_s']:.2f} s "
             f"({100 * out['evaluation_share_of_update']:.0f}% of the update time)"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    return out
 
 
 def _fmt(x, spec: str) -> str:

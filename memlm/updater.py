@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 from .augment import AugmentSettings, TrainingStream, build_stream, document_facts, trains_text
 from .delta import LayerDelta, SlotDelta
+from .prefix import FrozenPrefixes
+from .rehearsal import ReplayKL, reached_replay, replay_batch
 from .selection import count_accesses, idf, select_slots
 
 Batch = dict[str, torch.Tensor]  # input_ids (B,T), attention_mask (B,T), labels (B,T) with -100 = no loss
@@ -163,30 +165,6 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") 
     if reduction == "mean":
         return tok.sum() / valid.sum().clamp(min=1)
     return tok.sum() / valid.any(-1).sum().clamp(min=1)
-
-
-class FrozenPrefixes:
-    """What a values-only update cannot change, computed once per distinct batch: the blocks below the
-    first memory layer, that block's attention, and the memory's slot indices and weights
-    (MemoryLMModel.frozen_prefix). Every later forward of the same batch runs only the memory read and
-    the blocks above it. Bodies without frozen_prefix (retrofitted models) run the full forward."""
-
-    def __init__(self, model, max_batches: int = 64) -> None:
-        self.body = model.model if hasattr(model.model, "frozen_prefix") else None
-        self.max_batches = max_batches
-        self.cache: dict[tuple, dict] = {}
-
-    def hidden(self, model, batch: Batch, overlay: Overlay | None) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if self.body is None:
-            return model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]
-        key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
-        prefix = self.cache.get(key)
-        if prefix is None:
-            if len(self.cache) >= self.max_batches:
-                self.cache.clear()
-            prefix = self.cache[key] = self.body.frozen_prefix(ids, mask)
-        return self.body.from_prefix(prefix, overlay)
 
 
 def batch_loss(
@@ -325,33 +303,6 @@ class _FrozenParams:
         return False
 
 
-class _ReplayKL:
-    """Rehearsal: KL(model before the update || model now) on background sequences, summed over their
-    real positions and averaged over sequences. Pulls the trained rows toward changes that leave
-    other text alone (a row read by both the new fact and the replay text gets opposing gradients)."""
-
-    def __init__(self, model, batch: Batch, device, prefixes: FrozenPrefixes | None = None) -> None:
-        self.batch = _to(batch, device)
-        self.prefixes = prefixes
-        self.mask = self.batch["attention_mask"].bool()
-        with torch.no_grad():
-            h = self._hidden(model, None)
-            self.base = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
-
-    def _hidden(self, model, overlay: Overlay | None) -> torch.Tensor:
-        if self.prefixes is not None:
-            return self.prefixes.hidden(model, self.batch, overlay)
-        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
-        return model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]
-
-    def loss(self, model, overlay: Overlay) -> torch.Tensor:
-        h = self._hidden(model, overlay)
-        logp = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
-        base = self.base
-        kl = (base.exp() * (base - logp)).sum(-1)  # (n,)
-        return kl.sum() / self.batch["input_ids"].shape[0]
-
-
 @torch.no_grad()
 def _limit_row_change(rows: Sequence[torch.Tensor], old: Sequence[torch.Tensor], factor: float) -> None:
     """In place: scale each row's change (row - old) down so that its norm is <= factor * |old row|."""
@@ -408,7 +359,7 @@ def sparse_update(
         loss_before = _mean_loss(model, all_batches, overlay, s.loss_reduction, prefixes)
         keep = None
         if replay is not None and s.replay_weight > 0:
-            keep = _ReplayKL(model, replay, device, prefixes)
+            keep = ReplayKL(model, replay, device, prefixes)
         scale = _idf_grad_scale(background, selected, s.idf_lr_power, device)
         loop = _RowTraining(model, source, s, rows, old_rows, scale, prefixes)
         loop.run(overlay, keep, stop_fn, progress)
@@ -422,24 +373,8 @@ def sparse_update(
 
     if was_training:
         model.train()
-    changed = sum(int((final[k] != old_rows[k]).any(-1).sum()) for k in selected)
-    report = {
-        "method": s.method,
-        "optimizer": s.optimizer,
-        "t": s.top_t,
-        "lr": s.lr,
-        "steps": loop.steps_run,
-        "max_steps": s.steps,
-        "stopped_early": loop.stopped_early,
-        "loss_before": loss_before,
-        "loss_after": loss_after,
-        "seconds": time.perf_counter() - t0,
-        "slots_selected": {str(k): int(v.numel()) for k, v in selected.items()},
-        "accessed_slots": {str(k): int((c > 0).sum()) for k, c in counts.items()},
-        "rows_changed": changed,
-        "replay": s.replay if keep is not None else 0,
-        "slots_protected": {str(k): int(v.sum()) for k, v in (protected or {}).items()},
-    }
+    report = _update_report(s, loop, counts, selected, final, old_rows, protected, keep is not None)
+    report.update(loss_before=loss_before, loss_after=loss_after, seconds=time.perf_counter() - t0)
     # the delta holds the rows that actually changed (a selected row whose gradient stayed zero is left
     # out), so its size, the version's slots_changed and the rows a hot swap writes agree
     layers = {}
@@ -449,6 +384,27 @@ def sparse_update(
             selected[layer].cpu()[moved], final[layer].cpu()[moved], old_rows[layer].cpu()[moved]
         )
     return SlotDelta(layers=layers, report=report)
+
+
+def _update_report(
+    s: UpdateSettings, loop, counts, selected, final, old_rows, protected, replayed: bool
+) -> dict:
+    """The delta's report (besides the losses and seconds the caller adds)."""
+    changed = sum(int((final[k] != old_rows[k]).any(-1).sum()) for k in selected)
+    return {
+        "method": s.method,
+        "optimizer": s.optimizer,
+        "t": s.top_t,
+        "lr": s.lr,
+        "steps": loop.steps_run,
+        "max_steps": s.steps,
+        "stopped_early": loop.stopped_early,
+        "slots_selected": {str(k): int(v.numel()) for k, v in selected.items()},
+        "accessed_slots": {str(k): int((c > 0).sum()) for k, c in counts.items()},
+        "rows_changed": changed,
+        "replay": s.replay if replayed else 0,
+        "slots_protected": {str(k): int(v.sum()) for k, v in (protected or {}).items()},
+    }
 
 
 def _select(counts, background, s: UpdateSettings, protected, device) -> dict[int, torch.Tensor]:
@@ -556,27 +512,6 @@ def facts_stop_fn(tokenizer, facts: dict[str, dict], stream=None) -> Callable[[A
     return stop
 
 
-def _replay_batch(tokenizer, s: UpdateSettings, rehearse: Sequence[str] = ()) -> Batch:
-    """`s.replay` background texts in the served formats (invented entities of their own seed, never a
-    benchmark's or the probe's), a different draw per update seed, then the `rehearse` texts (e.g. the
-    served QA texts of facts learned before: their predictions are held where they are)."""
-    import random
-
-    from .augment import IGNORE, Example, collate
-    from .pretrain import format_matched_background
-
-    texts: list[str] = []
-    if s.replay > 0:
-        pool = format_matched_background(max(64, s.replay), seed=7)
-        texts = random.Random(s.seed).sample(pool, s.replay)
-    examples = []
-    for text in [*texts, *rehearse]:
-        ids = tokenizer(text)["input_ids"][: s.max_seq_len]
-        examples.append(Example(ids, [IGNORE] * len(ids)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return collate(examples, pad)
-
-
 def training_stream(tokenizer, documents: Sequence[dict], settings) -> TrainingStream:
     """The documents' training examples in batches (memlm.augment): chunks, paraphrases and QA forms.
 
@@ -631,9 +566,9 @@ def learn_documents(
     if rehearse_reads is not None:
         if len(rehearse_reads) != len(rehearse):
             raise ValueError(f"rehearse_reads: {len(rehearse_reads)} read sets for {len(rehearse)} texts")
-        replay = _reached_replay(tokenizer, s, rehearse, rehearse_reads, rehearsed)
+        replay = reached_replay(tokenizer, s, rehearse, rehearse_reads, rehearsed)
     elif s.replay > 0 or rehearse:
-        replay = _replay_batch(tokenizer, s, rehearse)
+        replay = replay_batch(tokenizer, s, rehearse)
     delta = sparse_update(
         model, stream, background, s, stop_fn=stop, progress=progress, replay=replay, protected=protected
     )
@@ -642,18 +577,3 @@ def learn_documents(
     delta.report["facts"] = len(facts)
     delta.report["rehearsed"] = rehearsed["texts"]
     return delta
-
-
-def _reached_replay(tokenizer, s: UpdateSettings, texts, reads, record: dict):
-    """The replay function of `learn_documents(rehearse_reads=...)`: given the selected slots, the replay
-    batch of the texts that read one of them (None when there are none and no background replay);
-    record["texts"] says how many."""
-    from .reach import reached
-
-    def replay(selected: dict[int, torch.Tensor]) -> Batch | None:
-        hit = reached(reads, selected) if texts else []
-        chosen = [t for t, h in zip(texts, hit) if h]
-        record["texts"] = len(chosen)
-        return _replay_batch(tokenizer, s, chosen) if chosen or s.replay > 0 else None
-
-    return replay

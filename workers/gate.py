@@ -112,15 +112,7 @@ def measure(
     False: every probe fact is generated (the full evaluation the exact one must equal)."""
     from memlm.evaluation import evaluate_update
 
-    facts = [
-        {
-            "question": f["question"],
-            "answer": f["answer"],
-            **({"heldout_question": f["heldout_question"]} if f.get("heldout_question") else {}),
-        }
-        for d in documents
-        for f in (d.get("facts") or [])
-    ]
+    facts = _update_facts(documents)
     parent_ref, base_ref = refs
     res = evaluate_update(
         model,
@@ -172,6 +164,19 @@ def measure(
         "_answered": list(after),
         "_reads": reads_after,
     }
+
+
+def _update_facts(documents: list[dict]) -> list[dict]:
+    """The facts the update's documents supply, in the form memlm.evaluation checks."""
+    return [
+        {
+            "question": f["question"],
+            "answer": f["answer"],
+            **({"heldout_question": f["heldout_question"]} if f.get("heldout_question") else {}),
+        }
+        for d in documents
+        for f in (d.get("facts") or [])
+    ]
 
 
 def _probe_after(

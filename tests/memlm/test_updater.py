@@ -289,17 +289,18 @@ def test_replay_rehearsal_keeps_the_invariants(tiny_model_dir):
     from memlm.data import invented_facts
     from memlm.evaluation import answered
     from memlm.tokenizer import load_tokenizer
-    from memlm.updater import _replay_batch, _ReplayKL, learn_documents
+    from memlm.rehearsal import ReplayKL, replay_batch
+    from memlm.updater import learn_documents
 
     tok = load_tokenizer(tiny_model_dir)
     background = BackgroundStats.load(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     settings = UpdateSettings(replay=8)
-    batch = _replay_batch(tok, settings)
+    batch = replay_batch(tok, settings)
     assert batch["input_ids"].shape[0] == 8 and bool((batch["labels"] == -100).all())
     # before any step the KL to the pre-update model is zero
     with torch.no_grad():
-        kl = float(_ReplayKL(model, batch, torch.device("cpu")).loss(model, {}))
+        kl = float(ReplayKL(model, batch, torch.device("cpu")).loss(model, {}))
     assert kl == pytest.approx(0.0, abs=1e-5)
     fact = invented_facts(1, seed=11)[0]
     doc = {
