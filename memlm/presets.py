@@ -78,6 +78,10 @@ class Preset:
     # background text, so slots read by the question/statement templates get a high df (low IDF)
     grad_clip: float = 1.0
     bf16: bool = True  # bf16 autocast where the CPU/GPU supports it (about 2x on AVX512-BF16 CPUs)
+    # torch threads for the build (None: all cores, or one when that is faster on a busy machine, chosen
+    # by measured step times). The count changes float summation order, so only a fixed count makes the
+    # same machine build the same weights every time
+    threads: int | None = None
     # the update settings chosen for this model on the tuning stream (benchmarks/tune_sparse.py), written
     # into the model directory as update_defaults.json (memlm.update_defaults) for the service to start
     # from: SGD lr and t (None: memlm.updater's defaults), and whether updates keep the slots of known
@@ -141,7 +145,8 @@ PRESETS: dict[str, Preset] = {
         seq_len=64,
         batch_size=16,
         max_steps=300,
-        time_budget_s=None,  # step-bound: the same tiny model on any machine
+        time_budget_s=None,  # step-bound and one thread: the same tiny model every time
+        threads=1,
         lr=5e-3,
         warmup_steps=20,
         eval_texts=40,
@@ -180,6 +185,7 @@ _NONE_DEFAULT_TYPES: dict[str, type] = {
     "max_probe": int,
     "update_lr": float,
     "update_top_t": int,
+    "threads": int,
 }
 
 UPDATE_DEFAULTS_FILE = "update_defaults.json"

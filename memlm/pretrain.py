@@ -363,7 +363,7 @@ def _evaluate(model, tokenizer, corpus, p: Preset, progress: bool) -> dict:
 
 def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | None) -> dict:
     t_start = time.perf_counter()
-    threads = cpu_threads()
+    threads = p.threads or cpu_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -159,6 +159,8 @@ ALLOWED_ENV_READS = {
     ("memfit/commands/store_ops.py", "MEMFIT_REDIS_URL"),
     ("memfit/commands/store_ops.py", "MEMFIT_API_KEY"),
     ("memfit/bench/serve.py", "MEMFIT_BENCH_THREADS"),
+    # set by `memfit pretrain` for its own child process (the build with glibc's allocator settings)
+    ("memfit/commands/pretrain.py", "MEMFIT_PRETRAIN_IN_PROCESS"),
 }
 
 

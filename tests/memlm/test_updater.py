@@ -288,8 +288,8 @@ def test_replay_rehearsal_keeps_the_invariants(tiny_model_dir):
     from memlm.background import BackgroundStats
     from memlm.data import invented_facts
     from memlm.evaluation import answered
-    from memlm.tokenizer import load_tokenizer
     from memlm.rehearsal import ReplayKL, replay_batch
+    from memlm.tokenizer import load_tokenizer
     from memlm.updater import learn_documents
 
     tok = load_tokenizer(tiny_model_dir)
