@@ -29,7 +29,7 @@ class FrozenPrefixes:
     def hidden(self, model, batch: Batch, overlay: Overlay | None) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.body is None:
-            return model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]
+            return hidden_states(model, batch, overlay)
         key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
         prefix = self.cache.get(key)
         if prefix is None:
@@ -37,3 +37,15 @@ class FrozenPrefixes:
                 self.cache.clear()
             prefix = self.cache[key] = self.body.frozen_prefix(ids, mask)
         return self.body.from_prefix(prefix, overlay)
+
+
+def hidden_states(model, batch: Batch, overlay: Overlay | None, prefixes: FrozenPrefixes | None = None):
+    """The final hidden states (B, T, d) of `batch` with the value rows of `overlay`: from the cached
+    frozen prefix where `prefixes` is given, else the full forward."""
+    if prefixes is not None:
+        return prefixes.hidden(model, batch, overlay)
+    return model.model(batch["input_ids"], attention_mask=batch["attention_mask"], memory_overlay=overlay)[0]
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}

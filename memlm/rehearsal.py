@@ -12,11 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .prefix import Batch, FrozenPrefixes, Overlay
-
-
-def _to(batch: Batch, device) -> Batch:
-    return {k: v.to(device) for k, v in batch.items()}
+from .prefix import Batch, FrozenPrefixes, Overlay, hidden_states, to_device
 
 
 class ReplayKL:
@@ -25,21 +21,15 @@ class ReplayKL:
     other text alone (a row read by both the new fact and the replay text gets opposing gradients)."""
 
     def __init__(self, model, batch: Batch, device, prefixes: FrozenPrefixes | None = None) -> None:
-        self.batch = _to(batch, device)
+        self.batch = to_device(batch, device)
         self.prefixes = prefixes
         self.mask = self.batch["attention_mask"].bool()
         with torch.no_grad():
-            h = self._hidden(model, None)
+            h = hidden_states(model, self.batch, None, prefixes)
             self.base = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
 
-    def _hidden(self, model, overlay: Overlay | None) -> torch.Tensor:
-        if self.prefixes is not None:
-            return self.prefixes.hidden(model, self.batch, overlay)
-        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
-        return model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]
-
     def loss(self, model, overlay: Overlay) -> torch.Tensor:
-        h = self._hidden(model, overlay)
+        h = hidden_states(model, self.batch, overlay, self.prefixes)
         logp = F.log_softmax(model.lm_head(h[self.mask]).float(), dim=-1)  # (n, V)
         base = self.base
         kl = (base.exp() * (base - logp)).sum(-1)  # (n,)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .augment import AugmentSettings, TrainingStream, build_stream, document_facts, trains_text
 from .delta import LayerDelta, SlotDelta
-from .prefix import FrozenPrefixes
+from .prefix import FrozenPrefixes, hidden_states, to_device
 from .rehearsal import ReplayKL, reached_replay, replay_batch
 from .selection import count_accesses, idf, select_slots
 
@@ -177,11 +177,8 @@ def batch_loss(
     """`lm_loss` of a batch, with the LM head applied only where a label is (QA forms train a few answer
     tokens; the vocabulary projection of every other position would be wasted work). `prefixes`: run
     from the first memory layer up on cached frozen states (a values-only update; same result)."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    if prefixes is not None:
-        h = prefixes.hidden(model, batch, overlay)
-    else:
-        h = model.model(ids, attention_mask=mask, memory_overlay=overlay)[0]  # (B, T, d)
+    labels = batch["labels"]
+    h = hidden_states(model, batch, overlay, prefixes)  # (B, T, d)
     tgt = labels[:, 1:]  # (B, T-1): the label of position p is the token at p + 1
     valid = tgt != -100
     logits = model.lm_head(h[:, :-1][valid])  # (n_targets, V)
@@ -230,10 +227,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to(batch: Batch, device) -> Batch:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def count_batch_accesses(model, batches: Sequence[Batch]) -> dict[int, torch.Tensor]:
     """{memory layer: access counts (N,)} over `batches`, padding excluded."""
@@ -242,7 +235,7 @@ def count_batch_accesses(model, batches: Sequence[Batch]) -> dict[int, torch.Ten
     counts = {layer: torch.zeros(n, dtype=torch.long) for layer in layers}
     device = _device(model)
     for b in batches:
-        b = _to(b, device)
+        b = to_device(b, device)
         out = model(b["input_ids"], attention_mask=b["attention_mask"])
         for layer, idx in zip(layers, out.memory_indices):
             counts[layer] += count_accesses(idx, b["attention_mask"], n)
@@ -279,7 +272,7 @@ def _mean_loss(
     device = _device(model)
     total, n = 0.0, 0
     for b in batches:
-        b = _to(b, device)
+        b = to_device(b, device)
         total += float(batch_loss(model, b, overlay, reduction, prefixes))
         n += 1
     return total / max(n, 1)
@@ -446,7 +439,7 @@ class _RowTraining:
 
     def _step(self, opt, batch: Batch, overlay: Overlay, keep) -> torch.Tensor:
         s, device = self.s, self.device
-        loss = batch_loss(self.model, _to(batch, device), overlay, s.loss_reduction, self.prefixes)
+        loss = batch_loss(self.model, to_device(batch, device), overlay, s.loss_reduction, self.prefixes)
         if keep is not None:
             loss = loss + s.replay_weight * keep.loss(self.model, overlay)
         opt.zero_grad(set_to_none=True)

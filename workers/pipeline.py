@@ -508,9 +508,16 @@ class Pipeline:
         )
 
     def _evaluate(
-        self, documents: list[dict], parent_ref: Reference, parent: int, delta=None, parent_reads=None
+        self,
+        documents: list[dict],
+        parent_ref: Reference,
+        parent: int,
+        delta=None,
+        parent_reads=None,
+        reach_only: bool = True,
     ) -> dict[str, Any]:
-        """Evaluate the training copy (parent + delta applied) and gate it (workers.gate.measure)."""
+        """Evaluate the training copy (parent + delta applied) and gate it (workers.gate.measure;
+        `reach_only` False: every probe fact decoded, the full evaluation)."""
         return measure(
             self.model,
             self.tokenizer,
@@ -523,6 +530,7 @@ class Pipeline:
             parent=parent,
             delta=delta,
             parent_reads=parent_reads,
+            reach_only=reach_only,
         )
 
 

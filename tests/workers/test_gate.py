@@ -228,8 +228,9 @@ def test_gate_evaluates_only_the_reach_and_decides_as_the_full_evaluation(gated,
         UpdateSettings(**fields),
     )
     try:
-        full = measure(pipeline, ref, parent, delta, parent_reads, reach_only=False)
-        exact = measure(pipeline, ref, parent, delta, parent_reads, reach_only=True)
+        docs = [document("exact-gate")]
+        full = pipeline._evaluate(docs, ref, parent, delta, parent_reads, reach_only=False)
+        exact = pipeline._evaluate(docs, ref, parent, delta, parent_reads, reach_only=True)
     finally:
         delta.revert(pipeline.model.value_tables())
     assert full["probe_evaluated"] == len(pipeline.probe) > 0
@@ -249,22 +250,3 @@ def test_gate_evaluates_only_the_reach_and_decides_as_the_full_evaluation(gated,
     ):
         assert exact[key] == full[key], key
     assert len(exact["_reads"]) == len(full["_reads"])
-
-
-def measure(pipeline, ref, parent, delta, parent_reads, reach_only):
-    from workers.gate import measure as gate_measure
-
-    return gate_measure(
-        pipeline.model,
-        pipeline.tokenizer,
-        [document("exact-gate")],
-        probe=pipeline.probe,
-        heldout=pipeline.heldout,
-        budget=pipeline.budget(),
-        settings=pipeline.settings,
-        refs=(ref, pipeline._refs[0]),
-        parent=parent,
-        delta=delta,
-        parent_reads=parent_reads,
-        reach_only=reach_only,
-    )
