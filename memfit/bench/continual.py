@@ -63,7 +63,9 @@ def grids(cfg: BenchConfig) -> dict[str, list[MethodSpec]]:
             for lr in cfg.lora_lr
         ],
         "sparse": [
-            MethodSpec("sparse TF-IDF", "sparse", {"lr": lr, "top_t": t, "optimizer": cfg.sparse_optimizer})
+            MethodSpec(
+                "sparse TF-IDF", "sparse", {"lr": lr, "top_t": t, "optimizer": cfg.sparse_optimizer, **cfg.sparse_extra}
+            )
             for t in cfg.sparse_t
             for lr in cfg.sparse_lr
         ],
@@ -135,6 +137,7 @@ def benchmark(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     machine_start = machine_info()
+    commit = git_commit()  # at the start: the tree may move on while a long run goes
     ctx = Context(model_dir, cfg, log)
     from memlm.background import model_base_id
 
@@ -150,10 +153,10 @@ def benchmark(
     chosen, dev_results = dev_grids(streams, dev)  # 1) dev grids
     main: dict[str, dict] = {}  # 2) main stream
     for method in ("full", "lora", "sparse"):
-        log(f"test stream {method} {chosen[method].settings}: {len(test)} facts")
-        main[method] = streams.run(
-            chosen[method], test, f"test/{chosen[method].key()}", final_probe=ctx.probe_known
-        )
+        facts = test if method == "sparse" or not cfg.baseline_facts else test[: cfg.baseline_facts]
+        log(f"test stream {method} {chosen[method].settings}: {len(facts)} facts")
+        key = f"test/{chosen[method].key()}" + ("" if len(facts) == len(test) else f"/{len(facts)}")
+        main[method] = streams.run(chosen[method], facts, key, final_probe=ctx.probe_known)
     short = test[
         : cfg.short_facts
     ]  # 3) ablations and retrieval, 4) the Pareto grid: on the first short_facts
@@ -191,7 +194,7 @@ def benchmark(
         "corrections": {m: corrections_summary(r) for m, r in corr_results.items()},
         "seconds_total": time.perf_counter() - t_start,
     }
-    results["commit"] = git_commit()
+    results["commit"] = commit
     results["aims"], results["baselines"] = aims(results)
     results["targets"] = targets(results)
     write_outputs(out, results, {m: r for m, r in main.items()}, ablation)
@@ -312,6 +315,8 @@ def correction_streams(streams: Streams, chosen: dict[str, MethodSpec]) -> dict[
     """Each method's chosen setting on the corrections stream, retention on the facts of other subjects."""
     cfg = streams.cfg
     corr = pick_corrections(streams.ctx, cfg.corrections, cfg.seed)
+    if not corr:  # --set corrections=0
+        return {}
     corrected_subjects = {c["subject"] for c in corr}
     unrelated = [f for f in streams.ctx.probe_known if f["subject"] not in corrected_subjects]
     corr_results: dict[str, dict] = {}
@@ -360,6 +365,10 @@ def run(args) -> int:
     quick = bool(getattr(args, "quick", False))
     small = bool(getattr(args, "small", False))
     cfg = BenchConfig.quick() if quick else BenchConfig.small() if small else BenchConfig()
+    try:
+        cfg = cfg.with_overrides(getattr(args, "set", None) or [])
+    except ValueError as e:
+        raise SystemExit(f"memfit bench continual: {e}") from None
     model_dir, note = resolve_model(getattr(args, "model", None), quick)
     if note:
         print(f"benchmarking {model_dir} {note}")

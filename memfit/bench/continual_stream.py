@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,12 @@ class BenchConfig:
     # first defaulted to
     ablations: list[str] = field(default_factory=lambda: ["all", "tf", "random", "stop", "noidf", "adam"])
     steps: int = 40  # maximum steps per update, every method (early stopping usually ends sooner)
+    # fields every sparse setting of the grid carries (PROTECTION_FIELDS or UpdateSettings fields, e.g.
+    # {"preserve": true, "shield": 30, "repair": true}); the ablations and Pareto grid inherit them
+    sparse_extra: dict = field(default_factory=dict)
+    # facts of the main stream full FT and LoRA run (None: all test_facts); fewer is conservative for
+    # the forgetting ratios, since a dense method's forgetting only grows along the stream
+    baseline_facts: int | None = None
 
     @classmethod
     def small(cls) -> BenchConfig:
@@ -72,9 +78,41 @@ class BenchConfig:
         """The tiny CI model in minutes."""
         return cls._scaled(1)
 
+    def with_overrides(self, pairs: Sequence[str]) -> BenchConfig:
+        """A copy with `KEY=JSON` overrides (`memfit bench continual --set sparse_lr=[1000]`); a
+        ValueError names the key when it is not a field or its value is not JSON of the field's kind."""
+        out = copy.deepcopy(self)
+        names = {f.name: f for f in fields(self)}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            key = key.strip()
+            if not sep or key not in names:
+                raise ValueError(f"--set {pair!r}: expected KEY=JSON with KEY one of {', '.join(names)}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--set {key}: value {raw!r} is not JSON ({e.msg})") from None
+            if not _fits(getattr(self, key), value, key):
+                kind = "a positive integer or null" if key == "baseline_facts" else f"like {getattr(self, key)!r}"
+                raise ValueError(f"--set {key}: {value!r} is not {kind}")
+            allowed = set(PROTECTION_FIELDS) | {f.name for f in fields(UpdateSettings)}
+            if key == "sparse_extra" and (bad := sorted(set(value) - allowed)):
+                raise ValueError(f"--set sparse_extra: {bad} are neither UpdateSettings nor protection fields")
+            setattr(out, key, float(value) if isinstance(getattr(self, key), float) else value)
+        return out
+
     @classmethod
     def _scaled(cls, column: int) -> BenchConfig:
         return cls(**{k: copy.deepcopy(v[column]) for k, v in _SCALES.items() if v[column] is not None})
+
+
+def _fits(current: Any, value: Any, key: str) -> bool:
+    """Whether `value` (parsed JSON) may replace the field's `current` value."""
+    if key == "baseline_facts":
+        return value is None or (type(value) is int and value > 0)
+    if isinstance(current, float):
+        return type(value) in (int, float)
+    return type(value) is type(current)
 
 
 # The shorter runs' fields, as (small, quick); None keeps the full run's value.
