@@ -64,7 +64,9 @@ def grids(cfg: BenchConfig) -> dict[str, list[MethodSpec]]:
         ],
         "sparse": [
             MethodSpec(
-                "sparse TF-IDF", "sparse", {"lr": lr, "top_t": t, "optimizer": cfg.sparse_optimizer, **cfg.sparse_extra}
+                "sparse TF-IDF",
+                "sparse",
+                {"lr": lr, "top_t": t, "optimizer": cfg.sparse_optimizer, **cfg.sparse_extra},
             )
             for t in cfg.sparse_t
             for lr in cfg.sparse_lr

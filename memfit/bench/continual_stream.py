@@ -93,11 +93,17 @@ class BenchConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"--set {key}: value {raw!r} is not JSON ({e.msg})") from None
             if not _fits(getattr(self, key), value, key):
-                kind = "a positive integer or null" if key == "baseline_facts" else f"like {getattr(self, key)!r}"
+                kind = (
+                    "a positive integer or null"
+                    if key == "baseline_facts"
+                    else f"like {getattr(self, key)!r}"
+                )
                 raise ValueError(f"--set {key}: {value!r} is not {kind}")
             allowed = set(PROTECTION_FIELDS) | {f.name for f in fields(UpdateSettings)}
             if key == "sparse_extra" and (bad := sorted(set(value) - allowed)):
-                raise ValueError(f"--set sparse_extra: {bad} are neither UpdateSettings nor protection fields")
+                raise ValueError(
+                    f"--set sparse_extra: {bad} are neither UpdateSettings nor protection fields"
+                )
             setattr(out, key, float(value) if isinstance(getattr(self, key), float) else value)
         return out
 
