@@ -155,7 +155,7 @@ def benchmark(
     chosen, dev_results = dev_grids(streams, dev)  # 1) dev grids
     main: dict[str, dict] = {}  # 2) main stream
     for method in ("full", "lora", "sparse"):
-        facts = test if method == "sparse" or not cfg.baseline_facts else test[: cfg.baseline_facts]
+        facts = test[: cfg.full_facts] if method == "full" and cfg.full_facts else test
         log(f"test stream {method} {chosen[method].settings}: {len(facts)} facts")
         key = f"test/{chosen[method].key()}" + ("" if len(facts) == len(test) else f"/{len(facts)}")
         main[method] = streams.run(chosen[method], facts, key, final_probe=ctx.probe_known)

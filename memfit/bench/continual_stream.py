@@ -64,9 +64,10 @@ class BenchConfig:
     # fields every sparse setting of the grid carries (PROTECTION_FIELDS or UpdateSettings fields, e.g.
     # {"preserve": true, "shield": 30, "repair": true}); the ablations and Pareto grid inherit them
     sparse_extra: dict = field(default_factory=dict)
-    # facts of the main stream full FT and LoRA run (None: all test_facts); fewer is conservative for
-    # the forgetting ratios, since a dense method's forgetting only grows along the stream
-    baseline_facts: int | None = None
+    # facts of the main stream full FT runs (None: all test_facts; a 1M-slot model's full FT update
+    # costs ~35 s on 2 cores); fewer is conservative for the forgetting ratio, since a dense method's
+    # forgetting only grows along the stream
+    full_facts: int | None = None
 
     @classmethod
     def small(cls) -> BenchConfig:
@@ -93,11 +94,7 @@ class BenchConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"--set {key}: value {raw!r} is not JSON ({e.msg})") from None
             if not _fits(getattr(self, key), value, key):
-                kind = (
-                    "a positive integer or null"
-                    if key == "baseline_facts"
-                    else f"like {getattr(self, key)!r}"
-                )
+                kind = "a positive integer or null" if key == "full_facts" else f"like {getattr(self, key)!r}"
                 raise ValueError(f"--set {key}: {value!r} is not {kind}")
             allowed = set(PROTECTION_FIELDS) | {f.name for f in fields(UpdateSettings)}
             if key == "sparse_extra" and (bad := sorted(set(value) - allowed)):
@@ -114,7 +111,7 @@ class BenchConfig:
 
 def _fits(current: Any, value: Any, key: str) -> bool:
     """Whether `value` (parsed JSON) may replace the field's `current` value."""
-    if key == "baseline_facts":
+    if key == "full_facts":
         return value is None or (type(value) is int and value > 0)
     if isinstance(current, float):
         return type(value) in (int, float)

@@ -184,17 +184,17 @@ def test_set_overrides_name_the_bad_key():
         [
             "sparse_lr=[1000]",
             'sparse_extra={"preserve": true, "shield": 30, "steps": 100}',
-            "baseline_facts=100",
+            "full_facts=100",
         ]
     )
-    assert cfg.sparse_lr == [1000.0] and cfg.baseline_facts == 100 and cfg.sparse_extra["shield"] == 30
-    assert BenchConfig().sparse_extra == {} and BenchConfig().baseline_facts is None  # a copy, not shared
+    assert cfg.sparse_lr == [1000.0] and cfg.full_facts == 100 and cfg.sparse_extra["shield"] == 30
+    assert BenchConfig().sparse_extra == {} and BenchConfig().full_facts is None  # a copy, not shared
     for bad, named in (
         ("nope=1", "nope"),
         ("steps", "steps"),
         ('steps="x"', "steps"),
         ("steps=[", "steps"),
-        ("baseline_facts=0", "baseline_facts"),
+        ("full_facts=0", "full_facts"),
         ('sparse_extra={"bogus": 1}', "bogus"),
     ):
         with pytest.raises(ValueError, match=named):
@@ -207,12 +207,10 @@ def test_shorter_baselines_and_sparse_extra_reach_the_run(tiny_model_dir, tmp_pa
         heldout_tokens=256, sparse_t=[16], sparse_lr=[1.0], sparse_optimizer="adam", full_lr=[3e-3],
         lora_rank=[4], lora_lr=[3e-2], ablations=["tf"], steps=4,
     )  # fmt: skip
-    cfg = base.with_overrides(
-        ["baseline_facts=1", "corrections=0", "pareto_t=[]", 'sparse_extra={"shield": 2}']
-    )
+    cfg = base.with_overrides(["full_facts=1", "corrections=0", "pareto_t=[]", 'sparse_extra={"shield": 2}'])
     data = benchmark(tiny_model_dir, tmp_path, cfg, command="test", log=lambda m: None)
     assert data["main"]["sparse"]["final"]["updates"] == 2
-    assert data["main"]["full"]["final"]["updates"] == 1 and data["main"]["lora"]["final"]["updates"] == 1
+    assert data["main"]["full"]["final"]["updates"] == 1 and data["main"]["lora"]["final"]["updates"] == 2
     assert (
         data["dev"]["chosen"]["sparse"]["shield"] == 2
         and data["ablations"]["tf"]["spec"]["settings"]["shield"] == 2
@@ -221,4 +219,4 @@ def test_shorter_baselines_and_sparse_extra_reach_the_run(tiny_model_dir, tmp_pa
     assert data["corrections"] == {} and [p["settings"] for p in data["pareto"]] == [
         data["dev"]["chosen"]["sparse"]
     ]
-    assert data["config"]["baseline_facts"] == 1
+    assert data["config"]["full_facts"] == 1
