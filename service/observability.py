@@ -25,6 +25,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from workers.gate import thresholds
+
 log = logging.getLogger("memfit.metrics")
 
 # bounded label values (docs/design.md item 8: no high-cardinality labels)
@@ -141,6 +143,17 @@ class _Capacity:
             "top_slots_write_share": self.top_share,
             "slots_by_writes": dict(self.bands),
         }
+
+
+def _model_defaults(store: Any) -> dict:
+    """The store's base model's update_defaults.json (memlm.update_defaults; {} when absent or bad: the
+    pipeline that loads the model reports a malformed file as the job's error)."""
+    import memlm
+
+    try:
+        return memlm.update_defaults(Path(store.root) / "base")
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 class KnowledgeCollector(Collector):
@@ -281,12 +294,7 @@ class KnowledgeCollector(Collector):
             out["update_queue_depth"] = None
         s = self.settings
         if s is not None:
-            out["gate"] = {
-                "enabled": bool(s.gate_enabled),
-                "max_forgetting": float(s.gate_max_forgetting),
-                "max_forgetting_base": float(s.gate_max_forgetting_base),
-                "max_ppl_increase": float(s.gate_max_ppl_increase),
-            }
+            out["gate"] = {"enabled": bool(s.gate_enabled), **thresholds(s, _model_defaults(store))}
         return out
 
     # -- Prometheus ---------------------------------------------------------------------------------

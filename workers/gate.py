@@ -48,36 +48,49 @@ class Reference:
     reads: list | None = None
 
 
+# The thresholds where neither a setting nor the model says otherwise: loose, because models that
+# measured nothing tighter (the tiny preset, the earlier 65,536-slot default) forget several probe facts
+# in one update. The default preset writes its own, measured ones into update_defaults.json.
+HOUSE_THRESHOLDS = {"max_forgetting": 0.10, "max_forgetting_base": 0.25, "max_ppl_increase": 0.25}
+
+
+def thresholds(settings: Settings, model_defaults: dict | None = None) -> dict[str, float]:
+    """The gate's thresholds in effect: Settings.gate_max_* (MEMFIT_GATE_MAX_*) where set, else the
+    model's update_defaults.json ("gate_max_forgetting", ...; memlm.update_defaults), else
+    HOUSE_THRESHOLDS."""
+    d = model_defaults or {}
+    out = {}
+    for key, house in HOUSE_THRESHOLDS.items():
+        value = getattr(settings, f"gate_{key}")
+        out[key] = float(d.get(f"gate_{key}", house) if value is None else value)
+    return out
+
+
 def gate(
-    settings: Settings, forgetting_parent: float, forgetting_base: float, ppl_change: float | None
+    settings: Settings,
+    forgetting_parent: float,
+    forgetting_base: float,
+    ppl_change: float | None,
+    model_defaults: dict | None = None,
 ) -> dict[str, Any]:
     """The gate's decision on an update's figures: {"enabled", "passed", "reasons", "thresholds"}; each
-    reason names the figure, the threshold and its setting."""
-    s = settings
+    reason names the figure, the threshold and its setting (thresholds: `thresholds`)."""
+    t = thresholds(settings, model_defaults)
     reasons = []
-    if s.gate_enabled:
-        if forgetting_parent > s.gate_max_forgetting:
+    if settings.gate_enabled:
+        if forgetting_parent > t["max_forgetting"]:
             reasons.append(
-                f"forgetting vs parent {forgetting_parent:.3f} > gate_max_forgetting {s.gate_max_forgetting}"
+                f"forgetting vs parent {forgetting_parent:.3f} > gate_max_forgetting {t['max_forgetting']}"
             )
-        if forgetting_base > s.gate_max_forgetting_base:
+        if forgetting_base > t["max_forgetting_base"]:
             reasons.append(
-                f"forgetting vs base {forgetting_base:.3f} > gate_max_forgetting_base {s.gate_max_forgetting_base}"
+                f"forgetting vs base {forgetting_base:.3f} > gate_max_forgetting_base {t['max_forgetting_base']}"
             )
-        if ppl_change is not None and ppl_change > s.gate_max_ppl_increase:
+        if ppl_change is not None and ppl_change > t["max_ppl_increase"]:
             reasons.append(
-                f"held-out perplexity change {ppl_change:+.3f} > gate_max_ppl_increase {s.gate_max_ppl_increase}"
+                f"held-out perplexity change {ppl_change:+.3f} > gate_max_ppl_increase {t['max_ppl_increase']}"
             )
-    return {
-        "enabled": s.gate_enabled,
-        "passed": not reasons,
-        "reasons": reasons,
-        "thresholds": {
-            "max_forgetting": s.gate_max_forgetting,
-            "max_forgetting_base": s.gate_max_forgetting_base,
-            "max_ppl_increase": s.gate_max_ppl_increase,
-        },
-    }
+    return {"enabled": settings.gate_enabled, "passed": not reasons, "reasons": reasons, "thresholds": t}
 
 
 def finite(x: float | None) -> float | None:
@@ -101,6 +114,7 @@ def measure(
     delta: Any = None,
     parent_reads: Any = None,
     reach_only: bool = True,
+    model_defaults: dict | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` (the training copy: parent + delta applied): learning, retention vs parent
     (`refs[0]`) and base (`refs[1]`), perplexity change, the reach (memlm.reach: share of probe texts
@@ -109,7 +123,8 @@ def measure(
     reach_only: with the delta and the parent's probe reads known, only the probe facts inside the
     reach are generated again; every other one reads no changed row, so its answer is the parent's bit
     for bit (memlm.reach) and is taken from `refs[0]` ("probe_evaluated" says how many were generated).
-    False: every probe fact is generated (the full evaluation the exact one must equal)."""
+    False: every probe fact is generated (the full evaluation the exact one must equal).
+    model_defaults: the base model's update_defaults.json, for the gate's thresholds (`thresholds`)."""
     from memlm.evaluation import evaluate_update
 
     facts = _update_facts(documents)
@@ -160,7 +175,7 @@ def measure(
         "new_facts": len(facts),
         "parent": parent,
         "seconds": round(res.seconds + time.perf_counter() - t0, 4),
-        "gate": gate(settings, forgetting_parent, forgetting_base, ppl_change),
+        "gate": gate(settings, forgetting_parent, forgetting_base, ppl_change, model_defaults),
         "_answered": list(after),
         "_reads": reads_after,
     }

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from memfit.config import Settings
 from service.app import create_app
+from workers.gate import HOUSE_THRESHOLDS
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
 GENTLE = {"optimizer": "adam", "top_t": 8, "lr": 0.03, "steps": 10, "question_rewrites": 1, "paraphrases": 1}
@@ -391,9 +392,27 @@ def test_queue_depth_moves(tiny_model_dir, tmp_path):
     assert a("memfit_update_queue_depth") == 0 and b("memfit_update_queue_depth") == 2
     assert b("memfit_jobs", state="queued") - a("memfit_jobs", state="queued") == 2
     assert b("memfit_gate_enabled") == 1
-    assert b("memfit_gate_max_forgetting_ratio") == settings.gate_max_forgetting
-    assert b("memfit_gate_max_forgetting_base_ratio") == settings.gate_max_forgetting_base
-    assert b("memfit_gate_max_perplexity_increase_ratio") == settings.gate_max_ppl_increase
+    # no setting and the tiny model's update_defaults.json names none: the house thresholds
+    assert b("memfit_gate_max_forgetting_ratio") == HOUSE_THRESHOLDS["max_forgetting"]
+    assert b("memfit_gate_max_forgetting_base_ratio") == HOUSE_THRESHOLDS["max_forgetting_base"]
+    assert b("memfit_gate_max_perplexity_increase_ratio") == HOUSE_THRESHOLDS["max_ppl_increase"]
+
+
+def test_gate_gauges_show_the_models_thresholds(tiny_model_copy, tmp_path):
+    """The thresholds in effect: the model's update_defaults.json gate_max_*, a setting over it."""
+    import json
+
+    (tiny_model_copy / "update_defaults.json").write_text(
+        json.dumps(
+            {"preserve": False, "shield": 0, "gate_max_forgetting": 0.05, "gate_max_ppl_increase": 0.02}
+        )
+    )
+    settings = Settings(model=tiny_model_copy, store=tmp_path / "store", gate_max_ppl_increase=0.5)
+    with TestClient(create_app(settings, start_runner=False)) as client:
+        b = scrape(client)
+    assert b("memfit_gate_max_forgetting_ratio") == 0.05  # the model's
+    assert b("memfit_gate_max_forgetting_base_ratio") == HOUSE_THRESHOLDS["max_forgetting_base"]  # nobody's
+    assert b("memfit_gate_max_perplexity_increase_ratio") == 0.5  # the setting's
 
 
 def test_worker_endpoint_exports_job_metrics():

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from memfit.config import Settings
 from model_store import Store, StoreError
-from workers.gate import load_probe
+from workers.gate import HOUSE_THRESHOLDS, load_probe
 from workers.pipeline import Pipeline
 
 NEW_FACT = {
@@ -78,12 +78,13 @@ def test_gate_rejects_a_destructive_update_and_keeps_it(gated):
     ev = job.evaluation
     for key in ("learning", "retention", "retention_base", "forgetting", "forgetting_base", "perplexity"):
         assert key in ev, key
-    assert ev["forgetting"] > settings.gate_max_forgetting
-    assert ev["forgetting_base"] > settings.gate_max_forgetting_base
-    assert ev["perplexity_change"] > settings.gate_max_ppl_increase
+    # the tiny model's update_defaults.json names no threshold, no setting does: the house's apply
+    assert settings.gate_max_forgetting is None and ev["gate"]["thresholds"] == HOUSE_THRESHOLDS
+    assert ev["forgetting"] > HOUSE_THRESHOLDS["max_forgetting"]
+    assert ev["forgetting_base"] > HOUSE_THRESHOLDS["max_forgetting_base"]
+    assert ev["perplexity_change"] > HOUSE_THRESHOLDS["max_ppl_increase"]
     gate = ev["gate"]
     assert gate["enabled"] and not gate["passed"] and len(gate["reasons"]) == 3
-    assert gate["thresholds"]["max_forgetting"] == settings.gate_max_forgetting
     # evaluated within the budget, before publishing
     assert 0 < ev["probe_facts"] <= settings.gate_probe_facts
     # every slot trained: every probe text reads a changed row
@@ -102,9 +103,9 @@ def test_gate_accepts_a_gentle_update(gated):
     assert store.active() == res.version and store.manifest(res.version)["parent"] == before
     ev = store.manifest(res.version)["evaluation"]
     assert ev["gate"]["passed"] and ev["gate"]["reasons"] == []
-    assert ev["forgetting"] <= settings.gate_max_forgetting
-    assert ev["forgetting_base"] <= settings.gate_max_forgetting_base
-    assert ev["perplexity_change"] <= settings.gate_max_ppl_increase
+    assert ev["forgetting"] <= HOUSE_THRESHOLDS["max_forgetting"]
+    assert ev["forgetting_base"] <= HOUSE_THRESHOLDS["max_forgetting_base"]
+    assert ev["perplexity_change"] <= HOUSE_THRESHOLDS["max_ppl_increase"]
     assert ev["reach"]["probes"] == ev["probe_facts"] and 0.0 <= ev["reach"]["share"] <= 1.0
 
 
@@ -185,6 +186,29 @@ def test_thresholds_are_settings(tiny_model_dir, tmp_path):
     pipeline.settings = lax.model_copy(update={"gate_enabled": False, "gate_max_forgetting": 0.0})
     res = run(store, pipeline, "destroy-off", DESTRUCTIVE)
     assert res.status == "succeeded" and res.evaluation["gate"]["enabled"] is False
+
+
+def test_the_models_gate_thresholds_apply_unless_a_setting_overrides_them(tiny_model_copy, tmp_path):
+    """update_defaults.json's gate_max_* (what `memfit pretrain` writes for the default preset) set the
+    thresholds; a MEMFIT_GATE_MAX_* setting wins over the model's."""
+    model_file = {"preserve": False, "shield": 0, "gate_max_forgetting": 1.0, "gate_max_forgetting_base": 1.0}
+    # a perplexity change is always > -1 (it is relative): the model's threshold rejects every update
+    (tiny_model_copy / "update_defaults.json").write_text(
+        json.dumps({**model_file, "gate_max_ppl_increase": -1.0})
+    )
+    root = tmp_path / "store"
+    store = Store.init(root, tiny_model_copy)
+    settings = Settings(model=tiny_model_copy, store=root, gate_probe_facts=8)
+    pipeline = Pipeline(store, settings)
+    res = run(store, pipeline, "model-thresholds", GENTLE)
+    gate = res.evaluation["gate"]
+    assert res.status == "rejected" and gate["thresholds"] == {
+        "max_forgetting": 1.0, "max_forgetting_base": 1.0, "max_ppl_increase": -1.0
+    }  # fmt: skip
+    assert any("gate_max_ppl_increase -1.0" in r for r in gate["reasons"]), gate
+    pipeline.settings = settings.model_copy(update={"gate_max_ppl_increase": 1e9})
+    res = run(store, pipeline, "setting-wins", GENTLE)
+    assert res.status == "succeeded" and res.evaluation["gate"]["thresholds"]["max_ppl_increase"] == 1e9
 
 
 def test_probe_file_replaces_the_models_probe_set(tiny_model_dir, tmp_path):
