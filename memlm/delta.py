@@ -116,3 +116,29 @@ class SlotDelta:
             meta = f.metadata() or {}
         report = json.loads(meta.get("report", "{}"))
         return cls.from_tensors(load_file(str(path)), report)
+
+
+def compose(first: SlotDelta, second: SlotDelta) -> SlotDelta:
+    """One delta equal to applying `first` then `second` (taken from the state `first` left): per layer,
+    the union of their slots; the old rows of `first` where it wrote (else `second`'s), the new rows of
+    `second` where it wrote (else `first`'s). Its report is `first`'s."""
+    layers: dict[int, LayerDelta] = {}
+    for layer in sorted(set(first.layers) | set(second.layers)):
+        a, b = first.layers.get(layer), second.layers.get(layer)
+        if a is None or b is None:
+            only = a if a is not None else b
+            layers[layer] = LayerDelta(only.indices.clone(), only.new_rows.clone(), only.old_rows.clone())
+            continue
+        idx = torch.unique(torch.cat([a.indices.cpu(), b.indices.cpu()]))  # sorted
+        new = torch.empty((idx.numel(), a.new_rows.shape[1]), dtype=a.new_rows.dtype)
+        old = torch.empty_like(new)
+        pos_a = torch.searchsorted(idx, a.indices.cpu())
+        pos_b = torch.searchsorted(idx, b.indices.cpu())
+        # old: second's first, then first's over it (first's old rows are the state before both)
+        old[pos_b] = b.old_rows.cpu().to(old.dtype)
+        old[pos_a] = a.old_rows.cpu().to(old.dtype)
+        # new: first's, then second's over it (second wrote last)
+        new[pos_a] = a.new_rows.cpu().to(new.dtype)
+        new[pos_b] = b.new_rows.cpu().to(new.dtype)
+        layers[layer] = LayerDelta(idx, new, old)
+    return SlotDelta(layers=layers, report=dict(first.report))

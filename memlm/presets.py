@@ -90,6 +90,15 @@ class Preset:
     update_top_t: int | None = None
     update_preserve: bool = False
     update_shield: int = 0
+    # after an update, the facts earlier updates taught that read a row it wrote and are lost are
+    # trained again beside it (memlm.repair; workers/repairing.py)
+    update_repair: bool = False
+    # the service gate's thresholds this model was measured to support (forgetting of the gate's probe vs
+    # the parent and vs the base, relative held-out perplexity rise vs the parent; None: the service's
+    # loose house thresholds, workers.gate.HOUSE_THRESHOLDS), written beside the update defaults
+    gate_max_forgetting: float | None = None
+    gate_max_forgetting_base: float | None = None
+    gate_max_ppl_increase: float | None = None
     # evaluation
     eval_texts: int = 200  # held-out texts for perplexity (also stored in probe.json)
     background_unit: str = DEFAULT_UNIT
@@ -174,6 +183,12 @@ PRESETS: dict[str, Preset] = {
         update_lr=1000.0,
         update_preserve=True,
         update_shield=30,
+        update_repair=True,
+        # 30 single-fact jobs through the pipeline (docs/internals.md, session 10): forgetting vs the
+        # parent at most 1.6% (1 of 64), vs the base 4.7% after 30, perplexity vs the parent +0.10% at most
+        gate_max_forgetting=0.05,
+        gate_max_forgetting_base=0.15,
+        gate_max_ppl_increase=0.02,
     ),
 }
 
@@ -185,18 +200,23 @@ _NONE_DEFAULT_TYPES: dict[str, type] = {
     "max_probe": int,
     "update_lr": float,
     "update_top_t": int,
+    "gate_max_forgetting": float,
+    "gate_max_forgetting_base": float,
+    "gate_max_ppl_increase": float,
     "threads": int,
 }
 
 UPDATE_DEFAULTS_FILE = "update_defaults.json"
+GATE_FIELDS = ("gate_max_forgetting", "gate_max_forgetting_base", "gate_max_ppl_increase")
 
 
 def update_defaults_of(p: Preset) -> dict:
-    """The preset's update defaults as update_defaults.json holds them: {"lr", "top_t"} where set, and
-    {"preserve", "shield"}."""
-    out: dict = {"lr": p.update_lr, "top_t": p.update_top_t}
+    """The preset's update defaults as update_defaults.json holds them: {"lr", "top_t"} and the gate's
+    thresholds {"gate_max_forgetting", "gate_max_forgetting_base", "gate_max_ppl_increase"} where set,
+    and {"preserve", "shield", "repair"}."""
+    out: dict = {"lr": p.update_lr, "top_t": p.update_top_t, **{k: getattr(p, k) for k in GATE_FIELDS}}
     out = {k: v for k, v in out.items() if v is not None}
-    return {**out, "preserve": p.update_preserve, "shield": p.update_shield}
+    return {**out, "preserve": p.update_preserve, "shield": p.update_shield, "repair": p.update_repair}
 
 
 def update_defaults(model_dir) -> dict:
@@ -211,14 +231,16 @@ def update_defaults(model_dir) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
-    kinds = {"lr": (int, float), "top_t": int, "preserve": bool, "shield": int}
+    kinds = {"lr": (int, float), "top_t": int, "preserve": bool, "shield": int, "repair": bool}
+    kinds.update(dict.fromkeys(GATE_FIELDS, (int, float)))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     for key, value in data.items():
         if key not in kinds:
             raise ValueError(f"{path}: unknown field {key!r} (fields: {', '.join(kinds)})")
-        bad_bool = kinds[key] is int and isinstance(value, bool)
-        if bad_bool or not isinstance(value, kinds[key]) or (key != "preserve" and value < 0):
+        if not isinstance(value, kinds[key]) or (kinds[key] is not bool and isinstance(value, bool)):
+            raise ValueError(f"{path}: {key}: bad value {value!r}")
+        if kinds[key] is not bool and key != "gate_max_ppl_increase" and value < 0:
             raise ValueError(f"{path}: {key}: bad value {value!r}")
     return data
 

@@ -14,7 +14,8 @@ from typing import Any
 from memfit.config import Settings
 from model_store import NeedsRetrain, Store
 
-from .pipeline import Pipeline, update_settings_fields
+from .pipeline import Pipeline
+from .update_settings import update_settings_fields
 
 
 def default_settings() -> Settings:

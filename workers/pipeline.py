@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from memfit.config import Settings
@@ -54,6 +54,8 @@ from model_store.fsutil import crash_point
 
 from .gate import Reference, load_probe, measure
 from .preservation import preservation_mask
+from .repairing import TaughtFacts, repairing
+from .update_settings import build_update_settings
 
 log = logging.getLogger("memfit.pipeline")
 
@@ -87,35 +89,6 @@ def time_limited(
         return bool(should_cancel and should_cancel())
 
     return check
-
-
-def update_settings_fields() -> set[str]:
-    from memlm.updater import UpdateSettings
-
-    return {f.name for f in fields(UpdateSettings)}
-
-
-def build_update_settings(
-    settings: Settings | None, overrides: dict[str, Any] | None, model_defaults: dict | None = None
-):
-    """memlm.updater.UpdateSettings from memlm's defaults, the model's update_defaults.json
-    (`model_defaults`: its "lr" and "top_t"), the service defaults (Settings.update_*; None: memlm's
-    defaults only, to validate overrides) and a job's overrides, each over the one before.
-
-    Raises ValueError naming an unknown field or a bad value."""
-    from memlm.updater import UpdateSettings
-
-    values: dict[str, Any] = {k: v for k, v in (model_defaults or {}).items() if k in ("lr", "top_t")}
-    if settings is not None:
-        defaults = {"top_t": settings.update_top_t, "steps": settings.update_steps, "lr": settings.update_lr}
-        values.update({k: v for k, v in defaults.items() if v is not None})
-    known = update_settings_fields()
-    for k, v in (overrides or {}).items():
-        if k not in known:
-            raise ValueError(f"unknown update setting {k!r}; known: {sorted(known)}")
-        if v is not None:
-            values[k] = v
-    return UpdateSettings(**values)
 
 
 def find_version_of_job(store: Store, job_id: str) -> int | None:
@@ -152,6 +125,7 @@ class Pipeline:
         self.protected: dict[int, Any] | None = None
         self.model_defaults: dict[str, Any] = {}  # the base model's update_defaults.json
         self._refs: dict[int, Reference] = {}
+        self.taught = TaughtFacts(store)  # per version, the facts its chain taught (update_repair)
         # called as hook(result) after each run_job that brought an unfinished job to a final state,
         # outside the pipeline's lock (the worker's job metrics: service.worker_metrics.instrument)
         self.finished_hooks: list[Callable[[JobResult], None]] = []
@@ -428,6 +402,9 @@ class Pipeline:
             progress=progress,
             protected=self.protected,
         )
+        taught = None
+        if repairing(self.settings, self.model_defaults):  # workers/repairing.py
+            delta, taught = self._repair(documents, us, delta, parent)
         spent["training"] += time.perf_counter() - t0
         tables = self.model.value_tables()
         try:
@@ -435,11 +412,25 @@ class Pipeline:
             t0 = time.perf_counter()
             phase.set("evaluation", parent=parent, attempt=attempt)
             evaluation = self._evaluate(documents, ref, parent, delta, parent_reads)
+            evaluation["_taught"] = taught
             spent["evaluation"] += time.perf_counter() - t0
         finally:
             delta.revert(tables)  # the training copy is back at `parent` exactly
         phase.check()
         return delta, evaluation
+
+    def _repair(self, documents, us, delta, parent: int):
+        """memlm.repair on the training copy (parent + delta): (the delta to publish, the one-fact
+        documents this update taught, with their reads, for TaughtFacts.published)."""
+        from memlm.repair import Learned, repair
+
+        learned = self.taught.at(parent, self.model, self.tokenizer)
+        delta = repair(
+            self.model, self.tokenizer, documents, self.background, us, delta, learned, self.protected
+        )
+        taught = Learned()
+        taught.add_taught(self.model, self.tokenizer, documents)
+        return delta, taught
 
     def _publish_once(self, job, delta, parent, documents, us, evaluation, state, timings):
         """Publish under the writer lock: (version, parent), or the JobResult of another delivery of
@@ -465,8 +456,11 @@ class Pipeline:
         status = "succeeded" if gate["passed"] else "rejected"
         answered_after = evaluation.pop("_answered", None)
         reads_after = evaluation.pop("_reads", None)
+        taught = evaluation.pop("_taught", None)
         if status == "succeeded" and answered_after is not None and evaluation["perplexity"] is not None:
             self._refs[v] = Reference(answered_after, evaluation["perplexity"], reads_after)
+        if status == "succeeded" and taught is not None:
+            self.taught.published(v, parent, taught, self.model, self.tokenizer)
         error = None if gate["passed"] else "rejected by the evaluation gate: " + "; ".join(gate["reasons"])
         log.info(
             "job %s %s as version %d (parent %d) in %.2f s",
@@ -531,6 +525,7 @@ class Pipeline:
             delta=delta,
             parent_reads=parent_reads,
             reach_only=reach_only,
+            model_defaults=self.model_defaults,
         )
 
 

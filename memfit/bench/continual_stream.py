@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import memlm
-from memlm.evaluation import answered, format_question, perplexity
+from memlm.evaluation import answered, perplexity
 from memlm.reach import (
     delta_rows,
     merge_reads,
@@ -27,6 +27,7 @@ from memlm.reach import (
     reached,
     text_reads,
 )
+from memlm.repair import Learned, repair, served_text
 from memlm.updater import UpdateSettings, learn_documents
 
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
@@ -217,9 +218,8 @@ class Learner:
         self.retriever = BM25Retriever() if spec.kind == "retrieval" else None
         self.lora = None
         self.protected = None
-        self.rehearsal: list[str] = []  # served QA texts of the stream's facts learned so far (`rehearse`)
-        self.rehearsal_reads: list = []  # their memory reads (`rehearse` "reach", `repair`)
-        self.rehearsal_docs: list[dict] = []  # the documents of those facts (`repair`)
+        # the stream's facts learned so far, with the reads of their served texts (`rehearse`, `repair`)
+        self.learned = Learned()
         # `rehearse_text` N: N general-text chunks every update rehearses where it reaches them
         self.text_rehearsal: tuple[list[str], list] = ([], [])
         if spec.kind == "sparse" and spec.settings.get("rehearse_text"):
@@ -250,10 +250,12 @@ class Learner:
                 self.model, tok, [doc], self.ctx.background, s, protected=self.protected,
                 rehearse=rehearse, rehearse_reads=rehearse_reads,
             )  # fmt: skip
+            if self.spec.settings.get("repair"):
+                delta = repair(
+                    self.model, tok, [doc], self.ctx.background, s, delta, self.learned, self.protected
+                )
             written = delta_rows(delta)
             r = dict(delta.report)
-            if self.spec.settings.get("repair"):
-                written, r = self._repair(doc, s, written, r)
             if self.spec.settings.get("rehearse") or self.spec.settings.get("repair"):
                 self._remember_if_learned(doc)
             for layer, idx in written.items():
@@ -282,55 +284,25 @@ class Learner:
             return {"seconds": time.perf_counter() - t0, "steps": 0, "rows_changed": 0}
         raise ValueError(f"unknown method kind {kind!r}")
 
-    def _repair(self, doc: dict, s: UpdateSettings, written: dict, report: dict) -> tuple[dict, dict]:
-        """`repair`: the learned facts whose reads include a row this update wrote are the only ones it
-        can have broken; those no longer answered are trained again beside `doc` in a second update.
-        Returns the rows both wrote and the report with "repaired" (facts retrained) and summed cost."""
-        tok = self.ctx.tokenizer
-        hit = reached(self.rehearsal_reads, written)
-        suspects = [d for d, h in zip(self.rehearsal_docs, hit) if h]
-        if not suspects:
-            return written, report
-        facts = [{"question": f["question"], "answer": f["answer"]} for d in suspects for f in d["facts"]]
-        lost = [d for d, ok in zip(suspects, answered(self.model, tok, facts)) if not ok]
-        if not lost:
-            return written, report
-        again = learn_documents(self.model, tok, [doc, *lost], self.ctx.background, s.replace(seed=s.seed + 7919),
-                                protected=self.protected)  # fmt: skip
-        both = delta_rows(again)
-        for layer, idx in written.items():
-            both[layer] = torch.unique(torch.cat([idx.cpu(), both.get(layer, idx[:0]).cpu()]))
-        out = {**report, "repaired": len(lost), "seconds": report["seconds"] + again.report["seconds"],
-               "steps": report["steps"] + again.report["steps"],
-               "rows_changed": int(sum(int(v.numel()) for v in both.values()))}  # fmt: skip
-        return both, out
-
     def _rehearsal_set(self) -> tuple[list[str], list | None]:
         """`rehearse` N: the last N learned facts' texts; `rehearse` "reach": every learned fact's text with
         its memory reads, so that an update rehearses exactly those it can reach."""
         mode = self.spec.settings.get("rehearse")
         general, general_reads = self.text_rehearsal
+        texts = [served_text(d["facts"][0]) for d in self.learned.docs]
         if mode == "reach":
-            return self.rehearsal + general, self.rehearsal_reads + general_reads
+            return texts + general, self.learned.reads + general_reads
         if general:
             if mode:
                 raise ValueError('rehearse_text needs "rehearse": "reach" or no rehearse')
             return general, general_reads
         n = int(mode or 0)
-        return (self.rehearsal[-n:] if n else []), None
+        return (texts[-n:] if n else []), None
 
     def _remember_if_learned(self, doc: dict) -> None:
         """`rehearse`: the facts of `doc` the update taught join the rehearsal texts, which later updates
         keep predicting as they do now (memlm.updater.learn_documents(rehearse=...))."""
-        facts = [{"question": f["question"], "answer": f["answer"]} for f in doc.get("facts", [])]
-        hits = answered(self.model, self.ctx.tokenizer, facts)
-        texts = [format_question(f["question"]) + " " + f["answer"] for f, h in zip(facts, hits) if h]
-        self.rehearsal += texts
-        # one document per learned fact, aligned with the texts and reads (`repair` retrains these)
-        self.rehearsal_docs += [{**doc, "facts": [f]} for f, h in zip(doc.get("facts", []), hits) if h]
-        if self.spec.settings.get("rehearse") == "reach" or self.spec.settings.get("repair"):
-            # the reads of a fixed text never move under value-only updates: computed once
-            self.rehearsal_reads += text_reads(self.model, self.ctx.tokenizer, texts)
+        self.learned.add_taught(self.model, self.ctx.tokenizer, [doc])
 
     def _keep_what_was_learned(self, doc: dict, written: dict[int, torch.Tensor]) -> None:
         """`keep_written`: the rows this update wrote are never selected again; `keep_learned`: nor the

@@ -76,7 +76,7 @@ def check_ingest_limits(body: IngestRequest, settings: Settings, memory_size: in
             seen.add(d.id)
     overrides = body.settings.model_dump(exclude_none=True) if body.settings is not None else {}
     if overrides:
-        from workers.pipeline import build_update_settings, update_settings_fields
+        from workers.update_settings import build_update_settings, update_settings_fields
 
         known = update_settings_fields()
         for k in overrides:

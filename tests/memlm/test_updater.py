@@ -351,3 +351,30 @@ def test_frozen_prefix_path_equals_the_full_forward(memory_layers):
             assert full_grads[layer].abs().sum() > 0
             assert torch.allclose(grads[layer], full_grads[layer], rtol=0, atol=1e-12)
     assert len(prefixes.cache) == 1
+
+
+def test_compose_equals_applying_both_deltas_and_reverts_exactly():
+    """memlm.delta.compose(a, b): applying it is applying a then b; reverting it restores the state before a."""
+    from memlm.delta import LayerDelta, SlotDelta, compose
+
+    g = torch.Generator().manual_seed(0)
+    before = {2: torch.randn(10, 3, generator=g), 5: torch.randn(4, 3, generator=g)}
+
+    def write(tables, layer, idx):
+        idx = torch.tensor(idx)
+        old = tables[layer][idx].clone()
+        new = torch.randn(len(idx), 3, generator=g)
+        tables[layer][idx] = new
+        return LayerDelta(idx, new, old)
+
+    state = {k: v.clone() for k, v in before.items()}
+    a = SlotDelta({2: write(state, 2, [1, 4, 7])}, report={"seconds": 1.0})
+    b = SlotDelta({2: write(state, 2, [0, 4, 9]), 5: write(state, 5, [3])})
+    both = compose(a, b)
+    assert both.layers[2].indices.tolist() == [0, 1, 4, 7, 9] and both.layers[5].indices.tolist() == [3]
+    assert both.report == {"seconds": 1.0}
+    replay = {k: v.clone() for k, v in before.items()}
+    both.apply(replay)
+    assert all(torch.equal(replay[k], state[k]) for k in state)
+    both.revert(replay)
+    assert all(torch.equal(replay[k], before[k]) for k in before)

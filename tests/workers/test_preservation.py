@@ -80,6 +80,7 @@ def test_protection_is_off_for_a_model_that_does_not_ask_for_it(tiny_model_dir, 
     assert json.loads((tiny_model_dir / "update_defaults.json").read_text()) == {
         "preserve": False,
         "shield": 0,
+        "repair": False,
     }
     store = Store.init(tmp_path / "store", tiny_model_dir)
     pipe = Pipeline(store, _settings(tiny_model_dir, tmp_path / "store"))
