@@ -176,7 +176,7 @@ def pretrain(
 def _summary(report: dict) -> dict:
     keys = ["preset", "params_total", "params_memory", "seconds_total", "seconds_train", "tokens_seen",
             "final_loss", "probe_accuracy", "probe_accuracy_heldout", "heldout_perplexity",
-            "generation_tokens_per_s", "memory_usage", "model_dir_bytes"]  # fmt: skip
+            "generation_tokens_per_s", "memory_usage", "model_dir_bytes", "footprint"]  # fmt: skip
     return {k: report[k] for k in keys if k in report}
 
 
@@ -425,5 +425,9 @@ def _build(p: Preset, out: Path, seed: int, progress: bool, device_name: str | N
         "base_id": base_id,
     }
     report["seconds_total"] = time.perf_counter() - t_start
+    # load time and serving memory, from a fresh process (memlm.footprint); not part of seconds_total
+    from .footprint import measure as measure_footprint
+
+    report["footprint"] = measure_footprint(out)
     (out / "training_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
