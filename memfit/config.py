@@ -152,10 +152,10 @@ class GateSettings(BaseModel):
     # measured to support), else the loose house thresholds of workers.gate.HOUSE_THRESHOLDS (0.10 /
     # 0.25 / +0.25), which models that forget several probe facts per update (the tiny preset) need
     gate_max_forgetting: float | None = Field(
-        None, ge=0, description="reject when forgetting vs parent exceeds this (None: the model's, else 0.10)"
+        None, description="reject when forgetting vs parent exceeds this (None: the model's, else 0.10)"
     )
     gate_max_forgetting_base: float | None = Field(
-        None, ge=0, description="reject when forgetting vs base exceeds this (None: the model's, else 0.25)"
+        None, description="reject when forgetting vs base exceeds this (None: the model's, else 0.25)"
     )
     gate_max_ppl_increase: float | None = Field(
         None,

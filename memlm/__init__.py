@@ -76,6 +76,11 @@ _LAZY: dict[str, tuple[str, str]] = {
     "reach_report": ("reach", "reach_report"),
     "reached": ("reach", "reached"),
     "text_reads": ("reach", "text_reads"),
+    # repair: keeping what earlier updates taught
+    "Learned": ("repair", "Learned"),
+    "compose": ("delta", "compose"),
+    "repair_update": ("repair", "repair_update"),
+    "served_text": ("repair", "served_text"),
     # memory usage of a built model
     "answer_key_overlap": ("usage", "answer_key_overlap"),
     "answer_key_sharing": ("usage", "answer_key_sharing"),

@@ -3,7 +3,7 @@
 A fact an earlier update taught can only be changed by an update that writes a row its served text
 reads (the question in the served format with its answer): the memory's query and slot choice sit
 below the value tables, so the reads of a fixed text never move under value-only updates
-(memlm.reach). After an update, `repair` checks exactly those facts; the ones no longer answered are
+(memlm.reach). After an update, `repair_update` checks exactly those facts; the ones no longer answered are
 trained again beside the update's own documents in a second update from the updated state, and the
 two deltas are composed into one relative to the state before the first (`memlm.delta.compose`).
 The facts outside the written rows are never decoded: their answers are bit-identical.
@@ -66,7 +66,7 @@ class Learned:
         self.reads += text_reads(model, tokenizer, [served_text(d["facts"][0]) for d in docs])
 
 
-def repair(
+def repair_update(
     model,
     tokenizer,
     documents: Sequence[dict],

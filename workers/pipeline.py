@@ -422,10 +422,10 @@ class Pipeline:
     def _repair(self, documents, us, delta, parent: int):
         """memlm.repair on the training copy (parent + delta): (the delta to publish, the one-fact
         documents this update taught, with their reads, for TaughtFacts.published)."""
-        from memlm.repair import Learned, repair
+        from memlm.repair import Learned, repair_update
 
         learned = self.taught.at(parent, self.model, self.tokenizer)
-        delta = repair(
+        delta = repair_update(
             self.model, self.tokenizer, documents, self.background, us, delta, learned, self.protected
         )
         taught = Learned()

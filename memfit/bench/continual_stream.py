@@ -27,7 +27,7 @@ from memlm.reach import (
     reached,
     text_reads,
 )
-from memlm.repair import Learned, repair, served_text
+from memlm.repair import Learned, repair_update, served_text
 from memlm.updater import UpdateSettings, learn_documents
 
 from .baselines import BM25Retriever, DenseSettings, LoRAUpdater, full_finetune
@@ -251,7 +251,7 @@ class Learner:
                 rehearse=rehearse, rehearse_reads=rehearse_reads,
             )  # fmt: skip
             if self.spec.settings.get("repair"):
-                delta = repair(
+                delta = repair_update(
                     self.model, tok, [doc], self.ctx.background, s, delta, self.learned, self.protected
                 )
             written = delta_rows(delta)

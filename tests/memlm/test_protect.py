@@ -93,7 +93,9 @@ def test_rehearsal_holds_the_rehearsed_texts_predictions(tiny_model_dir):
     texts = [format_question(f["question"]) + " " + f["answer"] for f in facts]
     doc = {"id": "d", "text": "Goju Theipouquis was born in Peivistead.",
            "facts": [{"question": "Where was Goju Theipouquis born?", "answer": "Peivistead"}]}  # fmt: skip
-    settings = UpdateSettings(steps=8, early_stop=False, lr=3000.0, replay_weight=1.0, question_rewrites=1)
+    # at lr 1000 the KL term's SGD step is stable on the tiny model; at lr 3000 it overshoots (drift 21.3
+    # with rehearsal vs 7.3 without, measured 2026-12-08): rehearsal needs a step the replay loss descends at
+    settings = UpdateSettings(steps=8, early_stop=False, lr=1000.0, replay_weight=1.0, question_rewrites=1)
 
     @torch.no_grad()
     def logprobs():
