@@ -420,6 +420,18 @@ def evaluate_state(
 # ---- progress (resume) ---------------------------------------------------------------------------
 
 
+# BenchConfig fields that only say which extra runs exist (each run's key names its own settings):
+# a --resume with fewer or other ones reuses every finished run
+_WHICH_RUNS = ("ablations", "pareto_t", "pareto_lr_factors")
+
+
+def _comparable(fingerprint: dict | None) -> dict | None:
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("config"), dict):
+        return fingerprint
+    config = {k: v for k, v in fingerprint["config"].items() if k not in _WHICH_RUNS}
+    return {**fingerprint, "config": config}
+
+
 class Progress:
     """progress.json in the out dir: finished runs, and the state of the run in flight."""
 
@@ -429,7 +441,7 @@ class Progress:
         self.data: dict[str, Any] = {"fingerprint": fingerprint, "runs": {}, "partial": {}}
         if resume and self.path.exists():
             old = json.loads(self.path.read_text())
-            if old.get("fingerprint") == fingerprint:
+            if _comparable(old.get("fingerprint")) == _comparable(fingerprint):
                 self.data = old
             else:
                 print("--resume: the saved progress belongs to another model or configuration; starting over")

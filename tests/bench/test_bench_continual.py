@@ -220,3 +220,17 @@ def test_shorter_baselines_and_sparse_extra_reach_the_run(tiny_model_dir, tmp_pa
         data["dev"]["chosen"]["sparse"]
     ]
     assert data["config"]["full_facts"] == 1
+
+
+def test_resume_with_other_ablations_keeps_finished_runs(tmp_path):
+    """ablations / pareto_t only say which extra runs exist: a --resume that drops some reuses the rest;
+    any other field (here the dev stream) starts over."""
+    cfg = {"dev_facts": 20, "ablations": ["tf", "all"], "pareto_t": [100]}
+    prog = Progress(tmp_path, resume=False, fingerprint={"base_id": "b", "config": cfg})
+    prog.finish("test/sparse", {"final": {"learning": 1.0}})
+    fewer = {"base_id": "b", "config": {**cfg, "ablations": [], "pareto_t": []}}
+    assert Progress(tmp_path, resume=True, fingerprint=fewer).done("test/sparse") == {
+        "final": {"learning": 1.0}
+    }
+    other = {"base_id": "b", "config": {**cfg, "dev_facts": 50}}
+    assert Progress(tmp_path, resume=True, fingerprint=other).done("test/sparse") is None
