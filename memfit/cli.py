@@ -166,6 +166,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
+        "--report", action="store_true",
+        help="continual: train nothing; write results from progress.json (a stream in flight as of its last checkpoint)",
+    )  # fmt: skip
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=JSON",
         help="continual: override a BenchConfig field, e.g. --set 'sparse_lr=[1000]' (recorded in results.json)",
     )  # fmt: skip

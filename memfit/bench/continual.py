@@ -49,7 +49,16 @@ from .continual_report import (
     without_records,
     write_outputs,
 )
-from .continual_stream import BenchConfig, Context, MethodSpec, Progress, at_update, mean_of, run_stream
+from .continual_stream import (
+    BenchConfig,
+    Context,
+    MethodSpec,
+    Progress,
+    at_update,
+    mean_of,
+    run_stream,
+    stopped_result,
+)
 
 # ---- grids and selection -----------------------------------------------------------------------------
 
@@ -133,6 +142,7 @@ def benchmark(
     cfg: BenchConfig,
     resume: bool = False,
     command: str = "",
+    report_only: bool = False,
     log: Callable[[str], None] = print,
     model_note: str = "",
 ) -> dict:
@@ -144,7 +154,7 @@ def benchmark(
     from memlm.background import model_base_id
 
     fingerprint = {"base_id": model_base_id(model_dir), "config": asdict(cfg)}
-    streams = Streams(ctx, Progress(out, resume, fingerprint))
+    streams = Streams(ctx, Progress(out, resume or report_only, fingerprint), report_only)
     dev, test = split_streams(cfg)
     base_acc = base_accuracy(ctx, dev, test)
     log(
@@ -159,6 +169,8 @@ def benchmark(
         log(f"test stream {method} {chosen[method].settings}: {len(facts)} facts")
         key = f"test/{chosen[method].key()}" + ("" if len(facts) == len(test) else f"/{len(facts)}")
         main[method] = streams.run(chosen[method], facts, key, final_probe=ctx.probe_known)
+        if main[method] is None:
+            raise SystemExit(f"--report: the {method} test stream never started: nothing to report")
     short = test[
         : cfg.short_facts
     ]  # 3) ablations and retrieval, 4) the Pareto grid: on the first short_facts
@@ -193,7 +205,9 @@ def benchmark(
         "sparse_at_short": at_update(main["sparse"], cfg.short_facts) or short_sparse,
         "ablations": {m: without_records(r) for m, r in ablation.items()},
         "pareto": pareto,
-        "corrections": {m: corrections_summary(r) for m, r in corr_results.items()},
+        "corrections": {m: corrections_summary(r) for m, r in corr_results.items() if r is not None},
+        # streams a --report run found stopped mid-way: method -> updates evaluated
+        "stopped": {m: r["stopped_at"] for m, r in main.items() if "stopped_at" in r},
         "seconds_total": time.perf_counter() - t_start,
     }
     results["commit"] = commit
@@ -204,16 +218,27 @@ def benchmark(
 
 
 class Streams:
-    """Runs one stream of the benchmark, or returns its result from the progress file (--resume)."""
+    """Runs one stream of the benchmark, or returns its result from the progress file (--resume).
+    report_only (--report): nothing is trained; a stream in flight gives its result as of its last
+    checkpoint (stopped_result) and one never started gives None (left out of the results)."""
 
-    def __init__(self, ctx: Context, progress: Progress) -> None:
+    def __init__(self, ctx: Context, progress: Progress, report_only: bool = False) -> None:
         self.ctx, self.cfg, self.log, self.progress = ctx, ctx.cfg, ctx.log, progress
+        self.report_only = report_only
 
-    def run(self, spec: MethodSpec, facts: Sequence[dict], key: str, **kw) -> dict:
+    def run(self, spec: MethodSpec, facts: Sequence[dict], key: str, **kw) -> dict | None:
         hit = self.progress.done(key)
         if hit is not None:
             self.log(f"  {key}: done (resumed)")
             return hit
+        if self.report_only:
+            state = self.progress.data["partial"].get(key)
+            if not state:
+                self.log(f"  {key}: never started, left out")
+                return None
+            res = stopped_result(spec, len(facts), state)
+            self.log(f"  {key}: stopped after {res['stopped_at']} of {len(facts)} updates")
+            return res
         eval_every = kw.pop("eval_every", self.cfg.eval_every)
         res = run_stream(self.ctx, spec, facts, eval_every, progress=self.progress, key=key, **kw)
         self.progress.finish(key, res)
@@ -285,7 +310,7 @@ def ablations(streams: Streams, short: Sequence[dict], sp: dict) -> dict[str, di
     spec = MethodSpec("BM25 retrieval", "retrieval", {})
     streams.log(f"retrieval: {len(short)} facts")
     ablation["bm25"] = streams.run(spec, short, f"short/{spec.key()}", final_probe=known)
-    return ablation
+    return {m: r for m, r in ablation.items() if r is not None}
 
 
 def pareto_grid(
@@ -384,7 +409,8 @@ def run(args) -> int:
         else "memfit bench continual"
     )
     benchmark(
-        model_dir, out, cfg, resume=bool(getattr(args, "resume", False)), command=command, model_note=note
-    )
+        model_dir, out, cfg, resume=bool(getattr(args, "resume", False)), command=command, model_note=note,
+        report_only=bool(getattr(args, "report", False)),
+    )  # fmt: skip
     print(f"results in {out}/ (results.md, results.json, learning_forgetting.png, pareto.png)")
     return 0

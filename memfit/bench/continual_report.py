@@ -236,6 +236,16 @@ def _md_intro(res: dict) -> list[str]:
         f"load average at start {res['machine']['load_average']}, at end {res['machine_end']['load_average']}  ",
         f"Total time: {res['seconds_total'] / 60:.1f} min",
         "",
+        *(
+            [
+                "**Stopped streams** (written by `--report` from progress.json): "
+                + ", ".join(f"{m} after {n} updates" for m, n in res["stopped"].items())
+                + "; their figures are those updates' (the last evaluation on the along-the-stream probe).",
+                "",
+            ]
+            if res.get("stopped")
+            else []
+        ),
         f"Base model: probe accuracy {_pct(b['probe_accuracy'])} ({b['probe_known']} known facts; retention "
         f"measured on {b['retention_set']} along the stream and on all {b['probe_known']} at the end), held-out "
         f"perplexity {b['perplexity']:.2f}. Base accuracy on the new test facts: "

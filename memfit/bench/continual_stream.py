@@ -538,7 +538,7 @@ def run_stream(
                 progress.checkpoint(
                     key, model, {"records": records, "curve": curve, "touched": sorted(learner.touched)}
                 )
-    result = _stream_result(spec, facts, records, curve, learner)
+    result = _stream_result(spec, len(facts), records, curve, learner.touched)
     result["wall_seconds"] = time.perf_counter() - t_run
     if learner.retriever is not None:
         result["retrieval"] = curve[-1].get("retrieval", {}) if curve else {}
@@ -576,12 +576,22 @@ def _curve_point(
     return ev
 
 
+def stopped_result(spec: MethodSpec, facts: int, state: dict) -> dict:
+    """A stream stopped mid-way, as of its last checkpoint (`memfit bench continual --report`): the
+    result of its first len(records) updates, marked "stopped_at" (its last evaluation is on the
+    along-the-stream probe, not the final one)."""
+    records, curve = state["records"], state["curve"]
+    n = curve[-1]["updates"] if curve else 0
+    touched = {tuple(x) for x in state.get("touched", [])}
+    return {**_stream_result(spec, facts, records[:n], curve, touched), "stopped_at": n}
+
+
 def _stream_result(
-    spec: MethodSpec, facts: Sequence[dict], records: list[dict], curve: list[dict], learner: Learner
+    spec: MethodSpec, facts: int, records: list[dict], curve: list[dict], touched: set
 ) -> dict:
     return {
         "spec": asdict(spec),
-        "facts": len(facts),
+        "facts": facts,
         "records": records,
         "curve": curve,
         "final": curve[-1] if curve else {},
@@ -590,7 +600,7 @@ def _stream_result(
         "rows_changed_per_update": mean_of(r.get("rows_changed") for r in records),
         "reach_mean": mean_of(r.get("reach") for r in records),
         "rows_read_changed_mean": mean_of(r.get("rows_read_changed") for r in records),
-        "distinct_rows_changed": len(learner.touched),
+        "distinct_rows_changed": len(touched),
         "params_changed": records[0].get("params_changed") if records else None,
     }
 

@@ -234,3 +234,25 @@ def test_resume_with_other_ablations_keeps_finished_runs(tmp_path):
     }
     other = {"base_id": "b", "config": {**cfg, "dev_facts": 50}}
     assert Progress(tmp_path, resume=True, fingerprint=other).done("test/sparse") is None
+
+
+def test_report_writes_results_from_progress_with_a_stream_stopped_mid_way(tiny_model_dir, tmp_path):
+    """--report trains nothing: finished runs come from progress.json, a stream in flight as of its last
+    checkpoint (marked in results.json's `stopped` and results.md), a run never started is left out."""
+    cfg = BenchConfig(
+        test_facts=2, short_facts=2, dev_facts=1, corrections=0, probe_facts=10, dev_probe_facts=10,
+        eval_every=1, heldout_tokens=256, sparse_t=[16], sparse_lr=[1.0], sparse_optimizer="adam",
+        full_lr=[3e-3], lora_rank=[4], lora_lr=[3e-2], pareto_t=[], ablations=["tf"], steps=4,
+    )  # fmt: skip
+    done = benchmark(tiny_model_dir, tmp_path, cfg, command="test", log=lambda m: None)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    key = next(k for k in progress["runs"] if k.startswith("test/sparse"))
+    run = progress["runs"].pop(key)
+    progress["partial"][key] = {"records": run["records"][:1], "curve": run["curve"][:1], "touched": []}
+    progress["runs"] = {k: v for k, v in progress["runs"].items() if not k.startswith("short/")}
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    res = benchmark(tiny_model_dir, tmp_path, cfg, command="test", log=lambda m: None, report_only=True)
+    assert res["stopped"] == {"sparse": 1} and res["main"]["sparse"]["final"]["updates"] == 1
+    assert res["main"]["full"]["final"] == done["main"]["full"]["final"]  # reused, not re-run
+    assert res["ablations"] == {}  # never started: left out
+    assert "sparse after 1 updates" in (tmp_path / "results.md").read_text()
