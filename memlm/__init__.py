@@ -79,6 +79,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     # repair: keeping what earlier updates taught
     "Learned": ("repair", "Learned"),
     "compose": ("delta", "compose"),
+    "one_fact_documents": ("repair", "one_fact_documents"),
     "repair_update": ("repair", "repair_update"),
     "served_text": ("repair", "served_text"),
     # memory usage of a built model

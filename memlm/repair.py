@@ -32,6 +32,17 @@ def served_text(fact: dict) -> str:
     return format_question(fact["question"]) + " " + fact["answer"]
 
 
+def one_fact_documents(documents: Sequence[dict]) -> list[dict]:
+    """Each fact of `documents` as a document of its own (what a repair trains again)."""
+    return [{**d, "facts": [f]} for d in documents for f in d.get("facts") or []]
+
+
+def _fact(doc: dict) -> dict:
+    """The one fact of a one-fact document, in the form memlm.evaluation checks."""
+    f = doc["facts"][0]
+    return {"question": f["question"], "answer": f["answer"]}
+
+
 @dataclass
 class Learned:
     """Facts earlier updates taught: one document per fact (what a repair trains again) and the memory
@@ -49,13 +60,12 @@ class Learned:
     def add_taught(self, model, tokenizer, documents: Sequence[dict]) -> int:
         """Add the facts of `documents` that `model` answers now (what the update just taught); returns
         how many were added."""
-        pairs = [(d, f) for d in documents for f in d.get("facts") or []]
-        if not pairs:
+        docs = one_fact_documents(documents)
+        if not docs:
             return 0
-        facts = [{"question": f["question"], "answer": f["answer"]} for _, f in pairs]
-        hits = answered(model, tokenizer, facts)
-        taught = [(d, f) for (d, f), h in zip(pairs, hits) if h]
-        self.add(model, tokenizer, [{**d, "facts": [f]} for d, f in taught])
+        hits = answered(model, tokenizer, [_fact(d) for d in docs])
+        taught = [d for d, h in zip(docs, hits) if h]
+        self.add(model, tokenizer, taught)
         return len(taught)
 
     def add(self, model, tokenizer, docs: Sequence[dict]) -> None:
@@ -88,8 +98,7 @@ def repair_update(
     if not suspects:
         delta.report = report
         return delta
-    facts = [{"question": d["facts"][0]["question"], "answer": d["facts"][0]["answer"]} for d in suspects]
-    lost = [d for d, ok in zip(suspects, answered(model, tokenizer, facts)) if not ok]
+    lost = [d for d, ok in zip(suspects, answered(model, tokenizer, [_fact(d) for d in suspects])) if not ok]
     if not lost:
         delta.report = report
         return delta

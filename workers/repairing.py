@@ -32,11 +32,6 @@ def repairing(settings: Settings, model_defaults: dict | None = None) -> bool:
     return bool((model_defaults or {}).get("repair"))
 
 
-def one_fact_documents(documents: list[dict]) -> list[dict]:
-    """Each fact of `documents` as its own document (what a repair trains again)."""
-    return [{**d, "facts": [f]} for d in documents for f in d.get("facts") or []]
-
-
 class TaughtFacts:
     """{version: memlm.repair.Learned} of the facts each version's chain taught (bounded cache)."""
 
@@ -49,7 +44,7 @@ class TaughtFacts:
         """The facts version `v`'s chain taught, with their reads. Unknown versions are built from the
         documents of the chain's versions whose effect is still in the tables (Store.effective_chain:
         a reverted document's facts are not taught, and a repair must not bring them back)."""
-        from memlm.repair import Learned
+        from memlm.repair import Learned, one_fact_documents
 
         if v in self._by_version:
             return self._by_version[v]

@@ -84,7 +84,7 @@ class BenchConfig:
         """A copy with `KEY=JSON` overrides (`memfit bench continual --set sparse_lr=[1000]`); a
         ValueError names the key when it is not a field or its value is not JSON of the field's kind."""
         out = copy.deepcopy(self)
-        names = {f.name: f for f in fields(self)}
+        names = [f.name for f in fields(self)]
         for pair in pairs:
             key, sep, raw = pair.partition("=")
             key = key.strip()
@@ -97,8 +97,7 @@ class BenchConfig:
             if not _fits(getattr(self, key), value, key):
                 kind = "a positive integer or null" if key == "full_facts" else f"like {getattr(self, key)!r}"
                 raise ValueError(f"--set {key}: {value!r} is not {kind}")
-            allowed = set(PROTECTION_FIELDS) | {f.name for f in fields(UpdateSettings)}
-            if key == "sparse_extra" and (bad := sorted(set(value) - allowed)):
+            if key == "sparse_extra" and (bad := sorted(set(value) - _sparse_extra_fields())):
                 raise ValueError(
                     f"--set sparse_extra: {bad} are neither UpdateSettings nor protection fields"
                 )
@@ -108,6 +107,10 @@ class BenchConfig:
     @classmethod
     def _scaled(cls, column: int) -> BenchConfig:
         return cls(**{k: copy.deepcopy(v[column]) for k, v in _SCALES.items() if v[column] is not None})
+
+
+def _sparse_extra_fields() -> set[str]:
+    return set(PROTECTION_FIELDS) | {f.name for f in fields(UpdateSettings)}
 
 
 def _fits(current: Any, value: Any, key: str) -> bool:
@@ -578,7 +581,7 @@ def _curve_point(
 
 def stopped_result(spec: MethodSpec, facts: int, state: dict) -> dict:
     """A stream stopped mid-way, as of its last checkpoint (`memfit bench continual --report`): the
-    result of its first len(records) updates, marked "stopped_at" (its last evaluation is on the
+    result of its updates up to its last evaluation, marked "stopped_at" (its last evaluation is on the
     along-the-stream probe, not the final one)."""
     records, curve = state["records"], state["curve"]
     n = curve[-1]["updates"] if curve else 0
