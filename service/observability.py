@@ -14,6 +14,7 @@ service/static/dashboard.js).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -145,14 +146,16 @@ class _Capacity:
         }
 
 
-def _model_defaults(store: Any) -> dict:
-    """The store's base model's update_defaults.json (memlm.update_defaults; {} when absent or bad: the
-    pipeline that loads the model reports a malformed file as the job's error)."""
+@functools.lru_cache(maxsize=8)
+def _model_defaults(base_dir: str) -> dict:
+    """A store's base model's update_defaults.json (memlm.update_defaults; {} when absent or bad: the
+    pipeline that loads the model reports a malformed file as the job's error). A store's base never
+    changes, so the file is read once per store, not at every scrape."""
     import memlm
 
     try:
-        return memlm.update_defaults(Path(store.root) / "base")
-    except (ValueError, AttributeError, TypeError):
+        return memlm.update_defaults(base_dir)
+    except ValueError:
         return {}
 
 
@@ -294,7 +297,8 @@ class KnowledgeCollector(Collector):
             out["update_queue_depth"] = None
         s = self.settings
         if s is not None:
-            out["gate"] = {"enabled": bool(s.gate_enabled), **thresholds(s, _model_defaults(store))}
+            defaults = _model_defaults(str(Path(store.root) / "base"))
+            out["gate"] = {"enabled": bool(s.gate_enabled), **thresholds(s, defaults)}
         return out
 
     # -- Prometheus ---------------------------------------------------------------------------------
